@@ -1,0 +1,492 @@
+"""The ``events`` table and its ORM mapping :class:`Event` (SPEC §2), plus event constructors.
+
+``Event`` lives on its own :class:`~sqlalchemy.MetaData` (``Event.metadata``) so that an
+application can add the outbox tables to its Alembic autogenerate (``target_metadata=[Base.metadata,
+outbox.Event.metadata]``) without the outbox depending on the application's declarative base.
+
+The column called ``metadata`` in the table is the ``meta`` attribute in Python, because
+``metadata`` is reserved by SQLAlchemy's declarative base for the table's ``MetaData``.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import datetime as dt
+import enum
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.dialects import mysql, postgresql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.schema import CreateColumn
+from sqlalchemy.types import TypeDecorator
+
+from outbox import _json
+from outbox.exceptions import OutboxError, SerializationError
+
+__all__ = [
+    "Event",
+    "EventSource",
+    "EventStatus",
+    "Operation",
+    "OutboxBase",
+    "event_type",
+    "get_instance_id",
+    "new_event",
+    "set_instance_id",
+    "utcnow",
+]
+
+UTC = dt.UTC
+
+
+class EventSource(enum.StrEnum):
+    """Where an event came from (SPEC §2 ``source``)."""
+
+    DATABASE = "database"
+    WEBSOCKET = "websocket"
+    FRONTEND = "frontend"
+    SYSTEM = "system"
+    INTERNAL = "internal"
+
+
+class EventStatus(enum.StrEnum):
+    """Life cycle of an event row: pending → processing → completed | failed."""
+
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (EventStatus.COMPLETED, EventStatus.FAILED)
+
+
+class Operation(enum.StrEnum):
+    """Row operations that produce events."""
+
+    CREATE = "create"
+    UPDATE = "update"
+    DELETE = "delete"
+    READ = "read"
+
+
+def utcnow() -> dt.datetime:
+    """The current time as an aware UTC datetime (the only kind stored in the table)."""
+    return dt.datetime.now(UTC)
+
+
+# --------------------------------------------------------------------------------------------
+# instance id
+
+
+_instance_id: str | None = None
+
+
+def get_instance_id() -> str:
+    """The id of this process: ``set_instance_id``/config, ``OUTBOX_INSTANCE_ID``, or hostname-pid.
+
+    Computed lazily and per process, so a forked worker gets its own pid in the id.
+    """
+    if _instance_id is not None:
+        return _instance_id
+    env = os.environ.get("OUTBOX_INSTANCE_ID")
+    if env:
+        return env
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def set_instance_id(value: str | None) -> None:
+    """Set the id stamped on events this process creates (``None``: back to the default)."""
+    global _instance_id
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise OutboxError("instance_id must be a non-empty string")
+    _instance_id = value
+
+
+# --------------------------------------------------------------------------------------------
+# column types
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """``timestamptz`` that always hands back aware UTC datetimes, on every dialect.
+
+    SQLite and MariaDB have no time zone in their datetime types: values are stored as UTC without
+    an offset. Naive datetimes given as parameters are taken to be UTC.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(mysql.DATETIME(fsp=6))
+        return dialect.type_descriptor(sa.DateTime(timezone=True))
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if not isinstance(value, dt.datetime):
+            raise TypeError(f"expected a datetime, got {type(value).__qualname__}")
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        if dialect.name == "postgresql":
+            return value
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):  # raw SQLite text from a hand-written query
+            value = dt.datetime.fromisoformat(value)
+        result: dt.datetime = value
+        if result.tzinfo is None:
+            return result.replace(tzinfo=UTC)
+        return result.astimezone(UTC)
+
+
+#: JSON on every dialect, ``jsonb`` on PostgreSQL.
+JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+#: ``text`` where the dialect can index it, ``varchar(255)`` on MariaDB/MySQL.
+ShortText = sa.Text().with_variant(sa.String(255), "mysql", "mariadb")
+
+_NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class OutboxBase(DeclarativeBase):
+    """Declarative base of the outbox tables, on a MetaData of their own."""
+
+    metadata = sa.MetaData(naming_convention=_NAMING)
+
+
+_PENDING = sa.text("status = 'pending'")
+_PROCESSING = sa.text("status = 'processing'")
+_UNFINISHED_WITH_KEY = sa.text("status <> 'completed' AND ordering_key IS NOT NULL")
+
+
+class Event(OutboxBase):
+    """One event: a row of the ``events`` table (SPEC §2).
+
+    Create events with :func:`new_event` (or let :func:`outbox.capture` do it) and add them to a
+    session to make them part of that session's transaction.
+    """
+
+    __tablename__ = "events"
+    # seq is filled by the database; after an ORM insert it is loaded on first access.
+    __mapper_args__ = {"eager_defaults": False}
+
+    id: Mapped[uuid.UUID] = mapped_column(sa.Uuid(), primary_key=True, default=uuid.uuid4)
+    seq: Mapped[int] = mapped_column(
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        sa.Identity(always=False),
+        nullable=False,
+        doc="Insertion order; assigned by the database (identity, AUTO_INCREMENT, SQLite trigger).",
+    )
+    source: Mapped[str] = mapped_column(ShortText, nullable=False)
+    type: Mapped[str] = mapped_column(ShortText, nullable=False)
+    status: Mapped[str] = mapped_column(
+        ShortText, nullable=False, default=EventStatus.PENDING.value
+    )
+    payload: Mapped[Any] = mapped_column(JSONType, nullable=False, default=dict)
+    user_id: Mapped[str | None] = mapped_column(ShortText)
+    session_id: Mapped[str | None] = mapped_column(ShortText)
+    instance_id: Mapped[str] = mapped_column(ShortText, nullable=False, default=get_instance_id)
+    schema_name: Mapped[str | None] = mapped_column(ShortText)
+    entity: Mapped[str | None] = mapped_column(ShortText)
+    entity_id: Mapped[str | None] = mapped_column(ShortText)
+    operation: Mapped[str | None] = mapped_column(ShortText)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), nullable=False, default=utcnow)
+    processed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    completed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    error: Mapped[str | None] = mapped_column(sa.Text())
+    meta: Mapped[dict[str, Any]] = mapped_column(
+        "metadata", JSONType, nullable=False, default=dict
+    )
+    retry_count: Mapped[int] = mapped_column(sa.Integer(), nullable=False, default=0)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(
+        UTCDateTime(), nullable=False, default=utcnow
+    )
+    # Relay bookkeeping (SPEC §2 allows the relay its own columns).
+    ordering_key: Mapped[str | None] = mapped_column(
+        ShortText, doc="Events with the same key are delivered in seq order."
+    )
+    lease_owner: Mapped[str | None] = mapped_column(ShortText)
+    lease_token: Mapped[uuid.UUID | None] = mapped_column(sa.Uuid())
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    # PostgreSQL: pg_current_xact_id() of the inserting transaction (database provider watermark).
+    txid: Mapped[int | None] = mapped_column(sa.BigInteger())
+
+    __table_args__ = (
+        sa.UniqueConstraint("seq"),
+        # Claim: due pending rows in seq order (partial on PostgreSQL and SQLite).
+        sa.Index(
+            "ix_events_pending",
+            "seq",
+            "next_attempt_at",
+            postgresql_where=_PENDING,
+            sqlite_where=_PENDING,
+        ),
+        # Lease recovery: processing rows whose lease expired.
+        sa.Index(
+            "ix_events_processing_lease",
+            "lease_expires_at",
+            postgresql_where=_PROCESSING,
+            sqlite_where=_PROCESSING,
+        ),
+        # Per-key order: is there an unfinished older event with the same key?
+        sa.Index(
+            "ix_events_unfinished_key",
+            "ordering_key",
+            "seq",
+            postgresql_where=_UNFINISHED_WITH_KEY,
+            sqlite_where=_UNFINISHED_WITH_KEY,
+        ),
+        # Audit.
+        sa.Index("ix_events_type_created_at", "type", "created_at"),
+        sa.Index("ix_events_entity_entity_id", "entity", "entity_id"),
+        sa.Index("ix_events_user_id", "user_id"),
+        sa.Index("ix_events_created_at", "created_at"),
+        sa.Index("ix_events_status_created_at", "status", "created_at"),
+        # Database provider: rows in commit-visibility order.
+        sa.Index("ix_events_txid_seq", "txid", "seq", postgresql_where=sa.text("txid IS NOT NULL")),
+    )
+
+    def __repr__(self) -> str:
+        return (
+            f"<Event {self.type} id={self.id} seq={self.__dict__.get('seq')} "
+            f"status={self.status}>"
+        )
+
+    # -- conversions -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """All columns as a plain dict keyed by column name (``metadata``, not ``meta``)."""
+        state = self.__dict__
+        return {name: _copy.deepcopy(state.get(attr)) for attr, name in _ATTR_TO_COLUMN.items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Event:
+        """Build a transient event from :meth:`to_dict` output (unknown keys are an error)."""
+        unknown = set(data) - _COLUMN_TO_ATTR.keys()
+        if unknown:
+            raise ValueError(f"unknown event fields: {', '.join(sorted(unknown))}")
+        values = {_COLUMN_TO_ATTR[k]: _copy.deepcopy(v) for k, v in data.items()}
+        return cls._from_values(values)
+
+    @classmethod
+    def _from_values(cls, values: Mapping[str, Any]) -> Event:
+        """Fast construction of a transient, unmodified-looking instance from attribute values.
+
+        Skips ``__init__`` and attribute events: the relay builds thousands of these per second
+        from claimed rows. Missing attributes get their defaults.
+        """
+        obj: Event = _MANAGER.new_instance()
+        state = obj.__dict__
+        for attr in _ATTR_TO_COLUMN:
+            if attr in values:
+                state[attr] = values[attr]
+            else:
+                state[attr] = _default_for(attr)
+        return obj
+
+    def copy(self) -> Event:
+        """A deep, transient copy (providers hand these out so callers cannot mutate storage)."""
+        state = self.__dict__
+        return Event._from_values({a: _copy.deepcopy(state.get(a)) for a in _ATTR_TO_COLUMN})
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (EventStatus.COMPLETED, EventStatus.FAILED)
+
+
+_MANAGER = sa.orm.instrumentation.manager_of_class(Event)
+assert _MANAGER is not None
+_ATTR_TO_COLUMN: dict[str, str] = {
+    prop.key: prop.columns[0].name for prop in sa.inspect(Event).column_attrs
+}
+_COLUMN_TO_ATTR: dict[str, str] = {v: k for k, v in _ATTR_TO_COLUMN.items()}
+#: Column names of the events table, in table order.
+COLUMNS: tuple[str, ...] = tuple(c.name for c in Event.__table__.columns)
+
+
+def _default_for(attr: str) -> Any:
+    if attr in ("payload", "meta"):
+        return {}
+    if attr == "retry_count":
+        return 0
+    if attr == "status":
+        return EventStatus.PENDING.value
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# constructors
+
+
+def event_type(schema: str | None, entity: str, operation: str) -> str:
+    """``schema.entity.operation`` (``entity.operation`` when there is no schema)."""
+    parts = [p for p in (schema, entity, operation) if p]
+    return ".".join(parts)
+
+
+def new_event(
+    source: EventSource | str,
+    type: str,
+    payload: Any = None,
+    *,
+    user_id: str | int | None = None,
+    session_id: str | None = None,
+    instance_id: str | None = None,
+    schema_name: str | None = None,
+    entity: str | None = None,
+    entity_id: str | int | None = None,
+    operation: Operation | str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    ordering_key: str | None = None,
+    id: uuid.UUID | str | None = None,
+    created_at: dt.datetime | None = None,
+    status: EventStatus | str = EventStatus.PENDING,
+) -> Event:
+    """A new pending event: uuid id, ``created_at`` now, ``instance_id`` of this process.
+
+    ``user_id``/``session_id`` default to the ones set with :func:`outbox.context`, and the
+    context's metadata is merged under ``metadata``. ``payload`` and ``metadata`` are converted to
+    JSON-safe values now, so an unserialisable value fails here and not in a background relay.
+    Add the result to a session to commit it with the session's transaction.
+    """
+    from outbox.context import current_context  # local: context imports nothing from here
+
+    if not isinstance(type, str) or not type:
+        raise ValueError("event type must be a non-empty string")
+    source_value = EventSource(source).value if isinstance(source, EventSource) else str(source)
+    if not source_value:
+        raise ValueError("event source must be a non-empty string")
+    ctx = current_context()
+    if user_id is None:
+        user_id = ctx.user_id
+    if session_id is None:
+        session_id = ctx.session_id
+    meta: dict[str, Any] = dict(ctx.metadata)
+    if metadata:
+        meta.update(metadata)
+    try:
+        payload_json = _json.to_jsonable({} if payload is None else payload)
+    except _json.NotSerialisable as exc:
+        raise SerializationError("Event", f"payload{'.' + exc.path if exc.path else ''}",
+                                 exc.value) from None
+    try:
+        meta_json = _json.to_jsonable(meta)
+    except _json.NotSerialisable as exc:
+        raise SerializationError("Event", f"metadata.{exc.path}", exc.value) from None
+    now = created_at or utcnow()
+    event_id = uuid.UUID(id) if isinstance(id, str) else (id or uuid.uuid4())
+    return Event(
+        id=event_id,
+        source=source_value,
+        type=type,
+        status=EventStatus(status).value,
+        payload=payload_json,
+        user_id=None if user_id is None else str(user_id),
+        session_id=None if session_id is None else str(session_id),
+        instance_id=instance_id or get_instance_id(),
+        schema_name=schema_name,
+        entity=entity,
+        entity_id=None if entity_id is None else str(entity_id),
+        operation=None if operation is None else str(operation),
+        created_at=now,
+        meta=meta_json,
+        retry_count=0,
+        next_attempt_at=now,
+        ordering_key=ordering_key,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# dialect-specific DDL that Core cannot express portably (also issued by the Alembic migration)
+
+#: PostgreSQL: per-table autovacuum for a hot queue table (dead tuples from status updates).
+PG_TABLE_OPTIONS = (
+    "ALTER TABLE {table} SET (autovacuum_vacuum_scale_factor = 0.0, "
+    "autovacuum_vacuum_threshold = 5000, autovacuum_vacuum_insert_scale_factor = 0.0, "
+    "autovacuum_vacuum_insert_threshold = 20000, autovacuum_analyze_scale_factor = 0.0, "
+    "autovacuum_analyze_threshold = 20000)"
+)
+PG_TXID_DEFAULT = (
+    "ALTER TABLE {table} ALTER COLUMN txid SET DEFAULT (pg_current_xact_id()::text::bigint)"
+)
+#: NOTIFY once per transaction: a statement trigger; PostgreSQL folds identical notifications of
+#: one transaction into one. ``SET outbox.notify = off`` (session, role or database) disables it.
+PG_NOTIFY_FUNCTION = """
+CREATE OR REPLACE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF coalesce(current_setting('outbox.notify', true), '') NOT IN ('off', 'false', '0') THEN
+        PERFORM pg_notify(TG_ARGV[0], '');
+    END IF;
+    RETURN NULL;
+END
+$$
+"""
+PG_NOTIFY_TRIGGER = (
+    "CREATE TRIGGER outbox_notify AFTER INSERT ON {table} "
+    "FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify('{channel}')"
+)
+#: Default LISTEN/NOTIFY channel.
+NOTIFY_CHANNEL = "outbox_events"
+#: SQLite cannot auto-increment a non-primary-key column: rows are inserted with a random
+#: negative placeholder (the column default, see ``_sqlite_seq_default``) and numbered right after
+#: insert, inside the same statement. SQLite has one writer at a time, so max + 1 is safe.
+SQLITE_SEQ_DEFAULT = "(-abs(random()) - 1)"
+SQLITE_SEQ_TRIGGER = """
+CREATE TRIGGER events_assign_seq AFTER INSERT ON {table}
+FOR EACH ROW WHEN NEW.seq < 0
+BEGIN
+    UPDATE {table} SET seq = (SELECT coalesce(max(seq), 0) + 1 FROM {table} WHERE seq > 0)
+    WHERE id = NEW.id;
+END
+"""
+MYSQL_SEQ = "ALTER TABLE {table} MODIFY seq BIGINT NOT NULL AUTO_INCREMENT"
+
+
+def dialect_ddl(dialect_name: str, table: str = "events") -> list[str]:
+    """Statements to run after creating the events table on ``dialect_name``."""
+    if dialect_name == "postgresql":
+        return [
+            PG_TXID_DEFAULT.format(table=table),
+            PG_TABLE_OPTIONS.format(table=table),
+            PG_NOTIFY_FUNCTION,
+            PG_NOTIFY_TRIGGER.format(table=table, channel=NOTIFY_CHANNEL),
+        ]
+    if dialect_name == "sqlite":
+        return [SQLITE_SEQ_TRIGGER.format(table=table)]
+    if dialect_name in ("mysql", "mariadb"):
+        return [MYSQL_SEQ.format(table=table)]
+    return []
+
+
+@compiles(CreateColumn, "sqlite")
+def _sqlite_seq_default(element: CreateColumn, compiler: Any, **kw: Any) -> str:
+    text: str = compiler.visit_create_column(element, **kw)
+    column = element.element
+    if column.name == "seq" and column.table is Event.__table__:
+        text += f" DEFAULT {SQLITE_SEQ_DEFAULT}"
+    return text
+
+
+@sa_event.listens_for(Event.__table__, "after_create")
+def _after_create(target: sa.Table, connection: sa.Connection, **_: Any) -> None:
+    for statement in dialect_ddl(connection.dialect.name, target.name):
+        connection.exec_driver_sql(statement)

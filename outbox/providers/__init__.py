@@ -1,0 +1,23 @@
+"""Transports and stores for events (SPEC §5). Optional drivers are imported lazily."""
+
+from outbox.providers.base import (
+    Capabilities,
+    Delivery,
+    EventFilter,
+    EventNotFound,
+    Provider,
+    ProviderStats,
+    StartPosition,
+    SupportsConsume,
+)
+
+__all__ = [
+    "Capabilities",
+    "Delivery",
+    "EventFilter",
+    "EventNotFound",
+    "Provider",
+    "ProviderStats",
+    "StartPosition",
+    "SupportsConsume",
+]

@@ -1,0 +1,207 @@
+"""Real servers for the test suite: the shared ones on loopback, and private ones a test may kill.
+
+Shared servers (PostgreSQL, Redis, NATS, MariaDB) are started before the session and in CI; each
+test gets its own database / key prefix / stream. Tests that stop or restart a server use the
+``Private*`` classes, which spawn a server of their own on a free port in a temp dir.
+
+A server that is not reachable skips its tests with the reason, except when ``CI`` is set: then it
+is a failure, so CI can never pass by skipping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+PG_HOST = os.environ.get("OUTBOX_TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("OUTBOX_TEST_PG_PORT", "5432"))
+PG_USER = os.environ.get("OUTBOX_TEST_PG_USER", "postgres")
+REDIS_HOST = os.environ.get("OUTBOX_TEST_REDIS_HOST", "127.0.0.1")
+REDIS_PORT = int(os.environ.get("OUTBOX_TEST_REDIS_PORT", "6379"))
+NATS_HOST = os.environ.get("OUTBOX_TEST_NATS_HOST", "127.0.0.1")
+NATS_PORT = int(os.environ.get("OUTBOX_TEST_NATS_PORT", "4222"))
+MARIADB_HOST = os.environ.get("OUTBOX_TEST_MARIADB_HOST", "127.0.0.1")
+MARIADB_PORT = int(os.environ.get("OUTBOX_TEST_MARIADB_PORT", "3306"))
+
+IN_CI = bool(os.environ.get("CI"))
+
+
+def reachable(host: str, port: int, timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def require(name: str, host: str, port: int) -> None:
+    """Skip (or, under CI, fail) when the server is not reachable."""
+    if reachable(host, port):
+        return
+    message = f"{name} is not reachable at {host}:{port}"
+    if IN_CI:
+        pytest.fail(f"{message} (CI is set: unreachable servers fail the run)")
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for_port(host: str, port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if reachable(host, port, 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def wait_for_port_closed(host: str, port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not reachable(host, port, 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{host}:{port} still accepting after {timeout}s")
+
+
+def _require_binary(name: str) -> str:
+    sbin = f"/usr/sbin/{name}"
+    path = shutil.which(name) or (sbin if os.path.exists(sbin) else None)
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"{name} is not installed (needed for private-server tests)")
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+@dataclass
+class PrivateRedis:
+    """A redis-server of the test's own, on a free port. ``stop``/``start`` keep the port."""
+
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.binary = _require_binary("redis-server")
+        self.port = self.port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="outbox-redis-")
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port("127.0.0.1", self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+            wait_for_port_closed("127.0.0.1", self.port)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass
+class PrivateNats:
+    """A nats-server with JetStream (file store in a temp dir) on a free port."""
+
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.binary = _require_binary("nats-server")
+        self.port = self.port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="outbox-nats-")
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", self.dir],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port("127.0.0.1", self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+            wait_for_port_closed("127.0.0.1", self.port)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass
+class PrivatePostgres:
+    """A PostgreSQL cluster of the test's own (initdb in a temp dir, run as user postgres)."""
+
+    port: int = 0
+
+    def __post_init__(self) -> None:
+        bindir = Path("/usr/lib/postgresql")
+        versions = sorted(bindir.glob("*/bin/initdb")) if bindir.exists() else []
+        if not versions:
+            if IN_CI:
+                pytest.fail("PostgreSQL server binaries not found (needed for private clusters)")
+            pytest.skip("PostgreSQL server binaries not found")
+        self.bin = versions[-1].parent
+        self.port = self.port or free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="outbox-pg-"))
+        self.data = self.dir / "data"
+        self._as_postgres = os.geteuid() == 0
+        if self._as_postgres:
+            shutil.chown(self.dir, "postgres", "postgres")
+        self._run([str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
+                   "--no-sync"])
+
+    def _run(self, args: list[str]) -> None:
+        cmd = ["runuser", "-u", "postgres", "--", *args] if self._as_postgres else args
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       cwd=self.dir)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        opts = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off "
+                "-c max_connections=50")
+        self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", opts, "-w", "-l",
+                   str(self.dir / "log"), "start"])
+        wait_for_port("127.0.0.1", self.port)
+
+    def stop(self, mode: str = "immediate") -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop"])
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
