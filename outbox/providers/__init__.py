@@ -9,6 +9,7 @@ from outbox.providers.base import (
     ProviderStats,
     StartPosition,
     SupportsConsume,
+    publish_many,
 )
 
 __all__ = [
@@ -20,4 +21,5 @@ __all__ = [
     "ProviderStats",
     "StartPosition",
     "SupportsConsume",
+    "publish_many",
 ]

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from outbox.events import Event, EventSource, EventStatus
-from outbox.exceptions import ProviderError
+from outbox.exceptions import ProviderError, ProviderUnavailable
 from outbox.patterns import compile_pattern
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ __all__ = [
     "ProviderStats",
     "StartPosition",
     "SupportsConsume",
+    "publish_many",
 ]
 
 
@@ -233,3 +234,29 @@ class SupportsConsume(Protocol):
         event. ``consumer`` names this member (default: the instance id). ``start`` applies only
         when the group does not exist yet. Malformed messages are parked by the provider and never
         yielded."""
+
+
+async def publish_many(provider: Provider, events: Sequence[Event]) -> list[BaseException | None]:
+    """Publish ``events`` in order; one result per event (``None`` = accepted by the backend).
+
+    Providers may define an ``async publish_many(events)`` with the same contract to keep many
+    publishes in flight (pipelined XADD, JetStream publish_async). Contract: results are in input
+    order; an outage of the backend raises :class:`ProviderUnavailable` for the whole call (the
+    caller cannot know which events arrived, so it retries them all and relies on dedupe by id);
+    an error specific to one event is returned in that event's slot.
+    """
+    own = getattr(provider, "publish_many", None)
+    if own is not None:
+        results: list[BaseException | None] = await own(events)
+        return results
+    out: list[BaseException | None] = []
+    for event in events:
+        try:
+            await provider.publish(event)
+        except ProviderUnavailable:
+            raise
+        except Exception as exc:  # an error about this event only
+            out.append(exc)
+        else:
+            out.append(None)
+    return out
