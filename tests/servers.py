@@ -90,10 +90,15 @@ def _require_binary(name: str) -> str:
 
 @dataclass
 class PrivateRedis:
-    """A redis-server of the test's own, on a free port. ``stop``/``start`` keep the port."""
+    """A redis-server of the test's own, on a free port. ``stop``/``start`` keep the port.
+
+    ``args`` are appended to the command line (later options win: ``("--appendonly", "yes")``
+    makes a server that keeps its data across ``stop``/``start``).
+    """
 
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.binary = _require_binary("redis-server")
@@ -107,7 +112,7 @@ class PrivateRedis:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir],
+             "--appendonly", "no", "--dir", self.dir, *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_for_port("127.0.0.1", self.port)
@@ -126,10 +131,14 @@ class PrivateRedis:
 
 @dataclass
 class PrivateNats:
-    """A nats-server with JetStream (file store in a temp dir) on a free port."""
+    """A nats-server with JetStream (file store in a temp dir) on a free port.
+
+    ``args`` are appended to the command line (e.g. ``("--auth", "TOKEN")``).
+    """
 
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
+    args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.binary = _require_binary("nats-server")
@@ -142,7 +151,8 @@ class PrivateNats:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", self.dir],
+            [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", self.dir,
+             *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_for_port("127.0.0.1", self.port)
