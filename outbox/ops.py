@@ -1,0 +1,488 @@
+"""The SQL of the operator's jobs over the ``events`` table, in one place (SPEC §10).
+
+- :func:`filter_clauses` — an :class:`~outbox.EventFilter` as SQL conditions (type patterns
+  included), shared by ``events list``, ``replay`` and anything else that filters by SQL;
+- :func:`list_events` / :func:`get_event` — the CLI's read path;
+- :func:`replay` — ``failed`` → ``pending`` with a fresh retry budget;
+- :func:`cleanup` — delete finished events older than a cutoff, in small batches, one short
+  transaction per batch, so writers and relays never wait behind it;
+- :func:`stats` / :func:`backlog` — counts by status and type, and the outbox lag.
+
+Every value reaches the database as a bound parameter. The functions take an ``Engine`` when they
+manage their own (short) transactions, or a ``Connection`` when they only read.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
+
+from outbox.events import NOTIFY_CHANNEL, Event, EventStatus, utcnow
+from outbox.patterns import compile_pattern
+from outbox.providers.base import EventFilter
+
+__all__ = [
+    "FINISHED",
+    "Backlog",
+    "CleanupResult",
+    "OutboxStats",
+    "ReplayResult",
+    "backlog",
+    "cleanup",
+    "filter_clauses",
+    "get_event",
+    "list_events",
+    "ordered",
+    "pattern_clause",
+    "replay",
+    "stats",
+]
+
+events: sa.Table = Event.__table__  # type: ignore[assignment]
+c = events.c
+
+#: Statuses ``cleanup`` may delete. Pending and processing rows are never deleted.
+FINISHED: tuple[str, ...] = (EventStatus.COMPLETED.value, EventStatus.FAILED.value)
+
+
+# --------------------------------------------------------------------------------------------
+# filters
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def pattern_clause(column: sa.ColumnElement[str], pattern: str) -> sa.ColumnElement[bool] | None:
+    """SQL that is true exactly when :func:`outbox.patterns.matches` is (``None`` for ``*``).
+
+    A literal pattern is an equality (index friendly). Otherwise each ``*`` segment becomes
+    ``%`` in a ``LIKE`` whose literal segments keep their dots, and the number of dots in the type
+    is pinned (equal for ``*`` patterns, at least as many for a trailing ``>``): since every dot of
+    the type is then matched by a literal dot of the pattern, no ``%`` can span a segment boundary.
+    Works unchanged on PostgreSQL, SQLite and MariaDB.
+    """
+    parsed = compile_pattern(pattern)  # ValueError for an invalid pattern
+    if parsed.match_all:
+        return None
+    if parsed.is_literal:
+        return column == parsed.text
+    parts = ["%" if seg == "*" else _like_escape(seg) for seg in parsed.segments]
+    if parsed.tail:
+        parts.append("%")
+    like = column.like(".".join(parts), escape="\\")
+    dots = sa.func.length(column) - sa.func.length(sa.func.replace(column, ".", ""))
+    n = len(parsed.segments)
+    count = dots >= n if parsed.tail else dots == n - 1
+    return sa.and_(like, count)
+
+
+def filter_clauses(f: EventFilter, table: sa.Table = events) -> list[sa.ColumnElement[bool]]:
+    """The conditions of ``f`` (without limit/offset/order) over ``table``'s columns."""
+    cols = table.c
+    out: list[sa.ColumnElement[bool]] = [
+        cols[name] == value for name, value in f.equality_items()
+    ]
+    if f.type is not None:
+        clause = pattern_clause(cols.type, f.type)
+        if clause is not None:
+            out.append(clause)
+    if f.start_time is not None:
+        out.append(cols.created_at >= f.start_time)
+    if f.end_time is not None:
+        out.append(cols.created_at < f.end_time)
+    return out
+
+
+def ordered(stmt: sa.Select[Any], f: EventFilter, table: sa.Table = events) -> sa.Select[Any]:
+    """``stmt`` in :class:`EventFilter`'s stable order, with its limit and offset."""
+    cols = table.c
+    stmt = stmt.order_by(cols.created_at, cols.seq, cols.id)
+    if f.limit is not None:
+        stmt = stmt.limit(f.limit)
+    if f.offset:
+        stmt = stmt.offset(f.offset)
+    return stmt
+
+
+# --------------------------------------------------------------------------------------------
+# reading
+
+
+def list_events(conn: Connection, f: EventFilter | None = None) -> list[Event]:
+    """Events matching ``f`` in the filter's stable order, as detached :class:`Event` objects."""
+    f = f or EventFilter()
+    stmt = ordered(sa.select(Event).where(*filter_clauses(f)), f)
+    with Session(bind=conn) as session:
+        found = list(session.scalars(stmt))
+        session.expunge_all()
+    return found
+
+
+def get_event(conn: Connection, event_id: uuid.UUID | str) -> Event | None:
+    """The event with that id, or ``None`` (``ValueError`` for text that is not a UUID)."""
+    key = event_id if isinstance(event_id, uuid.UUID) else uuid.UUID(str(event_id))
+    with Session(bind=conn) as session:
+        found = session.get(Event, key)
+        if found is not None:
+            session.expunge(found)
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# replay
+
+
+@dataclass
+class ReplayResult:
+    """What :func:`replay` did (or, with ``dry_run``, would do)."""
+
+    replayed: int = 0
+    dry_run: bool = False
+    #: Ids given explicitly that do not exist.
+    missing: list[uuid.UUID] = field(default_factory=list)
+    #: Ids given explicitly whose status is not ``failed`` (left untouched), with their status.
+    skipped: dict[uuid.UUID, str] = field(default_factory=dict)
+
+
+def _reset_values() -> dict[str, Any]:
+    """Columns of a replayed event: due now, fresh retry budget, no lease, no outcome."""
+    return {
+        "status": EventStatus.PENDING.value,
+        "retry_count": 0,
+        "next_attempt_at": utcnow(),
+        "error": None,
+        "processed_at": None,
+        "completed_at": None,
+        "lease_owner": None,
+        "lease_token": None,
+        "lease_expires_at": None,
+    }
+
+
+def _notify(conn: Connection) -> None:
+    """Wake PostgreSQL relays at commit (replayed rows fire no INSERT trigger)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, "")))
+
+
+def _parse_ids(ids: Iterable[uuid.UUID | str]) -> list[uuid.UUID]:
+    out: list[uuid.UUID] = []
+    for value in ids:
+        out.append(value if isinstance(value, uuid.UUID) else uuid.UUID(str(value)))
+    return list(dict.fromkeys(out))
+
+
+def replay(
+    engine: Engine,
+    *,
+    ids: Iterable[uuid.UUID | str] | None = None,
+    filter: EventFilter | None = None,
+    dry_run: bool = False,
+    batch_size: int = 1000,
+) -> ReplayResult:
+    """Put ``failed`` events back to ``pending`` with ``retry_count`` 0, due now.
+
+    Give either ``ids`` (each must exist and be ``failed``; the others are reported in the result
+    and left alone) or a ``filter`` (its ``status`` must be unset or ``failed``; limit/offset are
+    ignored). Events are updated in batches of ``batch_size``, one short transaction each; only
+    events that were failed when the replay started are touched, so an event that fails again
+    while a long replay runs is not replayed twice.
+    """
+    if (ids is None) == (filter is None):
+        raise ValueError("replay needs either ids or a filter")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    result = ReplayResult(dry_run=dry_run)
+    failed = EventStatus.FAILED.value
+    if ids is not None:
+        wanted = _parse_ids(ids)
+        for start in range(0, len(wanted), batch_size):
+            chunk = wanted[start:start + batch_size]
+            with engine.begin() as conn:
+                found = dict(
+                    conn.execute(sa.select(c.id, c.status).where(c.id.in_(chunk))).all()
+                )
+                result.missing.extend(i for i in chunk if i not in found)
+                result.skipped.update({i: s for i, s in found.items() if s != failed})
+                todo = [i for i in chunk if found.get(i) == failed]
+                if dry_run:
+                    result.replayed += len(todo)
+                elif todo:
+                    res = conn.execute(
+                        sa.update(events)
+                        .where(c.id.in_(todo), c.status == failed)
+                        .values(_reset_values())
+                    )
+                    result.replayed += res.rowcount
+                    _notify(conn)
+        return result
+
+    assert filter is not None
+    if filter.status is not None and str(filter.status) != failed:
+        raise ValueError("replay only moves failed events (filter.status must be 'failed')")
+    where = [*filter_clauses(filter), c.status == failed]
+    with engine.connect() as conn:
+        if dry_run:
+            result.replayed = conn.execute(
+                sa.select(sa.func.count()).select_from(events).where(*where)
+            ).scalar_one()
+            return result
+        ceiling = conn.execute(sa.select(sa.func.max(c.seq)).where(*where)).scalar_one()
+    if ceiling is None:
+        return result
+    after = 0
+    while True:
+        with engine.begin() as conn:
+            select_ids = (
+                sa.select(c.id, c.seq)
+                .where(*where, c.seq > after, c.seq <= ceiling)
+                .order_by(c.seq)
+                .limit(batch_size)
+            )
+            rows = conn.execute(select_ids).all()
+            if not rows:
+                break
+            after = rows[-1][1]
+            res = conn.execute(
+                sa.update(events)
+                .where(c.id.in_([r[0] for r in rows]), c.status == failed)
+                .values(_reset_values())
+            )
+            result.replayed += res.rowcount
+            _notify(conn)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# cleanup
+
+
+@dataclass
+class CleanupResult:
+    """What :func:`cleanup` deleted (or, with ``dry_run``, would delete)."""
+
+    deleted: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    dry_run: bool = False
+    by_status: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        """Rows deleted per second."""
+        return self.deleted / self.seconds if self.seconds > 0 else 0.0
+
+
+def _check_statuses(statuses: Sequence[str]) -> tuple[str, ...]:
+    out = tuple(dict.fromkeys(str(s) for s in statuses))
+    if not out:
+        raise ValueError("cleanup needs at least one status")
+    bad = [s for s in out if s not in FINISHED]
+    if bad:
+        raise ValueError(
+            f"cleanup deletes finished events only ({', '.join(FINISHED)}), not: {', '.join(bad)}"
+        )
+    return out
+
+
+def _delete_batch(conn: Connection, status: str, cutoff: dt.datetime, size: int) -> int:
+    """Delete at most ``size`` rows of ``status`` created before ``cutoff``; rows deleted."""
+    where = (c.status == status, c.created_at < cutoff)
+    if conn.dialect.name in ("mysql", "mariadb"):
+        # MariaDB/MySQL refuse LIMIT inside an IN subquery: fetch the ids first.
+        ids = conn.execute(
+            sa.select(c.id).where(*where).limit(size).with_for_update(skip_locked=True)
+        ).scalars().all()
+        if not ids:
+            return 0
+        res = conn.execute(sa.delete(events).where(c.id.in_(ids), *where))
+        return res.rowcount
+    sub = sa.select(c.id).where(*where).limit(size)
+    if conn.dialect.name == "postgresql":
+        # Skip rows someone holds (a replay in progress); they are taken next run.
+        sub = sub.with_for_update(skip_locked=True)
+    res = conn.execute(sa.delete(events).where(c.id.in_(sub.scalar_subquery())))
+    return res.rowcount
+
+
+def cleanup(
+    engine: Engine,
+    *,
+    older_than: dt.timedelta | None = None,
+    before: dt.datetime | None = None,
+    statuses: Sequence[str] = FINISHED,
+    batch_size: int = 5000,
+    dry_run: bool = False,
+    pause: float = 0.0,
+    progress: Callable[[CleanupResult], None] | None = None,
+) -> CleanupResult:
+    """Delete finished events created before a cutoff, ``batch_size`` rows per transaction.
+
+    The cutoff is ``before``, or now minus ``older_than``. Only ``completed``/``failed`` rows are
+    ever deleted; the age is taken from ``created_at`` (indexed together with ``status``). Each
+    batch is its own short transaction, so the relay and writers interleave with it; ``pause``
+    seconds between batches throttle it further. ``progress`` is called after every batch.
+    """
+    if (older_than is None) == (before is None):
+        raise ValueError("cleanup needs exactly one of older_than or before")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    chosen = _check_statuses(statuses)
+    if before is None:
+        assert older_than is not None
+        if older_than < dt.timedelta(0):
+            raise ValueError("older_than must not be negative")
+        before = utcnow() - older_than
+    result = CleanupResult(dry_run=dry_run)
+    started = time.perf_counter()
+    if dry_run:
+        with engine.connect() as conn:
+            for status in chosen:
+                n = conn.execute(
+                    sa.select(sa.func.count()).select_from(events)
+                    .where(c.status == status, c.created_at < before)
+                ).scalar_one()
+                result.by_status[status] = n
+                result.deleted += n
+        result.seconds = time.perf_counter() - started
+        return result
+    for status in chosen:
+        result.by_status[status] = 0
+        while True:
+            with engine.begin() as conn:
+                n = _delete_batch(conn, status, before, batch_size)
+            result.deleted += n
+            result.by_status[status] += n
+            result.batches += 1
+            result.seconds = time.perf_counter() - started
+            if progress is not None:
+                progress(result)
+            if n < batch_size:
+                break
+            if pause > 0:
+                time.sleep(pause)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# backlog and stats
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """The relay's work left in the table, from one cheap query (see :func:`backlog`)."""
+
+    pending: int = 0
+    processing: int = 0
+    failed: int = 0
+    #: Ordering keys held back by a ``failed`` event (their later events wait for a replay).
+    blocked_keys: int = 0
+    #: ``created_at`` of the oldest undelivered (pending or processing) event.
+    oldest_created_at: dt.datetime | None = None
+
+    def lag_seconds(self, now: dt.datetime | None = None) -> float:
+        """Age of the oldest undelivered event in seconds (0 when nothing waits)."""
+        if self.oldest_created_at is None:
+            return 0.0
+        now = now or utcnow()
+        return max(0.0, (now - self.oldest_created_at).total_seconds())
+
+
+def _backlog_query() -> sa.Select[Any]:
+    def count(status: str) -> sa.ScalarSelect[int]:
+        return (
+            sa.select(sa.func.count()).select_from(events).where(c.status == status)
+            .scalar_subquery()
+        )
+
+    pending, processing = EventStatus.PENDING.value, EventStatus.PROCESSING.value
+    # Oldest pending by seq: the first entry of the partial pending index, one heap fetch.
+    oldest_pending = (
+        sa.select(c.created_at).where(c.status == pending).order_by(c.seq).limit(1)
+        .scalar_subquery()
+    )
+    # Processing rows are few (at most the relays' batches in flight).
+    oldest_processing = (
+        sa.select(sa.func.min(c.created_at)).where(c.status == processing).scalar_subquery()
+    )
+    blocked = (
+        sa.select(sa.func.count(sa.distinct(c.ordering_key)))
+        .where(c.status == EventStatus.FAILED.value, c.ordering_key.is_not(None))
+        .scalar_subquery()
+    )
+    return sa.select(
+        count(pending).label("pending"),
+        count(processing).label("processing"),
+        count(EventStatus.FAILED.value).label("failed"),
+        blocked.label("blocked_keys"),
+        sa.type_coerce(oldest_pending, c.created_at.type).label("oldest_pending"),
+        sa.type_coerce(oldest_processing, c.created_at.type).label("oldest_processing"),
+    )
+
+
+_BACKLOG = _backlog_query()
+
+
+def backlog(conn: Connection) -> Backlog:
+    """Pending / processing / failed counts, blocked keys and the oldest undelivered event.
+
+    One statement of index-served subqueries (the partial pending and processing indexes, the
+    ``(status, created_at)`` index): cheap enough to run every few seconds, but not per event.
+    """
+    row = conn.execute(_BACKLOG).one()
+    oldest = [t for t in (row.oldest_pending, row.oldest_processing) if t is not None]
+    return Backlog(
+        pending=row.pending,
+        processing=row.processing,
+        failed=row.failed,
+        blocked_keys=row.blocked_keys,
+        oldest_created_at=min(oldest) if oldest else None,
+    )
+
+
+@dataclass
+class OutboxStats:
+    """Counts by status and by type (and status), plus the backlog."""
+
+    by_status: dict[str, int]
+    by_type: dict[str, dict[str, int]]
+    backlog: Backlog
+    since: dt.datetime | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_status.values())
+
+
+def stats(conn: Connection, *, since: dt.datetime | None = None) -> OutboxStats:
+    """Counts of events by status and by type (created at or after ``since`` when given).
+
+    Without ``since`` this reads the whole table: an operator's command, not a metric.
+    """
+    where = [] if since is None else [c.created_at >= since]
+    by_status = {
+        status: n
+        for status, n in conn.execute(
+            sa.select(c.status, sa.func.count()).where(*where).group_by(c.status)
+        )
+    }
+    by_type: dict[str, dict[str, int]] = {}
+    rows = conn.execute(
+        sa.select(c.type, c.status, sa.func.count())
+        .where(*where)
+        .group_by(c.type, c.status)
+        .order_by(c.type, c.status)
+    )
+    for type_, status, n in rows:
+        by_type.setdefault(type_, {})[status] = n
+    return OutboxStats(by_status=by_status, by_type=by_type, backlog=backlog(conn), since=since)

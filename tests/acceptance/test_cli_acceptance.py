@@ -1,0 +1,77 @@
+"""`python -m outbox` as an operator runs it: real subprocesses, PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from tests.integration.ops_seed import add, event, statuses
+
+COMMANDS = [[], ["events"], ["events", "list"], ["events", "show"], ["replay"], ["stats"],
+            ["cleanup"]]
+
+
+def outbox_cli(*args: str, env: dict[str, str] | None = None,
+               cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "outbox", *args], capture_output=True,
+                          text=True, env=full_env, cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "top")
+def test_help_on_every_command(command: list[str]) -> None:
+    result = outbox_cli(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m outbox")
+    assert "--database-url" in result.stdout
+
+
+def test_operator_session(engine: sa.Engine, tmp_path: Path) -> None:
+    url = engine.url.render_as_string(hide_password=False)
+    env = {"OUTBOX_DATABASE_URL": url}
+    failed = add(engine, [event("public.users.update", status="failed") for _ in range(3)])
+    add(engine, [event("public.users.create", status="completed", age=dt.timedelta(days=40))
+                 for _ in range(5)])
+
+    listed = outbox_cli("events", "list", "--status", "failed", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(d["id"] for d in json.loads(listed.stdout)) == sorted(str(e.id)
+                                                                        for e in failed)
+
+    shown = outbox_cli("events", "show", str(failed[0].id), env=env)
+    assert shown.returncode == 0 and json.loads(shown.stdout)["status"] == "failed"
+
+    stats: dict[str, Any] = json.loads(outbox_cli("stats", "--json", env=env).stdout)
+    assert stats["by_status"] == {"failed": 3, "completed": 5}
+
+    replay = outbox_cli("replay", "--status", "failed", "--type", "public.users.*", env=env)
+    assert (replay.returncode, replay.stdout) == (0, "replayed 3 event(s)\n")
+    assert set(statuses(engine).values()) == {"pending", "completed"}
+
+    cleanup = outbox_cli("cleanup", "--older-than", "30d", "--batch", "2", "--json", env=env)
+    assert cleanup.returncode == 0, cleanup.stderr
+    assert json.loads(cleanup.stdout)["deleted"] == 5
+    assert set(statuses(engine).values()) == {"pending"}
+
+    # --database-url wins over the environment
+    other = outbox_cli("--database-url", f"sqlite:///{tmp_path}/none.db", "stats", env=env)
+    assert other.returncode == 1 and "alembic upgrade head" in other.stderr
+
+
+def test_exit_codes_without_database(tmp_path: Path) -> None:
+    nothing = outbox_cli("stats", cwd=tmp_path)
+    assert nothing.returncode == 1
+    assert "no database" in nothing.stderr and "Traceback" not in nothing.stderr
+    usage = outbox_cli("cleanup", "--older-than", "30 days please", cwd=tmp_path)
+    assert usage.returncode == 2 and "invalid duration" in usage.stderr
+    unknown = outbox_cli("events", "show", "nope", cwd=tmp_path)
+    assert unknown.returncode == 2 and "expected a UUID" in unknown.stderr

@@ -1,0 +1,108 @@
+"""cleanup on 100,000 finished rows while writers insert and a relay claims (PostgreSQL)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import uuid
+
+import sqlalchemy as sa
+
+from outbox import ops
+from outbox.events import Event, utcnow
+from tests.integration.ops_seed import add, event
+
+OLD = 100_000
+
+
+def _seed_old_finished(engine: sa.Engine) -> None:
+    # generate_series keeps seeding to about a second; the constants are not user input.
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO events (id, source, type, status, payload, instance_id, created_at, "
+            "processed_at, completed_at, metadata, retry_count, next_attempt_at, error) "
+            "SELECT gen_random_uuid(), 'database', 'public.t' || mod(i, 7) || '.update', "
+            "CASE WHEN mod(i, 10) = 0 THEN 'failed' ELSE 'completed' END, '{}'::jsonb, 'seed', "
+            "now() - interval '40 days' - i * interval '1 second', now() - interval '40 days', "
+            "now() - interval '40 days', '{}'::jsonb, 0, now() - interval '40 days', NULL "
+            "FROM generate_series(1, %(n)s) AS i", {"n": OLD}
+        )
+
+
+def test_cleanup_100k_while_writing_and_claiming(pg_engine: sa.Engine) -> None:
+    engine = pg_engine
+    _seed_old_finished(engine)
+    old_open = add(engine, [event("t.keep", status=s, age=dt.timedelta(days=40))
+                            for s in ("pending", "processing") for _ in range(50)])
+    young = add(engine, [event("t.keep", status="completed", age=dt.timedelta(days=1))
+                         for _ in range(200)])
+
+    stop = threading.Event()
+    written: list[uuid.UUID] = []
+    claimed = [0]
+    errors: list[BaseException] = []
+    progress = threading.Condition()
+
+    def writer() -> None:
+        try:
+            while not stop.is_set():
+                batch = [event("public.live.create") for _ in range(20)]
+                add(engine, batch)
+                with progress:
+                    written.extend(e.id for e in batch)
+                    progress.notify_all()
+        except BaseException as exc:  # reported by the test below
+            errors.append(exc)
+
+    def relay() -> None:
+        # A relay's claim + complete, in short transactions, on events created this hour.
+        t = Event.__table__
+        try:
+            while not stop.is_set():
+                with engine.begin() as conn:
+                    sub = (sa.select(t.c.id)
+                           .where(t.c.status == "pending", t.c.type == "public.live.create")
+                           .order_by(t.c.seq).limit(50).with_for_update(skip_locked=True))
+                    n = conn.execute(
+                        sa.update(t).where(t.c.id.in_(sub.scalar_subquery()))
+                        .values(status="completed", completed_at=utcnow())
+                    ).rowcount
+                with progress:
+                    claimed[0] += n
+                    progress.notify_all()
+        except BaseException as exc:
+            errors.append(exc)
+
+    def interleave(_: ops.CleanupResult) -> None:
+        # After each of the first batches, let the writer and the relay make progress: they
+        # must not be held up by the cleanup between (or during) its transactions.
+        if _.batches > 5:
+            return
+        with progress:
+            w, c = len(written), claimed[0]
+            moved = progress.wait_for(
+                lambda: (len(written) > w and claimed[0] > c) or bool(errors), timeout=60)
+            assert moved, "writer/relay made no progress"
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=relay)]
+    for th in threads:
+        th.start()
+    try:
+        with progress:
+            assert progress.wait_for(lambda: claimed[0] > 0 or bool(errors), timeout=60)
+        result = ops.cleanup(engine, older_than=dt.timedelta(days=30), batch_size=5000,
+                             progress=interleave)
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(60)
+    assert not errors, errors
+    assert result.deleted == OLD
+    assert result.by_status == {"completed": 90_000, "failed": 10_000}
+    assert result.batches >= OLD // 5000
+    with engine.connect() as conn:
+        left = dict(conn.execute(sa.select(Event.id, Event.status)).all())
+    assert len(left) == len(old_open) + len(young) + len(written)
+    assert all(left[e.id] == e.status for e in old_open + young)
+    assert all(i in left for i in written)
+    assert claimed[0] > 0
