@@ -174,8 +174,14 @@ def nats_names(nats_url: str) -> Iterator[NatsNames]:
     async def _cleanup() -> None:
         nc = await nats.connect(nats_url)
         try:
+            js = nc.jetstream()
+            # The stream and the ones named after it (dead letters, key-value store).
             with contextlib.suppress(Exception):
-                await nc.jetstream().delete_stream(names.stream)
+                for name in await js.streams_info():
+                    if token in name.config.name:
+                        await js.delete_stream(name.config.name)
+            with contextlib.suppress(Exception):
+                await js.delete_stream(names.stream)
         finally:
             await nc.close()
 
