@@ -857,8 +857,9 @@ class NATSGroupReader:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Stop. Unsettled messages return to the group after ``claim_idle`` (ack_wait); the
-        ones still buffered are nak'ed so the group gets them at once."""
+        """Stop: messages this member holds and has not settled (buffered or handed out) are
+        nak'ed so the group gets them at once. Close only when no handler still works on a
+        delivery (``outbox.Consumer`` waits for them)."""
         if self.closed:
             return
         self.closed = True
@@ -870,10 +871,12 @@ class NATSGroupReader:
             self.heartbeat.cancel()
             with contextlib.suppress(BaseException):
                 await self.heartbeat
-        for delivery in self.buffer:
-            with contextlib.suppress(Exception):
-                await delivery.msg.nak()
+        for delivery in [*self.buffer, *self.in_flight]:
+            if not delivery.settled:
+                with contextlib.suppress(Exception):
+                    await delivery.msg.nak()
         self.buffer.clear()
+        self.in_flight.clear()
         if self.sub is not None:
             with contextlib.suppress(Exception):
                 await self.sub.unsubscribe()

@@ -819,7 +819,9 @@ class RedisGroupReader:
         self.heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
 
     async def aclose(self) -> None:
-        """Stop: unhandled entries become reclaimable by the rest of the group at once."""
+        """Stop: entries this member holds and has not settled (buffered, waiting for a retry,
+        handed out) become reclaimable by the rest of the group at once. Close only when no
+        handler still works on a delivery (``outbox.Consumer`` waits for them)."""
         if self.closed:
             return
         self.closed = True
@@ -831,10 +833,9 @@ class RedisGroupReader:
             self.heartbeat.cancel()
             with contextlib.suppress(BaseException):
                 await self.heartbeat
-        # Entries not handled yet: make them immediately reclaimable by the rest of the group.
-        waiting = [d.entry_id for d in self.buffer if not d.settled]
-        waiting += [d.entry_id for d in self.delayed]
-        ids = [i for i in dict.fromkeys(waiting) if i in self.owned]
+        # Whatever this member still holds (buffered, waiting for a retry, or handed out and
+        # never settled) becomes reclaimable by the rest of the group at once.
+        ids = list(self.owned)
         with contextlib.suppress(Exception):
             if self.to_ack:
                 await self.client.xack(self.stream, self.group, *self.to_ack)
