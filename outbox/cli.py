@@ -139,6 +139,16 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _pause(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"invalid number of seconds {text!r}") from None
+    if not value >= 0:
+        raise ValueError(f"must not be negative, got {text}")
+    return value
+
+
 def _statuses(text: str) -> tuple[str, ...]:
     names = tuple(s.strip() for s in text.split(",") if s.strip())
     bad = [s for s in names if s not in ops.FINISHED]
@@ -275,8 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated: completed,failed (default both)")
     cleanup.add_argument("--batch", type=_arg(_positive, "number"), default=5000,
                          help="rows per transaction (default 5000)")
-    cleanup.add_argument("--pause", type=float, default=0.0, metavar="SECONDS",
-                         help="sleep between batches to throttle (default 0)")
+    cleanup.add_argument("--pause", type=_arg(_pause, "seconds"), default=None,
+                         metavar="SECONDS",
+                         help="sleep between batches (default: as long as the last batch took, "
+                         "so cleanup leaves half the database's time to others; 0: full speed)")
     cleanup.add_argument("--dry-run", action="store_true", help="only count what would go")
     cleanup.add_argument("--json", action="store_true", help="report as JSON")
     cleanup.set_defaults(run=cmd_cleanup)
@@ -511,9 +523,6 @@ def cmd_stats(args: argparse.Namespace, engine: Engine, out: IO[str]) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace, engine: Engine, out: IO[str]) -> int:
-    if args.pause < 0:
-        raise UsageError("--pause must not be negative")
-
     def progress(r: ops.CleanupResult) -> None:
         log.info("cleanup: %d deleted in %d batch(es)", r.deleted, r.batches)
 

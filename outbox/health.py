@@ -22,7 +22,8 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,9 +33,13 @@ import anyio
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from outbox.logs import redact
+
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
     from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from outbox.metrics import BacklogSampler, Metrics, RelayMetrics
 
 __all__ = [
     "Check",
@@ -42,7 +47,9 @@ __all__ = [
     "HealthMonitor",
     "HealthServer",
     "HealthState",
+    "Observed",
     "database_check",
+    "observe_relay",
     "provider_check",
 ]
 
@@ -102,6 +109,7 @@ class HealthState:
 
     def set(self, name: str, ok: bool, detail: str = "") -> None:
         """Record the outcome of check ``name`` (e.g. the relay reporting a provider outage)."""
+        detail = redact(detail)
         with self._lock:
             old = self._checks.get(name)
             since = old.since if old is not None and old.ok == ok else self._clock()
@@ -387,3 +395,79 @@ class HealthServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------------------------
+# the relay sidecar's wiring
+
+
+@dataclass
+class Observed:
+    """What :func:`observe_relay` set up (for tests and for embedding)."""
+
+    metrics: Metrics
+    state: HealthState
+    server: HealthServer
+    hooks: RelayMetrics
+    sampler: BacklogSampler
+    monitor: HealthMonitor
+
+
+@asynccontextmanager
+async def observe_relay(
+    relay: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    registry: CollectorRegistry | None = None,
+    backlog_interval: float = 5.0,
+    check_interval: float = 2.0,
+    stall_after: float = 30.0,
+    unhealthy_after: float = 60.0,
+) -> AsyncIterator[Observed]:
+    """Serve ``/metrics``, ``/healthz``, ``/readyz`` for ``relay`` while the block runs.
+
+    Adds :class:`~outbox.metrics.RelayMetrics` to ``relay.hooks``, samples the backlog every
+    ``backlog_interval`` seconds, and checks every ``check_interval`` seconds that the database
+    answers ``SELECT 1`` and the provider its ``ping``/``stats``. Ready means: those two pass and
+    the relay itself reports ready (it is not during a provider outage or after a database error
+    until its next successful claim). Use around ``await relay.run()``::
+
+        async with observe_relay(relay, port=9464):
+            await relay.run()
+    """
+    from outbox.metrics import BacklogSampler, RelayMetrics, get_metrics
+
+    metrics = get_metrics(registry)
+    state = HealthState(
+        stall_after=stall_after,
+        unhealthy_after=unhealthy_after,
+        expected=("database", "provider", "relay"),
+    )
+    hooks = RelayMetrics(metrics, relay=relay, state=state)
+    if getattr(getattr(relay, "stats", None), "ready", False):
+        state.set("relay", True)
+    relay.hooks.append(hooks)
+
+    async def provider_ready() -> None:
+        provider = getattr(relay, "provider", None)  # resolved by relay.start()
+        if provider is not None:
+            await provider_check(provider)()
+
+    monitor = HealthMonitor(
+        state,
+        {"database": database_check(relay.engine), "provider": provider_ready},
+        interval=check_interval,
+    )
+    sampler = BacklogSampler(relay.engine, metrics, interval=backlog_interval)
+    server = HealthServer(state, registry=metrics.registry, host=host, port=port).start()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(monitor.run)
+            tg.start_soon(sampler.run)
+            yield Observed(metrics, state, server, hooks, sampler, monitor)
+            tg.cancel_scope.cancel()
+    finally:
+        server.close()
+        if hooks in relay.hooks:
+            relay.hooks.remove(hooks)

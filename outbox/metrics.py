@@ -55,7 +55,9 @@ __all__ = [
     "DURATION_BUCKETS",
     "OTHER",
     "BacklogSampler",
+    "BrokerMetrics",
     "Metrics",
+    "RelayMetrics",
     "get_metrics",
 ]
 
@@ -217,9 +219,10 @@ class Metrics:
         child.inc(count)
 
     def event_processed(
-        self, source: str, type: str, status: str, duration: float | None = None
+        self, source: str, type: str, status: str, duration: float | None = None,
+        *, count: int = 1,
     ) -> None:
-        """An event was handled with outcome ``status`` in ``duration`` seconds (if known)."""
+        """``count`` events were handled with outcome ``status`` (one took ``duration`` s)."""
         key = (source, type, status)
         child = self._processed.get(key)
         if child is None:
@@ -229,7 +232,7 @@ class Metrics:
                 key,
                 self.processed.labels(self._source(source), self._type(type), label),
             )
-        child.inc()
+        child.inc(count)
         if duration is not None:
             dkey = (source, type)
             hist = self._durations.get(dkey)
@@ -248,6 +251,30 @@ class Metrics:
     def observe_processed(self, event: Event, status: str, duration: float | None = None) -> None:
         """:meth:`event_processed` for one :class:`~outbox.Event`."""
         self.event_processed(event.source, event.type, status, duration)
+
+    def observe_duration(self, event: Event, duration: float) -> None:
+        """Handling time of one event whose outcome is counted elsewhere (the relay settles)."""
+        key = (event.source, event.type)
+        hist = self._durations.get(key)
+        if hist is None:
+            hist = self._cache(
+                self._durations,
+                key,
+                self.duration.labels(self._source(event.source), self._type(event.type)),
+            )
+        hist.observe(duration)
+
+    def attach_broker(self, broker: Any) -> BrokerMetrics:
+        """Count ``broker``'s publishes and outcomes, and export its queue gauges.
+
+        The queue gauges are read at scrape time (no per-event cost). Returns the observer (pass
+        it to ``broker.remove_observer`` to detach).
+        """
+        observer = BrokerMetrics(self)
+        broker.add_observer(observer)
+        self.queue_size.set_function(lambda: broker.queue_size)
+        self.workers_active.set_function(lambda: broker.workers_active)
+        return observer
 
     def set_queue(self, size: int, workers_active: int) -> None:
         """The async broker's queue length and busy workers."""
@@ -292,6 +319,103 @@ class Metrics:
         self.backlog.labels("failed").set(value.failed)
         self.blocked_keys.set(value.blocked_keys)
         self.lag.set(value.lag_seconds(now or utcnow()))
+
+
+class BrokerMetrics:
+    """A broker observer (``broker.add_observer``) feeding :class:`Metrics`.
+
+    ``on_processed`` counts the outcome of events the broker published and processed itself;
+    ``on_dispatched`` (the relay and consumers calling ``broker.dispatch``) only times the
+    handlers, because the relay counts the outcome when it settles the event.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def on_published(self, broker: Any, event: Event) -> None:
+        self.metrics.observe_published(event)
+
+    def on_processed(self, broker: Any, event: Event, status: str, duration: float) -> None:
+        self.metrics.observe_processed(event, status, duration)
+
+    def on_dispatched(self, broker: Any, event: Event, result: Any, duration: float) -> None:
+        self.metrics.observe_duration(event, duration)
+
+
+class RelayMetrics:
+    """Relay hooks (``Relay(hooks=[...])`` / ``relay.hooks``) feeding :class:`Metrics`.
+
+    Counts claims (and their duration), outcomes by status (``completed``, ``failed``, and
+    ``retry`` for an event put back for another attempt), events forwarded to the provider (also
+    as ``eventbroker_events_published_total{source,type}``: the relay publishes them), forwarding
+    errors and outages. With a ``state`` (:class:`outbox.health.HealthState`) it also reports
+    the relay's own readiness as the check ``relay``. The broker the relay uses is attached on
+    the first claim, so handler durations are timed too.
+    """
+
+    def __init__(self, metrics: Metrics, relay: Any = None, state: Any = None) -> None:
+        self.metrics = metrics
+        self.relay = relay
+        self.state = state
+        self._forwarded = 0
+        self._broker_attached = relay is None
+
+    def _attach_broker(self) -> None:
+        self._broker_attached = True
+        broker = getattr(self.relay, "broker", None)
+        if broker is not None and hasattr(broker, "add_observer"):
+            self.metrics.attach_broker(broker)
+
+    def on_claim(self, claim: Any) -> None:
+        if not self._broker_attached:
+            self._attach_broker()
+        self.metrics.events_claimed(len(claim.events), claim.seconds)
+
+    def on_settled(self, outcomes: Any, lost: int) -> None:
+        m = self.metrics
+        # Count per label set first, then one inc per set: a batch has few distinct types.
+        counts: dict[tuple[str, str, str], int] = {}
+        for o in outcomes:
+            status = o.status
+            if status == "pending":
+                if o.retry_count is None:
+                    continue  # handed back unstarted (shutdown, key held back): no attempt
+                status = "retry"
+            event = o.event
+            key = (event.source, event.type, status)
+            counts[key] = counts.get(key, 0) + 1
+        has_provider = getattr(self.relay, "provider", None) is not None
+        retried = dead = 0
+        for (source, type_, status), n in counts.items():
+            m.event_processed(source, type_, status, count=n)
+            if status == "completed":
+                if has_provider:
+                    m.event_published(source, type_, n)
+            elif status == "failed":
+                dead += n
+            elif status == "retry":
+                retried += n
+        m.events_retried(retried)
+        m.events_dead(dead)
+        stats = getattr(self.relay, "stats", None)
+        if stats is not None:
+            forwarded = int(stats.forwarded)
+            m.events_forwarded(forwarded - self._forwarded)
+            self._forwarded = forwarded
+
+    def on_forward_error(self, error: BaseException, count: int) -> None:
+        self.metrics.forward_error("event", count)
+
+    def on_outage(self, error: BaseException | None) -> None:
+        self.metrics.set_provider_up(error is None)
+        if error is not None:
+            self.metrics.forward_error("unavailable")
+
+    def on_ready(self, ready: bool) -> None:
+        if self.state is not None:
+            stats = getattr(self.relay, "stats", None)
+            detail = "" if ready else str(getattr(stats, "last_error", "") or "not ready")
+            self.state.set("relay", ready, detail[:200])
 
 
 _shared: weakref.WeakKeyDictionary[CollectorRegistry, Metrics] = weakref.WeakKeyDictionary()

@@ -322,16 +322,20 @@ def cleanup(
     statuses: Sequence[str] = FINISHED,
     batch_size: int = 5000,
     dry_run: bool = False,
-    pause: float = 0.0,
+    pause: float | None = None,
     progress: Callable[[CleanupResult], None] | None = None,
 ) -> CleanupResult:
     """Delete finished events created before a cutoff, ``batch_size`` rows per transaction.
 
     The cutoff is ``before``, or now minus ``older_than``. Only ``completed``/``failed`` rows are
     ever deleted; the age is taken from ``created_at`` (indexed together with ``status``). Each
-    batch is its own short transaction, so the relay and writers interleave with it; ``pause``
-    seconds between batches throttle it further. ``progress`` is called after every batch.
+    batch is its own short transaction, so the relay and writers interleave with it. Between
+    batches it sleeps ``pause`` seconds; by default (``None``) as long as the last batch took, so
+    the cleanup uses at most about half of a database core and leaves the rest to the relay and
+    writers (``pause=0``: full speed). ``progress`` is called after every batch.
     """
+    if pause is not None and pause < 0:
+        raise ValueError("pause must not be negative")
     if (older_than is None) == (before is None):
         raise ValueError("cleanup needs exactly one of older_than or before")
     if batch_size < 1:
@@ -358,8 +362,10 @@ def cleanup(
     for status in chosen:
         result.by_status[status] = 0
         while True:
+            batch_started = time.perf_counter()
             with engine.begin() as conn:
                 n = _delete_batch(conn, status, before, batch_size)
+            took = time.perf_counter() - batch_started
             result.deleted += n
             result.by_status[status] += n
             result.batches += 1
@@ -368,8 +374,9 @@ def cleanup(
                 progress(result)
             if n < batch_size:
                 break
-            if pause > 0:
-                time.sleep(pause)
+            wait = took if pause is None else pause
+            if wait > 0:
+                time.sleep(wait)
     result.seconds = time.perf_counter() - started
     return result
 

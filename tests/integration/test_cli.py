@@ -170,6 +170,8 @@ def test_cleanup(engine: sa.Engine, url: str) -> None:
     ["cleanup", "--older-than", "30d", "--status", "pending"],
     ["cleanup", "--older-than", "30d", "--status", "completed,processing"],
     ["cleanup", "--older-than", "30d", "--batch", "0"],
+    ["cleanup", "--older-than", "30d", "--pause", "-1"],
+    ["cleanup", "--older-than", "30d", "--pause", "nan"],
     ["events", "show", "12345"],
     ["events", "list", "--status", "done"],
     ["events", "list", "--limit", "-1"],

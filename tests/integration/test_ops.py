@@ -101,6 +101,8 @@ def test_cleanup_by_status_and_refusals(engine: sa.Engine) -> None:
         ops.cleanup(engine)
     with pytest.raises(ValueError):
         ops.cleanup(engine, older_than=-DAY)
+    with pytest.raises(ValueError):
+        ops.cleanup(engine, older_than=DAY, pause=-1)
 
 
 def test_backlog_counts_and_lag(engine: sa.Engine) -> None:
