@@ -157,6 +157,14 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 #: ``text`` where the dialect can index it, ``varchar(255)`` on MariaDB/MySQL.
 ShortText = sa.Text().with_variant(sa.String(255), "mysql", "mariadb")
+#: Event types: ``ShortText`` with the byte-order "C" collation on PostgreSQL, so that a type
+#: pattern's literal leading segments become an index range (``LIKE 'public.%'`` and
+#: ``type >= 'public.' AND type < 'public/'``) whatever the database's default collation is.
+TypeText = (
+    sa.Text()
+    .with_variant(postgresql.TEXT(collation="C"), "postgresql")
+    .with_variant(sa.String(255), "mysql", "mariadb")
+)
 
 _NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -197,7 +205,7 @@ class Event(OutboxBase):
         doc="Insertion order; assigned by the database (identity, AUTO_INCREMENT, SQLite trigger).",
     )
     source: Mapped[str] = mapped_column(ShortText, nullable=False)
-    type: Mapped[str] = mapped_column(ShortText, nullable=False)
+    type: Mapped[str] = mapped_column(TypeText, nullable=False)
     status: Mapped[str] = mapped_column(
         ShortText, nullable=False, default=EventStatus.PENDING.value
     )
@@ -259,6 +267,11 @@ class Event(OutboxBase):
         sa.Index("ix_events_type_created_at", "type", "created_at"),
         sa.Index("ix_events_entity_entity_id", "entity", "entity_id"),
         sa.Index("ix_events_user_id", "user_id"),
+        # EventFilter(session_id=...): selective, and no other index narrows it (seq scan).
+        sa.Index("ix_events_session_id", "session_id"),
+        # EventFilter(instance_id=...): one process's events lie in its lifetime, so scanning
+        # the created_at index for them reads every older row first.
+        sa.Index("ix_events_instance_id_created_at", "instance_id", "created_at"),
         sa.Index("ix_events_created_at", "created_at"),
         sa.Index("ix_events_status_created_at", "status", "created_at"),
         # Database provider: rows in commit-visibility order.

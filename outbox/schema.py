@@ -16,24 +16,67 @@ from outbox.exceptions import SchemaMissing
 __all__ = [
     "MIGRATE_HINT",
     "check_schema",
+    "consumer_claims_table",
     "consumers_table",
     "create_schema",
+    "dead_letters_table",
     "drop_schema",
     "inbox_table",
 ]
 
 metadata = OutboxBase.metadata
 
-#: Per-group cursors of the database provider's consumer groups.
+#: Consumer groups of the database provider: one row per group (docs/database-provider.md).
+#: Positions are (txid, seq) pairs (txid 0 where the dialect has no transaction ids).
 consumers_table = sa.Table(
     "outbox_consumers",
     metadata,
     sa.Column("group_name", ShortText, primary_key=True),
     sa.Column("position", sa.BigInteger(), nullable=False, server_default="0",
-              doc="seq of the last event handled by the group"),
-    sa.Column("position_txid", sa.BigInteger(), nullable=True,
-              doc="txid of that event (PostgreSQL watermark cursor)"),
+              doc="seq of the group's low-water mark: every event up to it is settled"),
+    sa.Column("position_txid", sa.BigInteger(), nullable=False, server_default="0",
+              doc="txid of the low-water mark"),
+    sa.Column("claimed", sa.BigInteger(), nullable=False, server_default="0",
+              doc="seq of the claim frontier: every event up to it is claimed or settled"),
+    sa.Column("claimed_txid", sa.BigInteger(), nullable=False, server_default="0",
+              doc="txid of the claim frontier"),
+    sa.Column("start_snapshot", sa.Text(), nullable=True,
+              doc="pg_current_snapshot() of a group started at 'now': rows it saw committed "
+                  "are skipped"),
+    sa.Column("start_time", UTCDateTime(), nullable=True,
+              doc="the time a group was started at: rows created since are delivered"),
+    sa.Column("cluster_id", ShortText, nullable=True,
+              doc="PostgreSQL system identifier of the cluster whose txids the positions use"),
+    sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.Column("updated_at", UTCDateTime(), nullable=False),
+)
+
+#: Ranges of events a member of a group is working on, (lo, hi] in (txid, seq) order, leased.
+consumer_claims_table = sa.Table(
+    "outbox_consumer_claims",
+    metadata,
+    sa.Column("group_name", ShortText, primary_key=True),
+    sa.Column("hi_txid", sa.BigInteger(), primary_key=True, autoincrement=False),
+    sa.Column("hi_seq", sa.BigInteger(), primary_key=True, autoincrement=False),
+    sa.Column("lo_txid", sa.BigInteger(), nullable=False,
+              doc="exclusive lower bound; advances as the head of the range is acknowledged"),
+    sa.Column("lo_seq", sa.BigInteger(), nullable=False),
+    sa.Column("consumer", ShortText, nullable=False),
+    sa.Column("token", sa.Uuid(), nullable=False, doc="fences a consumer that lost the lease"),
+    sa.Column("attempt", sa.Integer(), nullable=False, doc="times the range was handed out"),
+    sa.Column("lease_expires_at", UTCDateTime(), nullable=False),
+    sa.Column("claimed_at", UTCDateTime(), nullable=False),
+)
+
+#: Events a consumer group gave up on (``Delivery.park``), with the error.
+dead_letters_table = sa.Table(
+    "outbox_dead_letters",
+    metadata,
+    sa.Column("group_name", ShortText, primary_key=True),
+    sa.Column("event_id", sa.Uuid(), primary_key=True),
+    sa.Column("error", sa.Text(), nullable=False),
+    sa.Column("attempt", sa.Integer(), nullable=False),
+    sa.Column("parked_at", UTCDateTime(), nullable=False),
 )
 
 #: Ids of events already handled by a consumer group, written in the handler's transaction.

@@ -1,4 +1,4 @@
-"""outbox: events, outbox_consumers and outbox_inbox tables.
+"""outbox: events, outbox_consumers, outbox_consumer_claims, outbox_dead_letters, outbox_inbox.
 
 Revision ID: outbox_0001
 Revises:
@@ -25,6 +25,12 @@ depends_on: str | Sequence[str] | None = None
 
 JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 TEXT = sa.Text().with_variant(sa.String(255), "mysql", "mariadb")
+# Event types compare byte-wise on PostgreSQL so pattern prefixes are index ranges.
+TYPE_TEXT = (
+    sa.Text()
+    .with_variant(postgresql.TEXT(collation="C"), "postgresql")
+    .with_variant(sa.String(255), "mysql", "mariadb")
+)
 TS = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 PENDING = sa.text("status = 'pending'")
@@ -61,7 +67,7 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("source", TEXT, nullable=False),
-        sa.Column("type", TEXT, nullable=False),
+        sa.Column("type", TYPE_TEXT, nullable=False),
         sa.Column("status", TEXT, nullable=False),
         sa.Column("payload", JSON, nullable=False),
         sa.Column("user_id", TEXT, nullable=True),
@@ -95,6 +101,8 @@ def upgrade() -> None:
     op.create_index("ix_events_type_created_at", "events", ["type", "created_at"])
     op.create_index("ix_events_entity_entity_id", "events", ["entity", "entity_id"])
     op.create_index("ix_events_user_id", "events", ["user_id"])
+    op.create_index("ix_events_session_id", "events", ["session_id"])
+    op.create_index("ix_events_instance_id_created_at", "events", ["instance_id", "created_at"])
     op.create_index("ix_events_created_at", "events", ["created_at"])
     op.create_index("ix_events_status_created_at", "events", ["status", "created_at"])
     op.create_index("ix_events_txid_seq", "events", ["txid", "seq"],
@@ -134,9 +142,39 @@ def upgrade() -> None:
         "outbox_consumers",
         sa.Column("group_name", TEXT, nullable=False),
         sa.Column("position", sa.BigInteger(), server_default="0", nullable=False),
-        sa.Column("position_txid", sa.BigInteger(), nullable=True),
+        sa.Column("position_txid", sa.BigInteger(), server_default="0", nullable=False),
+        sa.Column("claimed", sa.BigInteger(), server_default="0", nullable=False),
+        sa.Column("claimed_txid", sa.BigInteger(), server_default="0", nullable=False),
+        sa.Column("start_snapshot", sa.Text(), nullable=True),
+        sa.Column("start_time", TS, nullable=True),
+        sa.Column("cluster_id", TEXT, nullable=True),
+        sa.Column("created_at", TS, nullable=False),
         sa.Column("updated_at", TS, nullable=False),
         sa.PrimaryKeyConstraint("group_name", name="pk_outbox_consumers"),
+    )
+    op.create_table(
+        "outbox_consumer_claims",
+        sa.Column("group_name", TEXT, nullable=False),
+        sa.Column("hi_txid", sa.BigInteger(), autoincrement=False, nullable=False),
+        sa.Column("hi_seq", sa.BigInteger(), autoincrement=False, nullable=False),
+        sa.Column("lo_txid", sa.BigInteger(), nullable=False),
+        sa.Column("lo_seq", sa.BigInteger(), nullable=False),
+        sa.Column("consumer", TEXT, nullable=False),
+        sa.Column("token", sa.Uuid(), nullable=False),
+        sa.Column("attempt", sa.Integer(), nullable=False),
+        sa.Column("lease_expires_at", TS, nullable=False),
+        sa.Column("claimed_at", TS, nullable=False),
+        sa.PrimaryKeyConstraint("group_name", "hi_txid", "hi_seq",
+                                name="pk_outbox_consumer_claims"),
+    )
+    op.create_table(
+        "outbox_dead_letters",
+        sa.Column("group_name", TEXT, nullable=False),
+        sa.Column("event_id", sa.Uuid(), nullable=False),
+        sa.Column("error", sa.Text(), nullable=False),
+        sa.Column("attempt", sa.Integer(), nullable=False),
+        sa.Column("parked_at", TS, nullable=False),
+        sa.PrimaryKeyConstraint("group_name", "event_id", name="pk_outbox_dead_letters"),
     )
     op.create_table(
         "outbox_inbox",
@@ -150,6 +188,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     dialect = op.get_bind().dialect.name
     op.drop_table("outbox_inbox")
+    op.drop_table("outbox_dead_letters")
+    op.drop_table("outbox_consumer_claims")
     op.drop_table("outbox_consumers")
     op.drop_table("events")  # drops its indexes and triggers
     if dialect == "postgresql":

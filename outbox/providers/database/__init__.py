@@ -1,0 +1,14 @@
+"""The ``events`` table as the bus between instances (SPEC §5 ``database``).
+
+``DatabaseProvider(engine)`` stores events in the events table and carries them to consumers in
+other processes: ``consume(pattern, group=...)`` (consumer groups with a cursor per group in
+``outbox_consumers``) and ``stream(pattern)``. Reads stay below PostgreSQL's transaction-id
+watermark, so an event whose transaction commits late is never skipped. See
+``docs/database-provider.md``.
+"""
+
+from outbox.providers.database.consumer import DatabaseDelivery
+from outbox.providers.database.provider import DatabaseProvider, parse_start
+from outbox.providers.database.sql import ClusterChanged, GroupInfo
+
+__all__ = ["ClusterChanged", "DatabaseDelivery", "DatabaseProvider", "GroupInfo", "parse_start"]

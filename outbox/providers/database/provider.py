@@ -1,0 +1,497 @@
+"""``DatabaseProvider``: the ``events`` table as the bus between instances (SPEC §5 database).
+
+Storage (``store``/``get``/``list``/``update_status``/``delete``/``stats``) is plain SQL on the
+events table. Transport: ``publish`` inserts the event (idempotent by id) and every process that
+reads the table — ``stream()`` or ``consume(group=...)`` — receives it; see
+``docs/database-provider.md`` for the transaction-id watermark that keeps late commits from being
+skipped, consumer groups, and what is supported on SQLite and MariaDB.
+
+The provider runs SQL on a *synchronous* SQLAlchemy engine in worker threads (psycopg 3 on
+PostgreSQL); an ``AsyncEngine`` or URL is accepted and turned into a sync engine on the same
+database. Handlers that write through an ``AsyncConnection``/``AsyncSession`` can still take the
+exactly-once path (:meth:`DatabaseDelivery.ack_with`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import datetime as dt
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, ClassVar, TypeVar
+
+import anyio
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from outbox.events import Event, EventStatus, get_instance_id
+from outbox.exceptions import ProviderError, ProviderUnavailable, SchemaMissing
+from outbox.patterns import compile_pattern
+from outbox.providers._bus import GroupRegistry, validate_group
+from outbox.providers.base import (
+    Capabilities,
+    EventFilter,
+    EventNotFound,
+    ProviderStats,
+    StartPosition,
+)
+from outbox.providers.database import sql
+from outbox.providers.database.consumer import DatabaseDelivery, _GroupReader, _Tail
+from outbox.providers.database.keeper import run_keeper
+from outbox.providers.database.subscription import Deliveries, GroupStream, TailStream
+from outbox.schema import MIGRATE_HINT
+
+__all__ = ["DatabaseProvider", "parse_start"]
+
+log = logging.getLogger("outbox.providers.database")
+
+T = TypeVar("T")
+
+_ASYNC_DRIVERS = {
+    "postgresql+asyncpg": "postgresql+psycopg",
+    "postgresql+psycopg_async": "postgresql+psycopg",
+    "sqlite+aiosqlite": "sqlite+pysqlite",
+    "mysql+asyncmy": "mysql+pymysql",
+    "mysql+aiomysql": "mysql+pymysql",
+    "mariadb+asyncmy": "mariadb+pymysql",
+    "mariadb+aiomysql": "mariadb+pymysql",
+}
+
+
+def parse_start(text: str | StartPosition | dt.datetime) -> StartPosition | dt.datetime:
+    """``--from`` value: ``beginning``, ``now`` or an ISO 8601 timestamp (naive means UTC)."""
+    if isinstance(text, dt.datetime):
+        return text if text.tzinfo else text.replace(tzinfo=dt.UTC)
+    if isinstance(text, StartPosition):
+        return text
+    value = text.strip()
+    with contextlib.suppress(ValueError):
+        return StartPosition(value.lower())
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            f"invalid start position {text!r}: use 'beginning', 'now' or an ISO 8601 time such "
+            "as 2026-01-01T00:00Z"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def _translate(exc: BaseException) -> BaseException:
+    """SQLAlchemy/driver errors as the provider contract's errors."""
+    if isinstance(exc, sa.exc.DBAPIError):
+        orig = exc.orig
+        text = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+        sqlstate = getattr(orig, "sqlstate", None) or ""
+        code = orig.args[0] if orig is not None and orig.args else None
+        if sqlstate == "42P01" or "no such table" in text or code == 1146:
+            return SchemaMissing(f"outbox tables not found ({text}): {MIGRATE_HINT}")
+        if (exc.connection_invalidated
+                or isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError)
+                or sqlstate[:2] in ("08", "53", "57")):
+            return ProviderUnavailable(f"database unavailable: {text}")
+        return ProviderError(f"database error: {text}")
+    if isinstance(exc, sa.exc.TimeoutError | OSError):
+        return ProviderUnavailable(f"database unavailable: {exc}")
+    return exc
+
+
+def _section(config: Any, name: str) -> dict[str, Any]:
+    section = getattr(config, name, None)
+    if section is None and isinstance(config, Mapping):
+        section = config.get(name)
+    if section is None:
+        return {}
+    if isinstance(section, Mapping):
+        return dict(section)
+    if hasattr(section, "__dataclass_fields__"):
+        return {f: getattr(section, f) for f in section.__dataclass_fields__}
+    return dict(vars(section))
+
+
+class DatabaseProvider:
+    """Events table as storage and bus. See the module docstring and docs/database-provider.md.
+
+    ``engine``: a SQLAlchemy ``Engine`` (shared with the caller, not disposed by ``close``), an
+    ``AsyncEngine`` or a URL (an engine of the provider's own). ``poll_interval``: seconds between
+    looks for new events when no notification arrives. ``batch_size``: events per claim.
+    ``lease``: seconds a member may hold a claim without renewing it (renewed every ``lease/3``
+    while the process lives); a dead member's events are redelivered after it. ``notify``: wake
+    on PostgreSQL LISTEN/NOTIFY. ``max_claims``: claims one member holds at once (prefetch).
+    """
+
+    name: ClassVar[str] = "database"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        persistent=True, cross_instance=True, consumer_groups=True, full_query=True
+    )
+
+    def __init__(
+        self,
+        engine: Engine | Any,
+        *,
+        poll_interval: float = 1.0,
+        batch_size: int = 100,
+        lease: float = 30.0,
+        notify: bool = True,
+        max_claims: int = 2,
+    ) -> None:
+        if poll_interval <= 0:
+            raise ValueError("database.poll_interval must be > 0 seconds")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError("database.batch_size must be an integer >= 1")
+        if lease <= 0:
+            raise ValueError("database.lease must be > 0 seconds")
+        if not isinstance(max_claims, int) or max_claims < 1:
+            raise ValueError("max_claims must be an integer >= 1")
+        self.engine, self._owns_engine = self._sync_engine(engine)
+        self.poll_interval = float(poll_interval)
+        self.batch_size = batch_size
+        self.lease = float(lease)
+        self.notify = bool(notify)
+        self.max_claims = max_claims
+        self.dialect = self.engine.dialect.name
+        self._readers: set[_GroupReader] = set()
+        self._tails: set[_Tail] = set()
+        self._groups = GroupRegistry()
+        self._keeper: asyncio.Task[None] | None = None
+        self._cluster_cached: str | None = None
+        self._cluster_known = False
+        self._closed = False
+        self._published = 0
+        self._consumed = 0
+        self._parked = 0
+
+    @staticmethod
+    def _sync_engine(engine: Engine | Any) -> tuple[Engine, bool]:
+        if isinstance(engine, Engine):
+            return engine, False
+        if isinstance(engine, str | sa.URL):
+            url = sa.make_url(engine)
+        else:
+            sync = getattr(engine, "sync_engine", None)
+            if not isinstance(sync, Engine):
+                raise TypeError("DatabaseProvider needs a SQLAlchemy Engine, AsyncEngine or URL, "
+                                f"not {type(engine).__qualname__}")
+            url = engine.url
+        name = f"{url.get_backend_name()}+{url.get_driver_name()}"
+        if name in _ASYNC_DRIVERS:
+            url = url.set(drivername=_ASYNC_DRIVERS[name])
+        options: dict[str, Any] = {"pool_pre_ping": True}
+        if url.get_backend_name() != "sqlite":
+            options.update(pool_size=5, max_overflow=10)
+        return sa.create_engine(url, **options), True
+
+    @classmethod
+    def from_config(cls, config: Any) -> DatabaseProvider:
+        """Build from an outbox Config's ``database`` section (``url``, ``poll_interval``,
+        ``batch_size``, ``lease``, ``notify``)."""
+        section = _section(config, "database")
+        url = section.get("url")
+        if not url:
+            raise ProviderError("database.url is required for the database provider")
+        known = ("poll_interval", "batch_size", "lease", "notify")
+        options = {k: section[k] for k in known if section.get(k) is not None}
+        return cls(url, **options)
+
+    def __repr__(self) -> str:
+        return f"<DatabaseProvider {self.engine.url.render_as_string(hide_password=True)}>"
+
+    async def __aenter__(self) -> DatabaseProvider:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    # -- running SQL -------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ProviderError("DatabaseProvider is closed")
+
+    def _tx_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            with self.engine.begin() as conn:
+                return fn(conn, *args)
+        except Exception as exc:
+            translated = _translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    def _call_sync(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            with self.engine.connect() as conn:
+                return fn(conn, *args)
+        except Exception as exc:
+            translated = _translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    async def _tx(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(conn, *args)`` in one transaction, in a worker thread."""
+        return await anyio.to_thread.run_sync(self._tx_sync, fn, *args)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(conn, *args)`` on a connection (``fn`` manages its transactions)."""
+        return await anyio.to_thread.run_sync(self._call_sync, fn, *args)
+
+    async def _cluster(self) -> str | None:
+        if not self._cluster_known:
+            self._cluster_cached = await self._call(sql.cluster_id)
+            self._cluster_known = True
+        return self._cluster_cached
+
+    def _forget_cluster(self) -> None:
+        self._cluster_known = False
+
+    # -- storage -----------------------------------------------------------------------------
+
+    def _checked(self, event: Event) -> Event:
+        self._check_open()
+        if not isinstance(event, Event):
+            raise TypeError(f"expected an outbox.Event, got {type(event).__qualname__}")
+        return event
+
+    async def store(self, event: Event) -> None:
+        """Keep ``event`` without putting it on the bus (idempotent by id).
+
+        On PostgreSQL the row gets no txid, so consumers never receive it; on SQLite every row is
+        on the bus (there is no transaction id to tell them apart).
+        """
+        await self._tx(sql.insert_events, [self._checked(event)], False)
+
+    async def publish(self, event: Event) -> None:
+        """Insert ``event`` (idempotent by id) and so deliver it to every consumer group and
+        stream; returns after the commit. An event stored before joins the bus now."""
+        await self._tx(sql.insert_events, [self._checked(event)], True)
+        self._published += 1
+
+    async def publish_many(self, events: Sequence[Event]) -> builtins.list[BaseException | None]:
+        """Publish ``events`` in one statement and one transaction (see ``base.publish_many``).
+
+        When the statement fails for a reason other than an outage, each event is retried alone
+        so the error lands in the slot of the event that caused it.
+        """
+        batch = [self._checked(e) for e in events]
+        if not batch:
+            return []
+        try:
+            await self._tx(sql.insert_events, batch, True)
+        except ProviderUnavailable:
+            raise
+        except Exception:
+            out: builtins.list[BaseException | None] = []
+            for event in batch:
+                try:
+                    await self.publish(event)
+                except ProviderUnavailable:
+                    raise
+                except Exception as exc:
+                    out.append(exc)
+                else:
+                    out.append(None)
+            return out
+        self._published += len(batch)
+        return [None] * len(batch)
+
+    async def get(self, event_id: uuid.UUID | str) -> Event | None:
+        self._check_open()
+        return await self._tx(sql.get_event, sql.as_id(event_id))
+
+    async def list(self, filter: EventFilter | None = None) -> list[Event]:
+        """Events matching ``filter`` ordered by ``created_at``, ``seq``, ``id`` (indexes: see
+        docs/database-provider.md, 'Queries')."""
+        self._check_open()
+        return await self._tx(sql.list_events, filter or EventFilter())
+
+    async def update_status(
+        self, event_id: uuid.UUID | str, status: EventStatus | str, error: str | None = None
+    ) -> None:
+        self._check_open()
+        key = sql.as_id(event_id)
+        if not await self._tx(sql.update_status, key, EventStatus(status), error):
+            raise EventNotFound(f"no event with id {key}")
+
+    async def delete(self, event_id: uuid.UUID | str) -> None:
+        self._check_open()
+        key = sql.as_id(event_id)
+        if not await self._tx(sql.delete_event, key):
+            raise EventNotFound(f"no event with id {key}")
+
+    async def stats(self) -> ProviderStats:
+        """Counts by status (exact: one indexed scan of the table) and the consumer groups."""
+        self._check_open()
+        counts = await self._tx(sql.count_by_status)
+        groups = await self._tx(sql.list_groups)
+        return ProviderStats(
+            provider=self.name,
+            total_events=sum(counts.values()),
+            pending_events=counts.get(EventStatus.PENDING.value, 0),
+            processing_events=counts.get(EventStatus.PROCESSING.value, 0),
+            completed_events=counts.get(EventStatus.COMPLETED.value, 0),
+            failed_events=counts.get(EventStatus.FAILED.value, 0),
+            events_published=self._published,
+            events_consumed=self._consumed,
+            active_subscribers=len(self._readers) + len(self._tails),
+            extra={
+                "dialect": self.dialect,
+                "dead_lettered_here": self._parked,
+                "groups": {
+                    g.name: {"position": list(g.position), "claimed": list(g.claimed),
+                             "claims": g.claims, "updated_at": g.updated_at.isoformat()}
+                    for g in groups
+                },
+            },
+        )
+
+    # -- groups and dead letters --------------------------------------------------------------
+
+    async def groups(self) -> builtins.list[sql.GroupInfo]:
+        """The consumer groups with their positions and claims in flight."""
+        self._check_open()
+        return await self._tx(sql.list_groups)
+
+    async def delete_group(self, group: str) -> bool:
+        """Forget ``group`` (its position and claims); the next consumer starts it anew."""
+        self._check_open()
+        return await self._tx(sql.delete_group, validate_group(group))
+
+    async def dead_letters(
+        self, group: str | None = None, limit: int = 100
+    ) -> builtins.list[dict[str, Any]]:
+        """Parked events (``group``, ``event_id``, ``error``, ``attempt``, ``parked_at``)."""
+        self._check_open()
+        return await self._tx(sql.dead_letters, group, limit)
+
+    # -- transport ---------------------------------------------------------------------------
+
+    def _require_bus(self) -> None:
+        if self.dialect not in ("postgresql", "sqlite"):
+            raise ProviderError(
+                f"the database bus needs PostgreSQL (transaction-id watermark) or SQLite (one "
+                f"writer at a time); on {self.dialect} concurrent transactions commit out of "
+                "sequence order and nothing tells a reader which are still running, so consumers "
+                "could skip events. Use the redis or nats provider for consumers there "
+                "(docs/database-provider.md, 'Dialects')."
+            )
+
+    def stream(self, pattern: str = "*", *, group: str | None = None,
+               start: StartPosition | dt.datetime = StartPosition.NOW) -> AsyncIterator[Event]:
+        """Events committed from now on whose type matches ``pattern``.
+
+        Without ``group``: a cursor in memory, from the moment of this call (nothing is
+        acknowledged or redelivered). With ``group``: :meth:`consume`, each event acknowledged
+        when the loop asks for the next one (an exception in the loop body leaves it to be
+        redelivered).
+        """
+        self._check_open()
+        self._require_bus()
+        compile_pattern(pattern)
+        if group is not None:  # consume() now: the group exists from this call on
+            reader = self._group_reader(pattern, group, None, start)
+            return GroupStream(self, reader)
+        tail = _Tail(self, pattern, self._tx_sync(sql.start_position, StartPosition.NOW))
+        self._tails.add(tail)
+        return TailStream(self, tail)
+
+    def consume(
+        self,
+        pattern: str = "*",
+        *,
+        group: str,
+        consumer: str | None = None,
+        start: StartPosition | dt.datetime = StartPosition.NOW,
+    ) -> AsyncIterator[DatabaseDelivery]:
+        """Deliveries for consumer group ``group``: members share the work, each group gets
+        every event (docs/database-provider.md, 'Consumer groups').
+
+        ``consumer`` names this member (default: the instance id). ``start`` applies when the
+        group does not exist yet: ``NOW`` (default), ``BEGINNING`` or an aware datetime. The group
+        is created by this call when the database is reachable (else by the first iteration).
+        Close the iterator (``aclose()`` or ``async with``) to give back what it holds at once;
+        otherwise other members take it over when its lease runs out.
+        """
+        return Deliveries(self, self._group_reader(pattern, group, consumer, start))
+
+    def _group_reader(self, pattern: str, group: str, consumer: str | None,
+                      start: StartPosition | dt.datetime) -> _GroupReader:
+        self._check_open()
+        self._require_bus()
+        validate_group(group)
+        compile_pattern(pattern)
+        start = parse_start(start)
+        reader = _GroupReader(self, pattern, group, consumer or get_instance_id(), start)
+        try:
+            cluster = self._call_sync(sql.cluster_id)
+            self._cluster_cached, self._cluster_known = cluster, True
+            self._tx_sync(sql.ensure_group, group, start, cluster)
+            reader.group_ready = True
+        except ProviderUnavailable as exc:
+            log.warning("consumer group %r: database unavailable (%s); retrying when iterated",
+                        group, exc)
+        self._groups.acquire(group, pattern)
+        self._readers.add(reader)
+        return reader
+
+    def _forget(self, reader: _GroupReader | _Tail) -> None:
+        """An iterator was closed or dropped: stop renewing and waking its reader."""
+        reader.closed = True
+        if isinstance(reader, _GroupReader):
+            if reader in self._readers:
+                self._readers.discard(reader)
+                self._groups.release(reader.group)
+        else:
+            self._tails.discard(reader)
+        if not self._readers and not self._tails and self._keeper is not None:
+            self._keeper.cancel()
+            self._keeper = None
+
+    # -- wake-ups ------------------------------------------------------------------------------
+
+    def _listen_args(self) -> dict[str, Any] | None:
+        """psycopg connection arguments for LISTEN (None: not PostgreSQL with psycopg)."""
+        if self.dialect != "postgresql" or self.engine.dialect.driver != "psycopg":
+            return None
+        _args, kwargs = self.engine.dialect.create_connect_args(self.engine.url)
+        kwargs = dict(kwargs)
+        kwargs.pop("context", None)
+        return kwargs
+
+    def _wake_all(self) -> None:
+        for reader in self._readers:
+            reader.signal.fire()
+        for tail in self._tails:
+            tail.signal.fire()
+
+    def _ensure_keeper(self) -> None:
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.get_running_loop().create_task(run_keeper(self))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Give back what consumers of this provider hold, stop the listener, release the
+        engine when the provider created it. Idempotent."""
+        if self._closed:
+            return
+        for reader in list(self._readers):
+            await reader.close()
+            self._forget(reader)
+        for tail in list(self._tails):
+            await tail.close()
+            self._forget(tail)
+        self._closed = True
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.cancel()
+            with contextlib.suppress(BaseException):
+                await keeper
+        if self._owns_engine:
+            await anyio.to_thread.run_sync(self.engine.dispose)
+

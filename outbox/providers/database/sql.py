@@ -1,0 +1,954 @@
+"""The SQL of the database provider, for every dialect, in one place.
+
+Every function takes a :class:`~sqlalchemy.engine.Connection` inside a transaction the caller
+manages, runs a few statements with bound parameters and returns plain values. The provider runs
+them in worker threads; ``docs/database-provider.md`` explains the design they implement.
+
+Positions in the bus are ``(txid, seq)`` pairs compared lexicographically. On PostgreSQL ``txid``
+is the inserting transaction's id (``events.txid``, a column default); only rows with
+``txid < pg_snapshot_xmin(pg_current_snapshot())`` — rows of transactions that have all finished —
+are ever read, so no row can later appear below a position already passed. SQLite has one writer at
+a time: ``seq`` order is commit order there, and ``txid`` is always 0 in positions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from outbox.events import (
+    _ATTR_TO_COLUMN,
+    _COLUMN_TO_ATTR,
+    Event,
+    EventStatus,
+    UTCDateTime,
+    get_instance_id,
+    utcnow,
+)
+from outbox.exceptions import ProviderError
+from outbox.patterns import compile_pattern
+from outbox.providers.base import EventFilter, StartPosition
+from outbox.schema import consumer_claims_table, consumers_table, dead_letters_table, inbox_table
+
+__all__ = [
+    "MAX_SEQ",
+    "REBASE_HINT",
+    "Batch",
+    "ClaimRow",
+    "ClusterChanged",
+    "GroupInfo",
+    "Peek",
+    "Position",
+]
+
+#: What to run when a group's positions belong to another cluster.
+REBASE_HINT = (
+    "Stop its consumers and run `python -m outbox.providers.database rebase --group NAME "
+    "--from TIME` (events created since TIME are delivered again; or `--keep-positions` after "
+    "pg_upgrade, which keeps transaction ids): see docs/database-provider.md, 'Restore'."
+)
+
+
+class ClusterChanged(ProviderError):
+    """A consumer group's positions come from another PostgreSQL cluster (dump/restore)."""
+
+
+#: ``(txid, seq)``; txid 0 where the dialect has no transaction ids.
+Position = tuple[int, int]
+#: The largest ``seq``: ``(t, MAX_SEQ)`` is "after every row of transaction t".
+MAX_SEQ = 2**63 - 1
+BEGINNING: Position = (0, 0)
+
+events: sa.Table = Event.__table__  # type: ignore[assignment]
+c = events.c
+groups = consumers_table
+claims = consumer_claims_table
+dead = dead_letters_table
+inbox = inbox_table
+
+#: Columns read back into events, and the Event attribute each one fills.
+_COLUMNS = [col for col in events.c]
+_ATTRS = [_COLUMN_TO_ATTR[col.name] for col in _COLUMNS]
+#: Columns a provider writes on insert: the database assigns ``seq`` and (PostgreSQL) ``txid``.
+_INSERT_ATTRS = [(a, n) for a, n in _ATTR_TO_COLUMN.items() if n not in ("seq", "txid")]
+
+
+class _PgType(sa.types.UserDefinedType[Any]):
+    """A PostgreSQL type by name, for casts (``xid8``, ``pg_snapshot``)."""
+
+    cache_ok = True
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return self.name
+
+
+def _xid8_as_bigint(expr: sa.ColumnElement[Any]) -> sa.ColumnElement[int]:
+    return sa.cast(sa.cast(expr, sa.Text), sa.BigInteger)
+
+
+#: Oldest transaction id still running (every id below it has committed or aborted). Both calls of
+#: ``pg_current_snapshot()`` in one statement see the statement's own snapshot.
+WATERMARK = _xid8_as_bigint(sa.func.pg_snapshot_xmin(sa.func.pg_current_snapshot()))
+#: First transaction id not yet assigned.
+NEXT_XID = _xid8_as_bigint(sa.func.pg_snapshot_xmax(sa.func.pg_current_snapshot()))
+CURRENT_XID = _xid8_as_bigint(sa.func.pg_current_xact_id())
+#: The statement's snapshot as text (``xmin:xmax:xip,...``).
+SNAPSHOT = sa.cast(sa.func.pg_current_snapshot(), sa.Text)
+
+
+def snapshot_xmax(snapshot: str) -> int:
+    """``xmax`` of a snapshot in its text form ``xmin:xmax:xip,...``."""
+    return int(snapshot.split(":")[1])
+
+
+def _skip_clause(snapshot: str | None, since: dt.datetime | None,
+                 after: Position) -> sa.ColumnElement[bool] | None:
+    """Rows a group must skip because they were committed before it started.
+
+    A group created at ``NOW`` is positioned at the watermark of its creation snapshot; rows
+    between that watermark and the snapshot's ``xmax`` belong either to transactions still running
+    then (deliver them: they commit after the group started) or to transactions that had already
+    committed (skip them): ``pg_visible_in_snapshot`` tells the two apart. A group created at a
+    time ``since`` also delivers the rows committed before it started whose ``created_at`` is at
+    or after ``since``.
+    """
+    if snapshot is None or after[0] >= snapshot_xmax(snapshot):
+        return None
+    keep = [
+        c.txid >= snapshot_xmax(snapshot),
+        ~sa.func.pg_visible_in_snapshot(
+            sa.cast(sa.cast(c.txid, sa.Text), _PgType("xid8")),
+            sa.cast(sa.literal(snapshot, sa.Text), _PgType("pg_snapshot")),
+        ),
+    ]
+    if since is not None:
+        keep.append(c.created_at >= sa.literal(since, UTCDateTime()))
+    return sa.or_(*keep)
+
+
+def has_xids(conn: Connection) -> bool:
+    """True where positions use transaction ids (PostgreSQL)."""
+    return conn.dialect.name == "postgresql"
+
+
+def row_to_event(values: Sequence[Any]) -> Event:
+    """An :class:`Event` from the values of ``_COLUMNS`` in order."""
+    return Event._from_values(dict(zip(_ATTRS, values, strict=True)))
+
+
+def _pos_after(txid: sa.ColumnElement[Any], seq: sa.ColumnElement[Any], pos: Position,
+               xids: bool) -> sa.ColumnElement[bool]:
+    if xids:
+        return sa.tuple_(txid, seq) > sa.tuple_(sa.literal(pos[0], sa.BigInteger),
+                                                sa.literal(pos[1], sa.BigInteger))
+    return seq > sa.literal(pos[1], sa.BigInteger)
+
+
+def _pos_upto(txid: sa.ColumnElement[Any], seq: sa.ColumnElement[Any], pos: Position,
+              xids: bool) -> sa.ColumnElement[bool]:
+    if xids:
+        return sa.tuple_(txid, seq) <= sa.tuple_(sa.literal(pos[0], sa.BigInteger),
+                                                 sa.literal(pos[1], sa.BigInteger))
+    return seq <= sa.literal(pos[1], sa.BigInteger)
+
+
+def _bus_order(xids: bool) -> list[sa.ColumnElement[Any]]:
+    return [c.txid, c.seq] if xids else [c.seq]
+
+
+def _now(conn: Connection) -> sa.ColumnElement[dt.datetime]:
+    """The time leases are measured in: the server's clock on PostgreSQL (one clock for every
+    consumer host), this process's clock on SQLite (a local file: one host)."""
+    if conn.dialect.name == "postgresql":
+        return sa.func.now()
+    return sa.literal(utcnow(), UTCDateTime())
+
+
+def _later(conn: Connection, seconds: float) -> sa.ColumnElement[dt.datetime]:
+    if conn.dialect.name == "postgresql":
+        return sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, float(seconds))
+    return sa.literal(utcnow() + dt.timedelta(seconds=seconds), UTCDateTime())
+
+
+# --------------------------------------------------------------------------------------------
+# type patterns
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def literal_prefix(pattern: str) -> str | None:
+    """The literal leading segments of ``pattern`` followed by a dot (``None`` when none)."""
+    parsed = compile_pattern(pattern)
+    if parsed.match_all or parsed.is_literal:
+        return None
+    lead: list[str] = []
+    for seg in parsed.segments:
+        if seg == "*":
+            break
+        lead.append(seg)
+    return ".".join(lead) + "." if lead else None
+
+
+def type_clause(conn_or_dialect: Connection | str, pattern: str) -> sa.ColumnElement[bool] | None:
+    """SQL true exactly when :func:`outbox.patterns.matches` is (``None`` for ``*``).
+
+    A literal pattern is an equality. Otherwise the literal leading segments become a range
+    (``type >= 'public.' AND type < 'public/'``: the type index serves it; the column compares
+    byte-wise on PostgreSQL, see ``events.TypeText``), and exactness comes from a ``LIKE`` with
+    ``%`` for each ``*`` plus a pinned number of dots: with as many dots in the type as literal dots
+    in the pattern, no ``%`` can span a segment boundary.
+    """
+    dialect = conn_or_dialect if isinstance(conn_or_dialect, str) else conn_or_dialect.dialect.name
+    parsed = compile_pattern(pattern)  # ValueError for an invalid pattern
+    if parsed.match_all or (parsed.tail and not parsed.segments):
+        return None
+    column: sa.ColumnElement[str] = c.type
+    binary = dialect in ("mysql", "mariadb")  # case-insensitive collations there
+    exact_col: sa.ColumnElement[Any] = (
+        sa.type_coerce(sa.cast(column, mysql.BINARY()), sa.String()) if binary else column
+    )
+    if parsed.is_literal:
+        equal = column == parsed.text
+        return sa.and_(equal, exact_col == parsed.text) if binary else equal
+    parts = ["%" if seg == "*" else _like_escape(seg) for seg in parsed.segments]
+    if parsed.tail:
+        parts.append("%")
+    like = exact_col.like(".".join(parts), escape="\\")
+    dots = sa.func.length(column) - sa.func.length(sa.func.replace(column, ".", ""))
+    n = len(parsed.segments)
+    count = dots >= n if parsed.tail else dots == n - 1
+    clauses: list[sa.ColumnElement[bool]] = []
+    prefix = literal_prefix(pattern)
+    if prefix is not None:
+        if binary:  # an index range under the column's own collation
+            clauses.append(column.like(_like_escape(prefix) + "%", escape="\\"))
+        else:  # "." + 1 == "/": every text starting with prefix sorts in [prefix, upper)
+            clauses.append(column >= prefix)
+            clauses.append(column < prefix[:-1] + "/")
+    clauses += [like, count]
+    return sa.and_(*clauses)
+
+
+# --------------------------------------------------------------------------------------------
+# storing and querying events
+
+
+def _insert_values(event: Event, *, stored_only: bool, xids: bool) -> dict[str, Any]:
+    state = event.__dict__
+    now = utcnow()
+    values: dict[str, Any] = {}
+    for attr, name in _INSERT_ATTRS:
+        values[name] = state.get(attr)
+    if values["id"] is None:
+        raise ValueError("event has no id (build events with outbox.new_event)")
+    if not isinstance(values["id"], uuid.UUID):
+        values["id"] = as_id(values["id"])
+    if values["created_at"] is None:
+        values["created_at"] = now
+    if values["next_attempt_at"] is None:
+        values["next_attempt_at"] = values["created_at"]
+    values["status"] = EventStatus(values["status"] or EventStatus.PENDING).value
+    if values["payload"] is None:
+        values["payload"] = {}
+    if values["metadata"] is None:
+        values["metadata"] = {}
+    if values["retry_count"] is None:
+        values["retry_count"] = 0
+    if values["instance_id"] is None:
+        values["instance_id"] = get_instance_id()
+    if values["source"] is None or values["type"] is None:
+        raise ValueError("event needs a source and a type")
+    if xids and stored_only:
+        values["txid"] = None  # not on the bus: only rows with a txid are delivered
+    return values
+
+
+def as_id(event_id: uuid.UUID | str) -> uuid.UUID:
+    """``event_id`` as a UUID (``ValueError`` naming the bad value otherwise)."""
+    if isinstance(event_id, uuid.UUID):
+        return event_id
+    try:
+        return uuid.UUID(str(event_id))
+    except ValueError:
+        raise ValueError(f"not a valid event id: {event_id!r}") from None
+
+
+def insert_events(conn: Connection, batch: Sequence[Event], on_bus: bool) -> int:
+    """Insert ``batch`` (idempotent by id); returns how many rows were new.
+
+    ``on_bus=False`` (``store``) inserts PostgreSQL rows with a NULL txid, which the bus never
+    reads. ``on_bus=True`` (``publish``) leaves txid to its default, the inserting transaction,
+    and puts an event that was only stored so far on the bus at this transaction's position.
+    """
+    xids = has_xids(conn)
+    rows = [_insert_values(e, stored_only=not on_bus, xids=xids) for e in batch]
+    if not rows:
+        return 0
+    name = conn.dialect.name
+    if name == "postgresql":
+        pg = postgresql.insert(events).values(rows)
+        if on_bus:
+            stmt: Any = pg.on_conflict_do_update(
+                index_elements=[c.id], set_={"txid": CURRENT_XID}, where=c.txid.is_(None),
+            )
+        else:
+            stmt = pg.on_conflict_do_nothing(index_elements=[c.id])
+    elif name == "sqlite":
+        stmt = sqlite.insert(events).values(rows).on_conflict_do_nothing(index_elements=[c.id])
+    elif name in ("mysql", "mariadb"):
+        my = mysql.insert(events).values(rows)
+        stmt = my.on_duplicate_key_update(id=my.inserted.id)
+    else:
+        stmt = sa.insert(events).values(rows)
+    result = conn.execute(stmt.execution_options(preserve_rowcount=True))
+    return int(result.rowcount or 0)
+
+
+def get_event(conn: Connection, event_id: uuid.UUID) -> Event | None:
+    row = conn.execute(sa.select(*_COLUMNS).where(c.id == event_id)).first()
+    return None if row is None else row_to_event(row)
+
+
+def list_statement(dialect: str, f: EventFilter) -> sa.Select[Any]:
+    """The ``list`` query: every filter field as a bound condition, stable order."""
+    where: list[sa.ColumnElement[bool]] = [c[name] == value for name, value in f.equality_items()]
+    if f.type is not None:
+        clause = type_clause(dialect, f.type)
+        if clause is not None:
+            where.append(clause)
+    if f.start_time is not None:
+        where.append(c.created_at >= f.start_time)
+    if f.end_time is not None:
+        where.append(c.created_at < f.end_time)
+    stmt = sa.select(*_COLUMNS).where(*where).order_by(c.created_at, c.seq, c.id)
+    if f.limit is not None:
+        stmt = stmt.limit(f.limit)
+    if f.offset:
+        stmt = stmt.offset(f.offset)
+    return stmt
+
+
+def list_events(conn: Connection, f: EventFilter) -> list[Event]:
+    return [row_to_event(r) for r in conn.execute(list_statement(conn.dialect.name, f))]
+
+
+def update_status(conn: Connection, event_id: uuid.UUID, status: EventStatus,
+                  error: str | None) -> bool:
+    """Set status/error and the timestamps the status implies; False when there is no such id."""
+    now = utcnow()
+    values: dict[str, Any] = {"status": status.value, "error": error}
+    if status is EventStatus.PROCESSING:
+        values["processed_at"] = now
+        values["completed_at"] = None
+    elif status.finished:
+        values["processed_at"] = sa.func.coalesce(c.processed_at, sa.literal(now, UTCDateTime()))
+        values["completed_at"] = now
+    else:
+        values["completed_at"] = None
+    result = conn.execute(sa.update(events).where(c.id == event_id).values(values))
+    return bool(result.rowcount)
+
+
+def delete_event(conn: Connection, event_id: uuid.UUID) -> bool:
+    return bool(conn.execute(sa.delete(events).where(c.id == event_id)).rowcount)
+
+
+def count_by_status(conn: Connection) -> dict[str, int]:
+    rows = conn.execute(sa.select(c.status, sa.func.count()).group_by(c.status))
+    return {status: int(n) for status, n in rows}
+
+
+# --------------------------------------------------------------------------------------------
+# consumer groups
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """One row of ``outbox_consumers`` plus its claims (for stats and the CLI)."""
+
+    name: str
+    position: Position
+    claimed: Position
+    cluster_id: str | None
+    claims: int
+    updated_at: dt.datetime
+
+
+def cluster_id(conn: Connection) -> str | None:
+    """PostgreSQL's system identifier (``None`` elsewhere or when not allowed to read it)."""
+    if not has_xids(conn):
+        return None
+    try:
+        with conn.begin_nested():
+            value = conn.execute(
+                sa.text("SELECT system_identifier::text FROM pg_control_system()")
+            ).scalar()
+    except sa.exc.DBAPIError:
+        return None
+    return None if value is None else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Where a reader starts: an exclusive lower bound, plus (PostgreSQL, "now") the snapshot
+    whose committed rows it skips."""
+
+    position: Position
+    snapshot: str | None = None
+    since: dt.datetime | None = None
+
+
+def start_position(conn: Connection, start: StartPosition | dt.datetime) -> Start:
+    """Where a new group (or stream) starts.
+
+    ``NOW``: at the watermark, skipping rows already committed then (see :func:`_skip_clause`):
+    exactly the events that commit after this call. ``BEGINNING``: before every event. A
+    datetime: events created at or after it, and every event that commits after this call. On
+    SQLite (no snapshots) a datetime start is the first event created at or after it in ``seq``
+    order, and later events are all delivered.
+    """
+    xids = has_xids(conn)
+    if isinstance(start, dt.datetime):
+        when = start if start.tzinfo is not None else start.replace(tzinfo=dt.UTC)
+        if xids:
+            # The watermark first: every row invisible to the later statement belongs to a
+            # transaction at or above it, so min(first row, watermark) skips nothing.
+            wm, snapshot = conn.execute(sa.select(WATERMARK, SNAPSHOT)).one()
+            row = conn.execute(
+                sa.select(c.txid, c.seq)
+                .where(c.created_at >= sa.literal(when, UTCDateTime()), c.txid.is_not(None))
+                .order_by(c.txid, c.seq)
+                .limit(1)
+            ).first()
+            now_pos = (int(wm) - 1, MAX_SEQ)
+            if row is not None:
+                now_pos = min((int(row[0]), int(row[1]) - 1), now_pos)
+            return Start(now_pos, str(snapshot), when)
+        first_seq = conn.execute(
+            sa.select(sa.func.min(c.seq)).where(c.created_at >= sa.literal(when, UTCDateTime()))
+        ).scalar()
+        if first_seq is None:
+            return start_position(conn, StartPosition.NOW)
+        return Start((0, int(first_seq) - 1))
+    if StartPosition(start) is StartPosition.BEGINNING:
+        return Start(BEGINNING)
+    if xids:
+        wm, snapshot = conn.execute(sa.select(WATERMARK, SNAPSHOT)).one()
+        return Start((int(wm) - 1, MAX_SEQ), str(snapshot))
+    last = conn.execute(sa.select(sa.func.max(c.seq))).scalar()
+    return Start((0, int(last or 0)))
+
+
+def ensure_group(conn: Connection, group: str, start: StartPosition | dt.datetime,
+                 cluster: str | None) -> bool:
+    """Create ``group`` at ``start`` unless it exists; True when it was created here."""
+    exists = conn.execute(sa.select(groups.c.group_name).where(groups.c.group_name == group))
+    if exists.first() is not None:
+        return False
+    begin = start_position(conn, start)
+    pos = begin.position
+    now = utcnow()
+    values = {
+        "group_name": group, "position": pos[1], "position_txid": pos[0], "claimed": pos[1],
+        "claimed_txid": pos[0], "start_snapshot": begin.snapshot, "start_time": begin.since,
+        "cluster_id": cluster,
+        "created_at": now, "updated_at": now,
+    }
+    name = conn.dialect.name
+    if name == "postgresql":
+        stmt: Any = postgresql.insert(groups).values(values).on_conflict_do_nothing()
+    elif name == "sqlite":
+        stmt = sqlite.insert(groups).values(values).on_conflict_do_nothing()
+    else:
+        my = mysql.insert(groups).values(values)
+        stmt = my.on_duplicate_key_update(group_name=my.inserted.group_name)
+    return bool(conn.execute(stmt.execution_options(preserve_rowcount=True)).rowcount)
+
+
+def group_cluster(conn: Connection, group: str) -> tuple[bool, str | None]:
+    """(exists, cluster_id) of ``group``."""
+    row = conn.execute(
+        sa.select(groups.c.cluster_id).where(groups.c.group_name == group)
+    ).first()
+    return (False, None) if row is None else (True, row[0])
+
+
+def list_groups(conn: Connection) -> list[GroupInfo]:
+    counts = (
+        sa.select(claims.c.group_name, sa.func.count().label("n"))
+        .group_by(claims.c.group_name)
+        .subquery("n")
+    )
+    rows = conn.execute(
+        sa.select(groups, sa.func.coalesce(counts.c.n, 0))
+        .select_from(groups.outerjoin(counts, counts.c.group_name == groups.c.group_name))
+        .order_by(groups.c.group_name)
+    )
+    out = []
+    for r in rows:
+        m = r._mapping
+        out.append(GroupInfo(
+            name=m["group_name"], position=(int(m["position_txid"]), int(m["position"])),
+            claimed=(int(m["claimed_txid"]), int(m["claimed"])), cluster_id=m["cluster_id"],
+            claims=int(r[-1]), updated_at=m["updated_at"],
+        ))
+    return out
+
+
+def delete_group(conn: Connection, group: str) -> bool:
+    conn.execute(sa.delete(claims).where(claims.c.group_name == group))
+    return bool(conn.execute(sa.delete(groups).where(groups.c.group_name == group)).rowcount)
+
+
+def check_xids(group: str, frontier: Position, next_xid: int | None) -> None:
+    """Refuse a position "in the future": the transaction-id counter went backwards, which
+    happens when the database was restored into another cluster (dump/restore)."""
+    if next_xid is not None and frontier[0] >= next_xid:
+        raise ClusterChanged(
+            f"consumer group {group!r} is positioned at transaction id {frontier[0]}, but this "
+            f"PostgreSQL cluster has only reached {next_xid}: the database was restored into "
+            f"another cluster, so the group cannot tell which events it already had. "
+            f"{REBASE_HINT}"
+        )
+
+
+def check_cluster(group: str, stored: str | None, current: str | None) -> None:
+    """Refuse a group whose positions were written in another cluster (system identifier)."""
+    if stored is not None and current is not None and stored != current:
+        raise ClusterChanged(
+            f"consumer group {group!r} was positioned in PostgreSQL cluster {stored}, this "
+            f"database is in cluster {current} (restored from a dump, or pg_upgrade?): "
+            f"transaction ids of the two clusters cannot be compared. {REBASE_HINT}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# reading the bus
+
+
+@dataclass(frozen=True, slots=True)
+class Peek:
+    """What a group has to do, read without locking anything."""
+
+    exists: bool
+    cluster_id: str | None = None
+    claimed: Position = BEGINNING
+    ready: bool = False  # unclaimed events below the watermark
+    blocked: bool = False  # committed events above the watermark: an older transaction runs
+    expired: bool = False  # a claim whose lease ran out
+    next_xid: int | None = None
+
+
+def peek(conn: Connection, group: str) -> Peek:
+    xids = has_xids(conn)
+    g = groups.c
+    e2 = events.alias("e2")
+    ready = sa.exists().where(
+        *([e2.c.txid.is_not(None), e2.c.txid < WATERMARK] if xids else []),
+        _after_group(e2, xids),
+    )
+    expired = sa.exists().where(claims.c.group_name == g.group_name,
+                                claims.c.lease_expires_at < _now(conn))
+    cols: list[Any] = [g.cluster_id, g.claimed_txid, g.claimed, ready.label("ready"),
+                       expired.label("expired")]
+    if xids:
+        e3 = events.alias("e3")
+        cols += [sa.exists().where(e3.c.txid >= WATERMARK).label("blocked"),
+                 NEXT_XID.label("next_xid")]
+    row = conn.execute(sa.select(*cols).where(g.group_name == group)).first()
+    if row is None:
+        return Peek(exists=False)
+    m = row._mapping
+    return Peek(
+        exists=True, cluster_id=m["cluster_id"], claimed=(int(m["claimed_txid"]),
+                                                          int(m["claimed"])),
+        ready=bool(m["ready"]), expired=bool(m["expired"]),
+        blocked=bool(m["blocked"]) if xids else False,
+        next_xid=int(m["next_xid"]) if xids else None,
+    )
+
+
+def _after_group(table: sa.FromClause, xids: bool) -> sa.ColumnElement[bool]:
+    g = groups.c
+    if xids:
+        return sa.tuple_(table.c.txid, table.c.seq) > sa.tuple_(g.claimed_txid, g.claimed)
+    return table.c.seq > g.claimed
+
+
+@dataclass(slots=True)
+class Batch:
+    """Events read after a position, in bus order."""
+
+    events: list[tuple[Position, Event]]
+    #: The position every event of the batch is at or before, and up to which the reader has seen
+    #: everything that matches: the last event's position for a full batch, else the end of what
+    #: is readable now.
+    end: Position
+    #: True when committed events wait above the watermark (read again soon).
+    blocked: bool = False
+    #: Any row at all (matching or not) after the start position below the watermark.
+    scanned: bool = False
+    next_xid: int | None = None
+
+
+def read_after(conn: Connection, after: Position, limit: int, pattern: str,
+               start: Start | None = None) -> Batch:
+    """Up to ``limit`` events matching ``pattern`` after ``after``, readable now, in bus order
+    (skipping what the reader's ``start`` excludes, see :func:`_skip_clause`)."""
+    clause = type_clause(conn, pattern)
+    if has_xids(conn):
+        skip = None if start is None else _skip_clause(start.snapshot, start.since, after)
+        if skip is not None:
+            clause = skip if clause is None else sa.and_(clause, skip)
+        return _read_after_pg(conn, after, limit, clause)
+    stmt = sa.select(*_COLUMNS).where(_pos_after(c.txid, c.seq, after, False))
+    if clause is not None:
+        stmt = stmt.where(clause)
+    rows = conn.execute(stmt.order_by(c.seq).limit(limit)).all()
+    found = [((0, int(r.seq)), row_to_event(r)) for r in rows]
+    if len(found) >= limit:
+        return Batch(found, found[-1][0], scanned=True)
+    last = conn.execute(sa.select(sa.func.max(c.seq))).scalar()
+    end = max(after, (0, int(last or 0)))
+    return Batch(found, end, scanned=end > after)
+
+
+def _read_after_pg(conn: Connection, after: Position, limit: int,
+                   clause: sa.ColumnElement[bool] | None) -> Batch:
+    x = sa.select(WATERMARK.label("wm"), NEXT_XID.label("nx")).subquery("x")
+    e2 = events.alias("e2")
+    e3 = events.alias("e3")
+    w = sa.select(
+        x.c.wm,
+        x.c.nx,
+        sa.exists().where(e2.c.txid >= x.c.wm).label("blocked"),
+        sa.exists().where(e3.c.txid.is_not(None), e3.c.txid < x.c.wm,
+                          _pos_after(e3.c.txid, e3.c.seq, after, True)).label("scanned"),
+    ).cte("w")
+    inner = sa.select(*_COLUMNS).where(
+        c.txid.is_not(None), c.txid < w.c.wm, _pos_after(c.txid, c.seq, after, True)
+    )
+    if clause is not None:
+        inner = inner.where(clause)
+    e = inner.order_by(c.txid, c.seq).limit(limit).lateral("e")
+    stmt = sa.select(w.c.wm, w.c.nx, w.c.blocked, w.c.scanned, *e.c).select_from(
+        w.outerjoin(e, sa.true())
+    )
+    rows = conn.execute(stmt).all()
+    head = rows[0]
+    wm, nx, blocked, scanned = int(head[0]), int(head[1]), bool(head[2]), bool(head[3])
+    found = [((int(r.txid), int(r.seq)), row_to_event(r[4:])) for r in rows if r.id is not None]
+    end = found[-1][0] if len(found) >= limit else max(after, (wm - 1, MAX_SEQ))
+    return Batch(found, end, blocked=blocked, scanned=scanned, next_xid=nx)
+
+
+def read_range(conn: Connection, group: str, lo: Position, hi: Position, pattern: str,
+               start: Start | None = None) -> list[tuple[Position, Event]]:
+    """Events in ``(lo, hi]`` matching ``pattern`` that ``group`` has not handled or parked
+    (a taken-over claim: ids in the inbox or the dead letters are skipped)."""
+    xids = has_xids(conn)
+    stmt = sa.select(*_COLUMNS).where(
+        _pos_after(c.txid, c.seq, lo, xids), _pos_upto(c.txid, c.seq, hi, xids),
+        ~sa.exists().where(inbox.c.group_name == group, inbox.c.event_id == c.id),
+        ~sa.exists().where(dead.c.group_name == group, dead.c.event_id == c.id),
+    )
+    if xids:
+        stmt = stmt.where(c.txid.is_not(None))
+        skip = None if start is None else _skip_clause(start.snapshot, start.since, lo)
+        if skip is not None:
+            stmt = stmt.where(skip)
+    clause = type_clause(conn, pattern)
+    if clause is not None:
+        stmt = stmt.where(clause)
+    rows = conn.execute(stmt.order_by(*_bus_order(xids))).all()
+    return [((int(r.txid) if xids else 0, int(r.seq)), row_to_event(r)) for r in rows]
+
+
+# --------------------------------------------------------------------------------------------
+# claims
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRow:
+    """A range ``(lo, hi]`` a member of a group holds under a lease."""
+
+    lo: Position
+    hi: Position
+    token: uuid.UUID
+    attempt: int
+
+
+def lock_group(conn: Connection, group: str) -> tuple[Position, Start] | None:
+    """Lock the group row until commit (claimers of one group take turns); its claim frontier
+    and how it started."""
+    g = groups.c
+    cols = (g.claimed_txid, g.claimed, g.start_snapshot, g.start_time)
+    if conn.dialect.name == "sqlite":  # a write takes SQLite's single write lock first
+        row = conn.execute(
+            sa.update(groups).where(g.group_name == group).values(updated_at=utcnow())
+            .returning(*cols)
+        ).first()
+    else:
+        row = conn.execute(sa.select(*cols).where(g.group_name == group).with_for_update()).first()
+    if row is None:
+        return None
+    frontier = (int(row[0]), int(row[1]))
+    return frontier, Start(frontier, row[2], row[3])
+
+
+def group_start(conn: Connection, group: str) -> Start | None:
+    g = groups.c
+    row = conn.execute(
+        sa.select(g.claimed_txid, g.claimed, g.start_snapshot, g.start_time)
+        .where(g.group_name == group)
+    ).first()
+    return None if row is None else Start((int(row[0]), int(row[1])), row[2], row[3])
+
+
+def _low_water(conn: Connection, group: str, claimed: Position) -> Position:
+    row = conn.execute(
+        sa.select(claims.c.lo_txid, claims.c.lo_seq)
+        .where(claims.c.group_name == group)
+        .order_by(claims.c.lo_txid, claims.c.lo_seq)
+        .limit(1)
+    ).first()
+    return claimed if row is None else (int(row[0]), int(row[1]))
+
+
+def _set_group(conn: Connection, group: str, *, claimed: Position | None = None,
+               position: Position | None = None) -> None:
+    values: dict[str, Any] = {"updated_at": utcnow()}
+    if claimed is not None:
+        values.update(claimed_txid=claimed[0], claimed=claimed[1])
+    if position is not None:
+        values.update(position_txid=position[0], position=position[1])
+    conn.execute(sa.update(groups).where(groups.c.group_name == group).values(values))
+
+
+def claim_next(conn: Connection, group: str, consumer: str, pattern: str, limit: int,
+               lease: float) -> tuple[ClaimRow | None, Batch | None]:
+    """Claim the next events of ``group`` after its frontier (locks the group row).
+
+    Returns the claim and its batch, ``(None, batch)`` when nothing matched (the frontier still
+    moves past rows that do not match), or ``(None, None)`` when the group row is gone.
+    """
+    locked = lock_group(conn, group)
+    if locked is None:
+        return None, None
+    frontier, start = locked
+    batch = read_after(conn, frontier, limit, pattern, start)
+    check_xids(group, frontier, batch.next_xid)
+    if not batch.events:
+        if batch.scanned and batch.end > frontier:
+            position = _low_water(conn, group, batch.end)
+            _set_group(conn, group, claimed=batch.end, position=position)
+        return None, batch
+    token = uuid.uuid4()
+    now = _now(conn)
+    conn.execute(sa.insert(claims).values(
+        group_name=group, hi_txid=batch.end[0], hi_seq=batch.end[1], lo_txid=frontier[0],
+        lo_seq=frontier[1], consumer=consumer, token=token, attempt=1,
+        lease_expires_at=_later(conn, lease), claimed_at=now,
+    ))
+    _set_group(conn, group, claimed=batch.end)
+    return ClaimRow(frontier, batch.end, token, 1), batch
+
+
+def take_expired(conn: Connection, group: str, consumer: str, pattern: str,
+                 lease: float) -> tuple[ClaimRow, list[tuple[Position, Event]]] | None:
+    """Take over the oldest claim of ``group`` whose lease ran out (a member died).
+
+    The range is handed out again with a new token (the old holder is fenced) and ``attempt``
+    + 1. A range with nothing left to deliver is finished on the spot.
+    """
+    k = claims.c
+    pick = (
+        sa.select(k.group_name, k.hi_txid, k.hi_seq)
+        .where(k.group_name == group, k.lease_expires_at < _now(conn))
+        .order_by(k.lo_txid, k.lo_seq)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+    token = uuid.uuid4()
+    row = conn.execute(
+        sa.update(claims)
+        .where(sa.tuple_(k.group_name, k.hi_txid, k.hi_seq).in_(pick))
+        .values(consumer=consumer, token=token, attempt=k.attempt + 1,
+                lease_expires_at=_later(conn, lease))
+        .returning(k.lo_txid, k.lo_seq, k.hi_txid, k.hi_seq, k.attempt)
+    ).first()
+    if row is None:
+        return None
+    claim = ClaimRow((int(row[0]), int(row[1])), (int(row[2]), int(row[3])), token, int(row[4]))
+    found = read_range(conn, group, claim.lo, claim.hi, pattern, group_start(conn, group))
+    if not found:
+        finish(conn, group, claim.hi, token)
+    return claim, found
+
+
+def finish(conn: Connection, group: str, hi: Position, token: uuid.UUID) -> bool:
+    """Drop a settled claim and move the group's low-water mark; False when fenced (lost)."""
+    k = claims.c
+    deleted = conn.execute(
+        sa.delete(claims).where(k.group_name == group, k.hi_txid == hi[0], k.hi_seq == hi[1],
+                                k.token == token)
+    ).rowcount
+    if not deleted:
+        return False
+    locked = lock_group(conn, group)
+    if locked is not None:
+        _set_group(conn, group, position=_low_water(conn, group, locked[0]))
+    return True
+
+
+def _lo_values(lo: Position) -> dict[str, Any]:
+    k = claims.c
+    t = sa.literal(lo[0], sa.BigInteger)
+    s = sa.literal(lo[1], sa.BigInteger)
+    behind = sa.tuple_(k.lo_txid, k.lo_seq) < sa.tuple_(t, s)
+    return {
+        "lo_txid": sa.case((behind, t), else_=k.lo_txid),
+        "lo_seq": sa.case((behind, s), else_=k.lo_seq),
+    }
+
+
+def _claim_key(group: str, hi: Position, token: uuid.UUID) -> list[sa.ColumnElement[bool]]:
+    k = claims.c
+    return [k.group_name == group, k.hi_txid == hi[0], k.hi_seq == hi[1], k.token == token]
+
+
+def advance(conn: Connection, group: str, hi: Position, token: uuid.UUID, lo: Position) -> bool:
+    """Move a claim's lower bound up to ``lo`` (never down); False when the claim is not ours."""
+    result = conn.execute(
+        sa.update(claims).where(*_claim_key(group, hi, token)).values(_lo_values(lo))
+    )
+    return bool(result.rowcount)
+
+
+def renew(conn: Connection, group: str, hi: Position, token: uuid.UUID, lo: Position,
+          lease: float) -> str:
+    """Extend a lease (and record progress): ``"ok"``, ``"busy"`` (a handler's transaction holds
+    the row right now; try again next time) or ``"lost"`` (taken over by another member)."""
+    key = _claim_key(group, hi, token)
+    if conn.dialect.name == "postgresql":
+        locked = conn.execute(
+            sa.select(claims.c.token).where(*key).with_for_update(skip_locked=True)
+        ).first()
+        if locked is None:
+            still = conn.execute(sa.select(claims.c.token).where(*key)).first()
+            return "busy" if still is not None else "lost"
+    values = _lo_values(lo)
+    values["lease_expires_at"] = _later(conn, lease)
+    result = conn.execute(sa.update(claims).where(*key).values(values))
+    return "ok" if result.rowcount else "lost"
+
+
+def release(conn: Connection, group: str, hi: Position, token: uuid.UUID, lo: Position) -> None:
+    """Give a claim back: recorded progress kept, lease expired so any member takes it now."""
+    values = _lo_values(lo)
+    values["lease_expires_at"] = sa.literal(dt.datetime(2000, 1, 1, tzinfo=dt.UTC),
+                                            UTCDateTime())
+    conn.execute(sa.update(claims).where(*_claim_key(group, hi, token)).values(values))
+
+
+def park(conn: Connection, group: str, event_id: uuid.UUID, error: str, attempt: int) -> None:
+    values = {"group_name": group, "event_id": event_id, "error": error[:8000],
+              "attempt": attempt, "parked_at": utcnow()}
+    name = conn.dialect.name
+    if name == "postgresql":
+        stmt: Any = postgresql.insert(dead).values(values).on_conflict_do_nothing()
+    elif name == "sqlite":
+        stmt = sqlite.insert(dead).values(values).on_conflict_do_nothing()
+    else:
+        my = mysql.insert(dead).values(values)
+        stmt = my.on_duplicate_key_update(event_id=my.inserted.event_id)
+    conn.execute(stmt)
+
+
+def record_handled(conn: Connection, group: str, event_id: uuid.UUID) -> bool:
+    """Insert ``(group, event_id)`` into the inbox; False when it was already there."""
+    values = {"group_name": group, "event_id": event_id, "handled_at": utcnow()}
+    name = conn.dialect.name
+    if name == "postgresql":
+        stmt: Any = postgresql.insert(inbox).values(values).on_conflict_do_nothing()
+    elif name == "sqlite":
+        stmt = sqlite.insert(inbox).values(values).on_conflict_do_nothing()
+    else:
+        my = mysql.insert(inbox).values(values)
+        stmt = my.on_duplicate_key_update(event_id=my.inserted.event_id)
+    # rowcount of an INSERT is only kept on request (SQLAlchemy 2)
+    result = conn.execute(stmt.execution_options(preserve_rowcount=True))
+    return result.rowcount == 1
+
+
+def dead_letters(conn: Connection, group: str | None, limit: int) -> list[dict[str, Any]]:
+    stmt = sa.select(dead).order_by(dead.c.parked_at).limit(limit)
+    if group is not None:
+        stmt = stmt.where(dead.c.group_name == group)
+    return [dict(r._mapping) for r in conn.execute(stmt)]
+
+
+# --------------------------------------------------------------------------------------------
+# after a restore into another cluster
+
+
+def restamp_batch(conn: Connection, below_seq: int, batch: int) -> int:
+    """Set ``txid = 0`` on up to ``batch`` rows with ``seq <= below_seq`` that still carry a
+    transaction id; returns how many (see :mod:`outbox.providers.database.rebase`). Waits for
+    rows other transactions hold (no SKIP LOCKED: every row must be restamped)."""
+    pick = (
+        sa.select(c.id)
+        .where(c.txid > 0, c.seq <= below_seq)
+        .limit(batch)
+        .scalar_subquery()
+    )
+    return int(conn.execute(sa.update(events).where(c.id.in_(pick)).values(txid=0)).rowcount)
+
+
+def rebase_group(conn: Connection, group: str, position: Position, cluster: str | None) -> None:
+    conn.execute(sa.delete(claims).where(claims.c.group_name == group))
+    conn.execute(sa.update(groups).where(groups.c.group_name == group).values(
+        position_txid=position[0], position=position[1], claimed_txid=position[0],
+        claimed=position[1], start_snapshot=None, start_time=None, cluster_id=cluster,
+        updated_at=utcnow(),
+    ))
+
+
+def stamp_cluster(conn: Connection, names: Iterable[str], cluster: str | None) -> None:
+    conn.execute(sa.update(groups).where(groups.c.group_name.in_(list(names))).values(
+        cluster_id=cluster, updated_at=utcnow()))
+
+
+def max_seq(conn: Connection) -> int:
+    return int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(c.seq), 0))).scalar_one())
+
+
+def first_seq_since(conn: Connection, when: dt.datetime) -> int | None:
+    value = conn.execute(
+        sa.select(sa.func.min(c.seq)).where(c.created_at >= sa.literal(when, UTCDateTime()))
+    ).scalar()
+    return None if value is None else int(value)
+
+
+def max_position_txid(conn: Connection) -> int:
+    g = groups.c
+    value = conn.execute(
+        sa.select(sa.func.max(sa.func.greatest(g.claimed_txid, g.position_txid)))
+    ).scalar()
+    return int(value or 0)
+
+
+def next_xid(conn: Connection) -> int:
+    return int(conn.execute(sa.select(NEXT_XID)).scalar_one())

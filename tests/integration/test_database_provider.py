@@ -1,0 +1,654 @@
+"""DatabaseProvider: storage SQL, the bus (watermark, groups, start positions), settling, leases.
+
+Runs on PostgreSQL and SQLite (``engine`` fixture) where the behaviour is the same; PostgreSQL-only
+behaviour (transaction ids, late commits, clusters) uses ``pg_engine``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import pytest
+import sqlalchemy as sa
+
+import outbox
+from outbox.events import Event, EventStatus, utcnow
+from outbox.patterns import compile_pattern
+from outbox.providers.base import EventFilter, EventNotFound, StartPosition
+from outbox.providers.database import (
+    ClusterChanged,
+    DatabaseDelivery,
+    DatabaseProvider,
+    parse_start,
+)
+from outbox.providers.database import sql as dbsql
+from outbox.providers.database.rebase import rebase
+from outbox.schema import consumer_claims_table, consumers_table, dead_letters_table, inbox_table
+
+pytestmark = pytest.mark.anyio
+
+TIMEOUT = 20.0
+
+
+def ev(type: str = "app.thing.happened", **kw: Any) -> Event:
+    return outbox.new_event(kw.pop("source", "system"), type, kw.pop("payload", {}), **kw)
+
+
+async def take(it: AsyncIterator[DatabaseDelivery], n: int) -> list[DatabaseDelivery]:
+    out = []
+    with anyio.fail_after(TIMEOUT):
+        for _ in range(n):
+            out.append(await it.__anext__())
+    return out
+
+
+async def nothing_more(it: AsyncIterator[DatabaseDelivery], seconds: float = 0.4) -> bool:
+    """True when ``it`` yields nothing for ``seconds`` (the provider polls several times)."""
+    with anyio.move_on_after(seconds):
+        await it.__anext__()
+        return False
+    return True
+
+
+@pytest.fixture
+def provider_factory(engine: sa.Engine) -> Iterator[Any]:
+    made: list[DatabaseProvider] = []
+
+    def make(**kw: Any) -> DatabaseProvider:
+        kw.setdefault("poll_interval", 0.05)
+        p = DatabaseProvider(engine, **kw)
+        made.append(p)
+        return p
+
+    yield make
+
+
+@pytest.fixture
+def pg_factory(pg_engine: sa.Engine) -> Iterator[Any]:
+    def make(**kw: Any) -> DatabaseProvider:
+        kw.setdefault("poll_interval", 0.05)
+        return DatabaseProvider(pg_engine, **kw)
+
+    yield make
+
+
+# -- storage ---------------------------------------------------------------------------------------
+
+
+async def test_store_get_update_delete(provider_factory: Any) -> None:
+    p = provider_factory()
+    e = ev(payload={"a": [1, 2]}, user_id=7, metadata={"k": "v"})
+    await p.store(e)
+    await p.store(e)  # idempotent by id
+    got = await p.get(e.id)
+    assert got is not None and got is not e
+    assert (got.id, got.type, got.payload, got.user_id, got.meta) == (
+        e.id, e.type, {"a": [1, 2]}, "7", {"k": "v"})
+    assert got.created_at == e.created_at and got.seq > 0
+    got.payload["a"].append(3)
+    assert (await p.get(str(e.id))).payload == {"a": [1, 2]}  # copies, also by text id
+    assert await p.get(uuid.uuid4()) is None
+    with pytest.raises(ValueError, match="not a valid event id"):
+        await p.get("nope")
+
+    await p.update_status(e.id, EventStatus.PROCESSING)
+    row = await p.get(e.id)
+    assert row.status == "processing" and row.processed_at is not None
+    await p.update_status(e.id, "failed", "boom")
+    row = await p.get(e.id)
+    assert (row.status, row.error) == ("failed", "boom") and row.completed_at is not None
+    await p.update_status(e.id, "pending")
+    row = await p.get(e.id)
+    assert row.status == "pending" and row.completed_at is None and row.error is None
+    with pytest.raises(ValueError):
+        await p.update_status(e.id, "weird")
+    with pytest.raises(EventNotFound):
+        await p.update_status(uuid.uuid4(), "completed")
+
+    stats = await p.stats()
+    assert (stats.provider, stats.total_events, stats.pending_events) == ("database", 1, 1)
+    await p.delete(e.id)
+    assert await p.get(e.id) is None
+    with pytest.raises(EventNotFound):
+        await p.delete(e.id)
+    await p.close()
+    with pytest.raises(outbox.ProviderError):
+        await p.get(e.id)
+
+
+async def test_publish_many_and_bad_input(provider_factory: Any) -> None:
+    p = provider_factory()
+    events = [ev(payload={"i": i}) for i in range(5)]
+    assert await p.publish_many(events + events[:2]) == [None] * 7
+    assert (await p.stats()).total_events == 5
+    with pytest.raises(TypeError):
+        await p.publish({"type": "x"})  # type: ignore[arg-type]
+    await p.close()
+
+
+TYPES = ["public.users.create", "public.users.update", "public.order_items.create",
+         "public.orderXitems.create", "public.users.x.create", "main.users.create", "a", "a.b",
+         "a.b.c", "a%b.c", "a_b.c", "public.users", "Public.users.create", "public/x.y"]
+PATTERNS = ["*", "public.users.create", "public.*.create", "public.>", "*.users.create", "a.>",
+            "a_b.c", "public.order_items.*", "*.*", ">", "public.users.*", "nothing.>"]
+
+
+async def test_list_type_patterns_match_the_python_matcher(provider_factory: Any) -> None:
+    p = provider_factory()
+    for t in TYPES:
+        await p.store(ev(t))
+    for pattern in PATTERNS:
+        found = sorted(e.type for e in await p.list(EventFilter(type=pattern)))
+        assert found == sorted(t for t in TYPES if compile_pattern(pattern).matches(t)), pattern
+    await p.close()
+
+
+async def test_list_every_field_order_and_pages(provider_factory: Any) -> None:
+    p = provider_factory()
+    base = dict(user_id="u1", session_id="s1", instance_id="i1", schema_name="public",
+                entity="users", entity_id="7", operation="update")
+    t0 = utcnow() - dt.timedelta(hours=1)
+    hit = ev("public.users.update", source="database", created_at=t0, **base)
+    others = [ev("public.users.update", source="database", created_at=t0, **{**base, k: "x"})
+              for k in base]
+    other_source = ev("public.users.update", source="system", created_at=t0, **base)
+    same_time = [ev("t.x", created_at=t0) for _ in range(5)]
+    for e in [hit, *others, other_source, *same_time]:
+        await p.store(e)
+    full = EventFilter(source="database", type="public.*.update", status="pending",
+                       start_time=t0, end_time=t0 + dt.timedelta(microseconds=1), **base)
+    assert [e.id for e in await p.list(full)] == [hit.id]
+    assert await p.list(EventFilter(start_time=t0, end_time=t0)) == []  # end exclusive
+    everything = await p.list()
+    assert len(everything) == 14
+    assert [e.seq for e in everything] == sorted(e.seq for e in everything)  # same created_at
+    pages = [await p.list(EventFilter(limit=5, offset=o)) for o in (0, 5, 10)]
+    assert [e.id for page in pages for e in page] == [e.id for e in everything]
+    for name, value in base.items():
+        matching = await p.list(EventFilter(**{name: value}))
+        assert {e.id for e in matching} == {e.id for e in everything
+                                            if getattr(e, name) == value}
+    await p.close()
+
+
+# -- the bus ---------------------------------------------------------------------------------------
+
+
+async def test_groups_each_get_every_event_and_patterns_filter(provider_factory: Any) -> None:
+    p = provider_factory()
+    a = p.consume("*", group="all")
+    b = p.consume("orders.>", group="orders")
+    events = [ev("orders.created" if i % 2 else "users.created", payload={"i": i})
+              for i in range(10)]
+    for e in events:
+        await p.publish(e)
+    got_a = await take(a, 10)
+    assert [d.event.id for d in got_a] == [e.id for e in events]  # one writer: commit order
+    assert all(d.attempt == 1 and d.group == "all" for d in got_a)
+    got_b = await take(b, 5)
+    assert [d.event.id for d in got_b] == [e.id for e in events if e.type.startswith("orders")]
+    for d in got_a + got_b:
+        await d.ack()
+    assert await nothing_more(a) and await nothing_more(b)
+    stats = await p.stats()
+    assert stats.events_consumed == 15 and set(stats.extra["groups"]) == {"all", "orders"}
+    await a.aclose()
+    await b.aclose()
+    await p.close()
+
+
+async def test_store_is_not_delivered_until_published(pg_factory: Any) -> None:
+    p = pg_factory()
+    group = p.consume(group="g")
+    tail = p.stream()
+    e = ev()
+    await p.store(e)
+    marker = ev("marker")
+    await p.publish(marker)
+    assert [d.event.id for d in await take(group, 1)] == [marker.id]
+    assert (await tail.__anext__()).id == marker.id
+    await p.publish(e)  # stored before: joins the bus now
+    d = (await take(group, 1))[0]
+    assert d.event.id == e.id
+    with anyio.fail_after(TIMEOUT):
+        assert (await tail.__anext__()).id == e.id
+    await group.aclose()
+    await tail.aclose()
+    await p.close()
+
+
+async def test_new_group_start_positions(provider_factory: Any) -> None:
+    p = provider_factory()
+    old = [ev(payload={"i": i}, created_at=utcnow() - dt.timedelta(hours=2 - i)) for i in range(3)]
+    for e in old:
+        await p.publish(e)
+    since = old[1].created_at
+    now = p.consume(group="g-now")
+    begin = p.consume(group="g-begin", start="beginning")  # type: ignore[arg-type]
+    stamp = p.consume(group="g-time", start=since)
+    new = ev(payload={"new": True})
+    await p.publish(new)
+    assert [d.event.id for d in await take(now, 1)] == [new.id]
+    assert [d.event.id for d in await take(begin, 4)] == [e.id for e in [*old, new]]
+    assert [d.event.id for d in await take(stamp, 3)] == [old[1].id, old[2].id, new.id]
+    for it in (now, begin, stamp):
+        await it.aclose()
+    # start applies only to a new group: g-begin resumes where it was (nothing was acked, so
+    # everything comes again), it does not restart at "now"
+    again = p.consume(group="g-begin", start=StartPosition.NOW)
+    assert [d.event.id for d in await take(again, 4)] == [e.id for e in [*old, new]]
+    await again.aclose()
+    await p.close()
+
+
+def test_parse_start() -> None:
+    assert parse_start("beginning") is StartPosition.BEGINNING
+    assert parse_start(" NOW ") is StartPosition.NOW
+    assert parse_start("2026-01-01T00:00Z") == dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    assert parse_start("2026-01-01T00:00") == dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    with pytest.raises(ValueError, match="beginning"):
+        parse_start("yesterday")
+
+
+async def test_members_of_a_group_share_the_work(provider_factory: Any) -> None:
+    p1 = provider_factory(batch_size=5)
+    p2 = provider_factory(batch_size=5)
+    one = p1.consume(group="shared", consumer="one", start=StartPosition.BEGINNING)
+    two = p2.consume(group="shared", consumer="two", start=StartPosition.BEGINNING)
+    events = [ev(payload={"i": i}) for i in range(40)]
+    await p1.publish_many(events)
+    seen: dict[uuid.UUID, list[str]] = {}
+
+    async def run(name: str, it: AsyncIterator[DatabaseDelivery]) -> None:
+        async for d in it:
+            seen.setdefault(d.event.id, []).append(name)
+            await anyio.sleep(0.01)  # a slow handler: the other member takes the next claims
+            await d.ack()
+
+    with anyio.move_on_after(TIMEOUT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, "one", one)
+            tg.start_soon(run, "two", two)
+            await anyio.sleep(0.1)
+            while len(seen) < len(events):  # noqa: ASYNC110 - polling a plain dict
+                await anyio.sleep(0.02)
+            await anyio.sleep(0.2)  # room for a (wrong) second delivery to show up
+            tg.cancel_scope.cancel()
+    assert set(seen) == {e.id for e in events}
+    assert all(len(who) == 1 for who in seen.values())
+    assert {who[0] for who in seen.values()} == {"one", "two"}
+    await one.aclose()
+    await two.aclose()
+    await p1.close()
+    await p2.close()
+
+
+async def test_nack_redelivers_and_park_dead_letters(provider_factory: Any) -> None:
+    p = provider_factory()
+    it = p.consume(group="g")
+    bad, good = ev(payload={"bad": True}), ev(payload={"ok": True})
+    await p.publish(bad)
+    await p.publish(good)
+    first, second = await take(it, 2)
+    assert first.event.id == bad.id
+    await second.ack()
+    await first.nack("try again", delay=0.05)
+    with pytest.raises(outbox.ProviderError, match="already settled"):
+        await first.ack()
+    again = (await take(it, 1))[0]
+    assert (again.event.id, again.attempt, again.last_error) == (bad.id, 2, "try again")
+    await again.park("gave up")
+    assert await nothing_more(it)
+    letters = await p.dead_letters("g")
+    assert [(d["event_id"], d["error"], d["attempt"]) for d in letters] == [(bad.id, "gave up", 2)]
+    groups = {g.name: g for g in await p.groups()}
+    assert groups["g"].claims == 0 and groups["g"].position == groups["g"].claimed
+    await it.aclose()
+    await p.close()
+
+
+async def test_closing_gives_back_unsettled_events(provider_factory: Any) -> None:
+    p = provider_factory(lease=60)
+    first = p.consume(group="g", consumer="first")
+    events = [ev(payload={"i": i}) for i in range(3)]
+    await p.publish_many(events)
+    held = await take(first, 3)
+    await held[0].ack()
+    await first.aclose()  # two unsettled: released at once, not after the 60 s lease
+    second = p.consume(group="g", consumer="second")
+    again = await take(second, 2)
+    assert [d.event.id for d in again] == [e.id for e in events[1:]]
+    assert all(d.attempt == 2 for d in again)
+    for d in again:
+        await d.ack()
+    assert await nothing_more(second)
+    await second.aclose()
+    await p.close()
+
+
+def _expire_leases(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.update(consumer_claims_table).values(
+            lease_expires_at=dt.datetime(2001, 1, 1, tzinfo=dt.UTC)))
+
+
+async def test_dead_member_is_taken_over_and_fenced(engine: sa.Engine,
+                                                   provider_factory: Any) -> None:
+    crashed = provider_factory(lease=0.6)
+    survivor = provider_factory(lease=60)
+    a = crashed.consume(group="g", consumer="crashed")
+    events = [ev(payload={"i": i}) for i in range(4)]
+    await crashed.publish_many(events)
+    held = await take(a, 4)
+    await held[0].ack()
+    await held[1].ack()
+    # lease renewals (every lease/3) record the acknowledged prefix of the claim
+    with anyio.fail_after(TIMEOUT):
+        while (await anyio.to_thread.run_sync(_claims, engine))[0]["lo_seq"] != \
+                held[1].position[1]:
+            await anyio.sleep(0.05)
+    # "crash": renewals stop (as when the process dies) and the lease runs out
+    assert crashed._keeper is not None
+    crashed._keeper.cancel()
+    await anyio.to_thread.run_sync(_expire_leases, engine)
+    b = survivor.consume(group="g", consumer="survivor")
+    taken = await take(b, 2)
+    assert [d.event.id for d in taken] == [e.id for e in events[2:]]
+    assert all(d.attempt == 2 for d in taken)
+    # the old member comes back late: its acks do not finish the claim it lost
+    await held[2].ack()
+    await held[3].ack()
+    rows = await anyio.to_thread.run_sync(_claims, engine)
+    assert len(rows) == 1 and rows[0]["consumer"] == "survivor"
+    for d in taken:
+        await d.ack()
+    assert await anyio.to_thread.run_sync(_claims, engine) == []
+    assert await nothing_more(b)
+    await b.aclose()
+    await crashed.close()
+    await survivor.close()
+
+
+def _claims(engine: sa.Engine) -> list[dict[str, Any]]:
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(sa.select(consumer_claims_table))]
+
+
+async def test_exactly_once_with_ack_in(engine: sa.Engine, provider_factory: Any) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE effects (event_id VARCHAR(36) PRIMARY KEY)")
+    p = provider_factory(lease=60)
+    it = p.consume(group="g", consumer="a")
+    events = [ev(payload={"i": i}) for i in range(3)]
+    await p.publish_many(events)
+    held = await take(it, 3)
+
+    def handle(d: DatabaseDelivery) -> bool:
+        with engine.begin() as conn:
+            first = d.ack_in(conn)
+            if first:
+                conn.execute(sa.text("INSERT INTO effects VALUES (:id)"),
+                             {"id": str(d.event.id)})
+            return first
+
+    # the first two are handled (committed) but the member dies before acking them
+    assert await anyio.to_thread.run_sync(handle, held[0])
+    assert await anyio.to_thread.run_sync(handle, held[1])
+    claim = (await anyio.to_thread.run_sync(_claims, engine))[0]
+    # the first one moved the claim's cursor in its own transaction; the second could not (the
+    # first was not settled yet) and is known through the inbox only
+    assert (claim["lo_txid"], claim["lo_seq"]) == held[0].position
+    await anyio.to_thread.run_sync(_expire_leases, engine)
+    other = provider_factory(lease=60)
+    b = other.consume(group="g", consumer="b")
+    redelivered = await take(b, 1)
+    assert redelivered[0].event.id == events[2].id  # handled ones are skipped on take-over
+    assert await anyio.to_thread.run_sync(handle, redelivered[0])
+    await redelivered[0].ack()
+    # a duplicate that still reaches a handler is recognised by the inbox
+    assert not await anyio.to_thread.run_sync(handle, held[1])
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM effects")).scalar() == 3
+        assert conn.execute(sa.select(sa.func.count()).select_from(inbox_table)).scalar() == 3
+    await it.aclose()
+    await b.aclose()
+    await p.close()
+    await other.close()
+
+
+async def test_ack_with_async_session(pg_url: str, pg_engine: sa.Engine) -> None:
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    aengine = create_async_engine(pg_url)
+    p = DatabaseProvider(aengine, poll_interval=0.05)  # an AsyncEngine is accepted
+    it = p.consume(group="g")
+    e = ev()
+    await p.publish(e)
+    d = (await take(it, 1))[0]
+    async with AsyncSession(aengine) as session, session.begin():
+        assert await d.ack_with(session)
+    async with aengine.connect() as conn, conn.begin():
+        assert not await d.ack_with(conn)
+    await d.ack()
+    await it.aclose()
+    await p.close()
+    await aengine.dispose()
+
+
+async def test_stream_with_and_without_group(provider_factory: Any) -> None:
+    p = provider_factory()
+    tail = p.stream("x.*")
+    grouped = p.stream("x.*", group="sg")
+    before = ev("x.before")
+    assert before  # created before: what counts is the commit
+    await p.publish(ev("y.other"))
+    await p.publish(before)
+    with anyio.fail_after(TIMEOUT):
+        assert (await tail.__anext__()).id == before.id
+        assert (await grouped.__anext__()).id == before.id
+    await tail.aclose()
+    await grouped.aclose()  # the last one was never acknowledged: the group gets it again
+    again = p.consume("x.*", group="sg")
+    assert [d.event.id for d in await take(again, 1)] == [before.id]
+    await again.aclose()
+    with pytest.raises(ValueError):
+        p.stream("bad..pattern")
+    with pytest.raises(ValueError):
+        p.consume(group="bad group")
+    await p.close()
+
+
+# -- PostgreSQL: the watermark ---------------------------------------------------------------------
+
+
+def _insert_raw(conn: sa.Connection, event: Event) -> None:
+    dbsql.insert_events(conn, [event], True)
+
+
+async def test_a_late_commit_is_not_skipped(pg_engine: sa.Engine, pg_factory: Any) -> None:
+    p = pg_factory()
+    it = p.consume(group="g")
+    early, late = ev(payload={"early": 1}), ev(payload={"late": 1})
+    conn = pg_engine.connect()
+    tx = conn.begin()
+    _insert_raw(conn, early)  # lower seq and txid, still uncommitted
+    await p.publish(late)  # commits first
+    with pg_engine.connect() as probe, probe.begin():
+        peek = dbsql.peek(probe, "g")
+    assert peek.blocked and not peek.ready  # `late` waits behind the open transaction
+    assert await nothing_more(it)  # ...while the consumer keeps polling
+    await anyio.to_thread.run_sync(tx.commit)
+    conn.close()
+    got = await take(it, 2)
+    assert [d.event.id for d in got] == [early.id, late.id]
+    early_seq = got[0].event.seq
+    assert early_seq < got[1].event.seq
+    for d in got:
+        await d.ack()
+    assert await nothing_more(it)
+    await it.aclose()
+    await p.close()
+
+
+async def test_unrelated_long_transaction_delays_but_loses_nothing(
+        pg_engine: sa.Engine, pg_factory: Any) -> None:
+    p = pg_factory(notify=False)
+    it = p.consume(group="g")
+    other = pg_engine.connect()
+    tx = other.begin()
+    other.execute(sa.select(dbsql.CURRENT_XID))  # holds a transaction id, writes no event
+    e = ev()
+    await p.publish(e)
+    assert await nothing_more(it)
+    await anyio.to_thread.run_sync(tx.rollback)
+    other.close()
+    assert [d.event.id for d in await take(it, 1)] == [e.id]
+    await it.aclose()
+    await p.close()
+
+
+async def test_rolled_back_events_are_never_delivered(pg_engine: sa.Engine,
+                                                      pg_factory: Any) -> None:
+    p = pg_factory()
+    it = p.consume(group="g")
+    with pg_engine.connect() as conn:
+        tx = conn.begin()
+        _insert_raw(conn, ev(payload={"phantom": True}))
+        tx.rollback()
+    real = ev()
+    await p.publish(real)
+    assert [d.event.id for d in await take(it, 1)] == [real.id]
+    assert await nothing_more(it)
+    await it.aclose()
+    await p.close()
+
+
+async def test_other_cluster_is_refused_and_rebase_recovers(pg_engine: sa.Engine,
+                                                            pg_factory: Any) -> None:
+    p = pg_factory()
+    it = p.consume(group="g", start=StartPosition.BEGINNING)
+    first = ev(payload={"i": 1})
+    await p.publish(first)
+    d = (await take(it, 1))[0]
+    await d.ack()
+    await it.aclose()
+    # what a restore into another cluster looks like: foreign cluster id, txids from the future
+    with pg_engine.begin() as conn:
+        conn.execute(sa.update(consumers_table).values(
+            cluster_id="42", claimed_txid=10**12, position_txid=10**12))
+    it = p.consume(group="g")
+    with pytest.raises(ClusterChanged, match="rebase"):
+        await take(it, 1)
+    await it.aclose()
+    with pg_engine.begin() as conn:
+        conn.execute(sa.update(consumers_table).values(cluster_id=None))
+    it = p.consume(group="g")
+    with pytest.raises(ClusterChanged, match="restored into another cluster"):
+        await take(it, 1)
+    await it.aclose()
+    # recovery: everything created since `first` is delivered again (dedupe by id)
+    second = ev(payload={"i": 2})
+    await p.publish(second)
+    report = await anyio.to_thread.run_sync(
+        lambda: rebase(pg_engine, since=first.created_at))
+    assert report.groups == ["g"] and report.restamped >= 2
+    it = p.consume(group="g")
+    assert [d.event.id for d in await take(it, 2)] == [first.id, second.id]
+    third = ev(payload={"i": 3})
+    await p.publish(third)
+    assert [d.event.id for d in await take(it, 1)] == [third.id]
+    await it.aclose()
+    with pg_engine.connect() as conn:
+        stored = conn.execute(sa.select(consumers_table.c.cluster_id)).scalar()
+        assert stored == dbsql.cluster_id(conn)
+    await p.close()
+
+
+async def test_rebase_keep_positions_refuses_a_restarted_counter(pg_engine: sa.Engine,
+                                                                 pg_factory: Any) -> None:
+    p = pg_factory()
+    it = p.consume(group="g")
+    await it.aclose()
+    with pg_engine.begin() as conn:
+        conn.execute(sa.update(consumers_table).values(cluster_id="42"))
+    report = await anyio.to_thread.run_sync(
+        lambda: rebase(pg_engine, keep_positions=True))
+    assert report.groups == ["g"] and report.restamped == 0
+    with pg_engine.begin() as conn:
+        conn.execute(sa.update(consumers_table).values(claimed_txid=10**12))
+    with pytest.raises(ClusterChanged, match="--from"):
+        await anyio.to_thread.run_sync(lambda: rebase(pg_engine, keep_positions=True))
+    await p.close()
+
+
+# -- dialects --------------------------------------------------------------------------------------
+
+
+async def test_mariadb_stores_but_has_no_bus(mariadb_url: str) -> None:
+    eng = sa.create_engine(mariadb_url)
+    outbox.create_schema(eng)
+    p = DatabaseProvider(eng)
+    e = ev("public.users.create")
+    await p.publish(e)
+    await p.publish(e)
+    assert (await p.get(e.id)).type == "public.users.create"
+    assert [x.id for x in await p.list(EventFilter(type="public.*.create"))] == [e.id]
+    assert await p.list(EventFilter(type="Public.users.create")) == []  # case-sensitive
+    with pytest.raises(outbox.ProviderError, match="PostgreSQL"):
+        p.consume(group="g")
+    await p.close()
+    eng.dispose()
+
+
+async def test_schema_missing_is_a_clear_error(pg_url: str) -> None:
+    p = DatabaseProvider(pg_url)
+    with pytest.raises(outbox.SchemaMissing, match="alembic upgrade head"):
+        await p.get(uuid.uuid4())
+    await p.close()
+
+
+async def test_from_config() -> None:
+    p = DatabaseProvider.from_config({"database": {"url": "sqlite://", "poll_interval": 0.5,
+                                                   "batch_size": 7, "notify": False}})
+    assert (p.poll_interval, p.batch_size, p.notify) == (0.5, 7, False)
+    await p.close()
+    with pytest.raises(outbox.ProviderError, match=r"database\.url"):
+        DatabaseProvider.from_config({"database": {}})
+    with pytest.raises(ValueError, match="batch_size"):
+        DatabaseProvider("sqlite://", batch_size=0)
+
+
+def test_dead_letters_table_is_in_the_schema(engine: sa.Engine) -> None:
+    assert sa.inspect(engine).has_table(dead_letters_table.name)
+
+
+def test_threads_share_a_provider_engine(engine: sa.Engine) -> None:
+    """The provider runs its SQL in worker threads; the engine pool is thread-safe."""
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            anyio.run(_publish_some, engine)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(Event.__table__)).scalar() == 30
+
+
+async def _publish_some(engine: sa.Engine) -> None:
+    p = DatabaseProvider(engine)
+    for i in range(10):
+        await p.publish(ev(payload={"i": i}))
+    await p.close()
