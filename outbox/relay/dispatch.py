@@ -1,0 +1,242 @@
+"""One batch of claimed events → local handlers → provider → one :class:`Outcome` per event.
+
+Order: events are grouped into *lanes*, one per ordering key (an event without a key is a lane of
+its own). A lane's events go to the handlers one at a time in ``seq`` order; lanes run
+concurrently (``concurrency``). Events whose handlers all succeeded are then forwarded to the
+provider in *rounds* — round ``r`` holds the ``r``-th event of every lane — so an event reaches
+the provider only after the earlier events of its key were accepted.
+
+When an event fails (a handler raised, or the provider refused that event) the later events of
+its lane are handed back (released, not a retry): they wait behind the failing event, which keeps
+the key's order across retries.
+
+Partial success: the names of the handlers that already succeeded for an event are kept in
+``metadata["outbox"]["handled"]`` when the event goes back to ``pending``, and those handlers are
+skipped on the next attempt. Only the handlers that failed (and the provider) see a repeat.
+
+A provider outage (:class:`~outbox.ProviderUnavailable`) is not the events' fault: every event not
+yet forwarded is released without counting a retry, and the outage is reported to the caller.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+
+from outbox.events import Event
+from outbox.exceptions import ProviderUnavailable
+from outbox.providers.base import publish_many
+from outbox.relay.store import COMPLETED, FAILED, PENDING, Outcome
+from outbox.retry import RetryPolicy
+
+__all__ = ["BatchResult", "Dispatcher", "handled_names", "lanes"]
+
+_META_KEY = "outbox"
+_HANDLED = "handled"
+_MAX_ERROR = 4000
+
+
+class _Broker(Protocol):
+    async def dispatch(
+        self, event: Event, *, done: Sequence[str] = ..., attempts: int = ...
+    ) -> Any: ...
+
+
+def handled_names(event: Event) -> tuple[str, ...]:
+    """Handlers recorded as already succeeded for ``event`` (partial success of a retry)."""
+    meta = event.meta or {}
+    section = meta.get(_META_KEY)
+    if isinstance(section, dict):
+        names = section.get(_HANDLED)
+        if isinstance(names, list):
+            return tuple(str(n) for n in names)
+    return ()
+
+
+def _with_handled(event: Event, names: Sequence[str]) -> dict[str, Any]:
+    meta = copy.deepcopy(event.meta) if event.meta else {}
+    section = meta.get(_META_KEY)
+    section = dict(section) if isinstance(section, dict) else {}
+    section[_HANDLED] = sorted(set(names))
+    meta[_META_KEY] = section
+    return meta
+
+
+def lanes(events: Sequence[Event]) -> list[list[Event]]:
+    """Group ``events`` (in seq order) by ordering key; keyless events get a lane each."""
+    by_key: dict[str, list[Event]] = {}
+    out: list[list[Event]] = []
+    for event in events:
+        key = event.ordering_key
+        if key is None:
+            out.append([event])
+            continue
+        lane = by_key.get(key)
+        if lane is None:
+            lane = by_key[key] = []
+            out.append(lane)
+        lane.append(event)
+    return out
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= _MAX_ERROR else text[: _MAX_ERROR - 3] + "..."
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """Outcomes of a batch (every event settled exactly once once the batch is done)."""
+
+    outcomes: dict[Any, Outcome] = field(default_factory=dict)
+    outage: BaseException | None = None
+    handled: int = 0
+    forwarded: int = 0
+    handler_errors: int = 0
+    forward_errors: int = 0
+    first_forward_error: BaseException | None = None
+
+    def release_rest(self, events: Sequence[Event]) -> None:
+        """Give back every event that has no outcome yet (unstarted; no retry counted)."""
+        for event in events:
+            if event.id not in self.outcomes:
+                self.outcomes[event.id] = Outcome(event, PENDING)
+
+
+class Dispatcher:
+    """Runs a batch through the broker's local handlers and the provider (see module doc)."""
+
+    def __init__(
+        self,
+        broker: _Broker | None,
+        provider: Any | None,
+        *,
+        retry_policy: RetryPolicy,
+        now: Callable[[], dt.datetime],
+        concurrency: int = 8,
+    ) -> None:
+        self.broker = broker
+        self.provider = provider
+        self.retry_policy = retry_policy
+        self.now = now
+        self.concurrency = max(1, concurrency)
+
+    async def run(self, events: Sequence[Event], result: BatchResult) -> None:
+        """Fill ``result.outcomes`` for ``events``; on cancellation the caller releases the rest."""
+        all_lanes = lanes(events)
+        # per lane: events whose handlers all succeeded, with their handled names
+        ready: list[list[tuple[Event, tuple[str, ...]]]] = [[] for _ in all_lanes]
+        if self.broker is None:
+            for i, lane in enumerate(all_lanes):
+                ready[i] = [(e, handled_names(e)) for e in lane]
+        elif self.concurrency == 1 or len(all_lanes) == 1:
+            for i, lane in enumerate(all_lanes):
+                await self._lane(lane, ready[i], result)
+        else:
+            index = iter(range(len(all_lanes)))
+
+            async def worker() -> None:
+                for i in index:
+                    await self._lane(all_lanes[i], ready[i], result)
+
+            async with anyio.create_task_group() as tg:
+                for _ in range(min(self.concurrency, len(all_lanes))):
+                    tg.start_soon(worker)
+        await self._forward(ready, all_lanes, result)
+
+    async def _lane(
+        self, lane: list[Event], ready: list[tuple[Event, tuple[str, ...]]], result: BatchResult
+    ) -> None:
+        assert self.broker is not None
+        for position, event in enumerate(lane):
+            done = handled_names(event)
+            try:
+                res = await self.broker.dispatch(event, done=done, attempts=event.retry_count + 1)
+            except Exception as exc:  # the broker itself failed: the whole event failed
+                self._fail(event, f"dispatch: {_describe(exc)}", done, result)
+                self._hold(lane[position + 1:], result)
+                return
+            names = (*done, *res.succeeded)
+            if res.ok:
+                result.handled += 1
+                ready.append((event, names))
+                continue
+            result.handler_errors += 1
+            error = "; ".join(f"{name}: {_describe(exc)}" for name, exc in res.failed.items())
+            self._fail(event, error or "handler failed", names, result)
+            self._hold(lane[position + 1:], result)
+            return
+
+    async def _forward(
+        self,
+        ready: list[list[tuple[Event, tuple[str, ...]]]],
+        all_lanes: list[list[Event]],
+        result: BatchResult,
+    ) -> None:
+        if self.provider is None:
+            for lane in ready:
+                for event, _ in lane:
+                    result.outcomes[event.id] = Outcome(event, COMPLETED)
+            return
+        blocked: set[int] = set()  # lanes with a refused event: their later events wait
+        depth = max((len(lane) for lane in ready), default=0)
+        for r in range(depth):
+            round_items = [(i, lane[r]) for i, lane in enumerate(ready)
+                           if r < len(lane) and i not in blocked]
+            if not round_items:
+                continue
+            events = [event for _, (event, _) in round_items]
+            try:
+                errors = await publish_many(self.provider, events)
+            except ProviderUnavailable as exc:
+                result.outage = exc
+                self._release_unforwarded(ready, result)
+                return
+            except Exception as exc:  # a provider bug: count it against these events
+                errors = [exc] * len(events)
+            for (i, (event, names)), error in zip(round_items, errors, strict=True):
+                if error is None:
+                    result.forwarded += 1
+                    result.outcomes[event.id] = Outcome(event, COMPLETED)
+                    continue
+                result.forward_errors += 1
+                result.first_forward_error = result.first_forward_error or error
+                blocked.add(i)
+                self._fail(event, f"forward: {_describe(error)}", names, result)
+        self._release_unforwarded(ready, result)
+
+    def _release_unforwarded(
+        self, ready: list[list[tuple[Event, tuple[str, ...]]]], result: BatchResult
+    ) -> None:
+        for lane in ready:
+            for event, names in lane:
+                if event.id not in result.outcomes:
+                    meta = _with_handled(event, names) if names != handled_names(event) else None
+                    result.outcomes[event.id] = Outcome(event, PENDING, meta=meta)
+
+    def _hold(self, events: Sequence[Event], result: BatchResult) -> None:
+        for event in events:
+            result.outcomes[event.id] = Outcome(event, PENDING)
+
+    def _fail(self, event: Event, error: str, names: Sequence[str], result: BatchResult) -> None:
+        failures = event.retry_count + 1
+        meta = _with_handled(event, names) if tuple(names) != handled_names(event) else None
+        if self.retry_policy.exhausted(failures):
+            result.outcomes[event.id] = Outcome(
+                event, FAILED, error=error, retry_count=failures, meta=meta
+            )
+            return
+        delay = self.retry_policy.delay(failures)
+        result.outcomes[event.id] = Outcome(
+            event,
+            PENDING,
+            error=error,
+            retry_count=failures,
+            next_attempt_at=self.now() + dt.timedelta(seconds=delay),
+            meta=meta,
+        )

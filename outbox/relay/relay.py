@@ -1,0 +1,493 @@
+"""The relay loop: claim → handlers → provider → settle, with leases, wake-ups and shutdown.
+
+One batch is in hand at a time; the next one is claimed while the current one is dispatched
+(when the relay is busy), but it is dispatched only after the current batch's outcomes are
+committed — so a relay killed at any instant has run the handlers of at most one unsettled batch.
+All SQL is in :class:`~outbox.relay.store.RelayStore`, run in worker threads; the loop never holds
+a database transaction open while handlers or the provider run.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import anyio
+import anyio.abc
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Engine
+
+from outbox.events import get_instance_id
+from outbox.exceptions import OutboxError, SchemaMissing
+from outbox.relay.dispatch import BatchResult, Dispatcher
+from outbox.relay.listener import PgListener
+from outbox.relay.stats import RelayHooks, RelayStats
+from outbox.relay.store import COMPLETED, FAILED, Claim, Outcome, RelayStore
+from outbox.retry import RetryPolicy
+from outbox.schema import MIGRATE_HINT, check_schema, create_schema
+
+__all__ = ["DEFAULT_DATABASE_URL", "DatabaseUnavailable", "Relay"]
+
+log = logging.getLogger("outbox.relay")
+
+#: The embedded default: a SQLite file in the working directory.
+DEFAULT_DATABASE_URL = "sqlite:///outbox.db"
+
+_T = TypeVar("_T")
+_UNSET: Any = object()
+
+
+class DatabaseUnavailable(OutboxError):
+    """The relay's database cannot be reached (raised at start; the loop retries later)."""
+
+
+class Relay:
+    """Delivers committed events from the ``events`` table to handlers and a provider (SPEC §6).
+
+    ``database`` is a URL or an :class:`~sqlalchemy.engine.Engine` (default: SQLite ``outbox.db``
+    in the working directory, whose schema is created if missing). ``broker`` runs the local
+    handlers (default: the module-level default broker, see ``outbox.subscribe``); ``provider``
+    receives every event after its handlers succeeded (default: the broker's provider; ``None``
+    forwards nowhere).
+
+    Use ``await relay.run()`` until ``relay.stop()``, or ``await relay.run(once=True)`` to process
+    what is due and return.
+    """
+
+    def __init__(
+        self,
+        database: str | URL | Engine | None = None,
+        *,
+        broker: Any = None,
+        provider: Any = _UNSET,
+        batch_size: int = 100,
+        poll_interval: float = 1.0,
+        lease: float = 30.0,
+        notify: bool = True,
+        retry_policy: RetryPolicy | None = None,
+        owner: str | None = None,
+        concurrency: int = 8,
+        shutdown_timeout: float | None = None,
+        rescan_interval: float | None = None,
+        create_schema: bool | None = None,
+        hooks: Iterable[RelayHooks] = (),
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if poll_interval <= 0:
+            raise ValueError("poll_interval must be > 0")
+        if lease <= 0:
+            raise ValueError("lease must be > 0")
+        self._own_engine = not isinstance(database, Engine)
+        self.engine = database if isinstance(database, Engine) else _make_engine(database)
+        self.url = self.engine.url
+        self.owner = owner or f"{get_instance_id()}-{uuid.uuid4().hex[:6]}"
+        self.store = RelayStore(self.engine, owner=self.owner)
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.lease = lease
+        self.notify = notify and self.store.dialect == "postgresql"
+        self.concurrency = concurrency
+        self.shutdown_timeout = (
+            shutdown_timeout if shutdown_timeout is not None else max(5.0, min(30.0, lease / 2))
+        )
+        # How often a claim scans from the start of the pending rows instead of from the floor
+        # (picks up retries that became due, events handed back, and late-committing rows).
+        self.rescan_interval = rescan_interval if rescan_interval is not None else max(
+            1.0, poll_interval
+        )
+        self.create_schema = (
+            create_schema if create_schema is not None else self.store.dialect == "sqlite"
+        )
+        self.hooks = list(hooks)
+        self.stats = RelayStats(owner=self.owner)
+        self._broker = broker
+        self._provider = provider
+        self._retry_policy = retry_policy
+        self.dispatcher: Dispatcher | None = None
+        self._started = False
+        self._stopping = False
+        self._wake = anyio.Event()
+        self._process_scope: anyio.CancelScope | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._held: dict[uuid.UUID, tuple[Claim, set[uuid.UUID]]] = {}
+        self._floor = 0
+        self._force_full = True
+        self._next_full = 0.0
+        self._outage_backoff = 0.0
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check the database and the schema (one-line errors), resolve broker and provider."""
+        if self._started:
+            return
+        await anyio.to_thread.run_sync(self._check_database)
+        broker = self._broker
+        if broker is None:
+            from outbox.broker import get_default_broker
+
+            broker = get_default_broker()
+        provider = self._provider
+        if provider is _UNSET:
+            provider = getattr(broker, "provider", None)
+        policy = self._retry_policy or getattr(broker, "retry_policy", None) or RetryPolicy()
+        self.broker, self.provider, self.retry_policy = broker, provider, policy
+        self.dispatcher = Dispatcher(broker, provider, retry_policy=policy, now=self.store.now,
+                                     concurrency=self.concurrency)
+        self._started = True
+        self._set_ready(True)
+
+    def _check_database(self) -> None:
+        redacted = self.url.render_as_string(hide_password=True)
+        try:
+            with self.engine.connect() as conn:
+                if self.create_schema:
+                    create_schema(conn)
+                    conn.commit()
+                check_schema(conn)
+        except SchemaMissing:
+            raise SchemaMissing(f"table events not found in {redacted}: {MIGRATE_HINT}") from None
+        except sa.exc.DBAPIError as exc:
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+            raise DatabaseUnavailable(f"cannot connect to {redacted}: {reason}") from None
+        self.store.sync_clock()
+
+    def stop(self, *, now: bool = False) -> None:
+        """Stop claiming; finish the batch in hand, hand back the rest, return from ``run``.
+
+        The batch in hand gets ``shutdown_timeout`` seconds (``now=True``: none); events still
+        unfinished then are handed back as well. Safe to call more than once.
+        """
+        self._stopping = True
+        self._wake.set()
+        scope = self._process_scope
+        if scope is not None:
+            deadline = anyio.current_time() + (0 if now else self.shutdown_timeout)
+            scope.deadline = min(scope.deadline, deadline)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def wake(self) -> None:
+        """Look for new events now (called on NOTIFY; harmless at any time)."""
+        self._wake.set()
+
+    async def run(self, *, once: bool = False) -> None:
+        """Relay until :meth:`stop` (or, with ``once``, until nothing is due)."""
+        await self.start()
+        try:
+            async with anyio.create_task_group() as tg:
+                if self.notify and not once:
+                    listener = PgListener(self.url, self._on_notify, on_state=self._on_listener)
+                    tg.start_soon(listener.run)
+                tg.start_soon(self._maintenance)
+                self._tg = tg
+                try:
+                    await self._loop(once)
+                finally:
+                    self._tg = None
+                    tg.cancel_scope.cancel()
+        finally:
+            self.stats.healthy = False
+            self._set_ready(False)
+            if self._own_engine:
+                self.engine.dispose()
+
+    async def drain(self) -> None:
+        """Process every event that is due now, then return (``run(once=True)``)."""
+        await self.run(once=True)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def _loop(self, once: bool) -> None:
+        prefetched: Claim | None = None
+        next_claim: Any = None  # (event, holder) of a claim running in the background
+        while True:
+            if self._stopping:
+                break
+            if self._outage_backoff:
+                await self._sleep(self._outage_backoff)
+                if self._stopping:
+                    break
+            full = self._full_due()
+            if prefetched is not None:
+                claim, prefetched = prefetched, None
+            else:
+                self._wake = anyio.Event()
+                claimed = await self._claim(full)
+                if claimed is None:  # database error: logged, wait and retry
+                    if once:
+                        raise DatabaseUnavailable(self.stats.last_error or "database error")
+                    await self._sleep(self.poll_interval)
+                    continue
+                claim = claimed
+            if not claim.events:
+                if not full:
+                    self._force_full = True  # reached the end from the floor: look behind it
+                    continue
+                if once:
+                    break
+                await self._wait(self.poll_interval)
+                continue
+            busy = len(claim.events) >= self.batch_size and not self._stopping
+            if busy:
+                next_claim = _Background(self._claim, self._full_due())
+                assert self._tg is not None
+                next_claim.start(self._tg)
+            await self._process(claim)
+            if next_claim is not None:
+                result = await next_claim.result()
+                next_claim = None
+                if result is not None and result.events:
+                    if self._stopping or self._outage_backoff:
+                        await self._release(result)
+                    else:
+                        prefetched = result
+                elif result is not None and not result.events:
+                    self._force_full = True
+        if prefetched is not None:
+            await self._release(prefetched)
+
+    def _full_due(self) -> bool:
+        return self._force_full or time.monotonic() >= self._next_full
+
+    async def _claim(self, full: bool) -> Claim | None:
+        floor = 0 if full else self._floor
+        try:
+            claim = await _in_thread(self.store.claim, self.batch_size, lease=self.lease,
+                                     floor=floor)
+        except sa.exc.DBAPIError as exc:
+            self._db_error("claim", exc)
+            return None
+        if full:
+            self._force_full = False
+            self._next_full = time.monotonic() + self.rescan_interval
+        if claim.events:
+            self._floor = max(self._floor if not full else 0, claim.events[0].seq)
+            self._held[claim.token] = (claim, {e.id for e in claim.events})
+        s = self.stats
+        s.claims += 1
+        s.claimed += len(claim.events)
+        s.followers_claimed += claim.followers
+        s.claim_seconds_total += claim.seconds
+        s.last_claim_seconds = claim.seconds
+        if not s.ready and not self._outage_backoff:
+            self._set_ready(True)
+        self._call_hooks("on_claim", claim)
+        return claim
+
+    async def _process(self, claim: Claim) -> None:
+        assert self.dispatcher is not None
+        result = BatchResult()
+        self.stats.batches += 1
+        with anyio.CancelScope() as scope:
+            self._process_scope = scope
+            if self._stopping:  # stop() came while claiming: bound the batch in hand
+                scope.deadline = anyio.current_time() + self.shutdown_timeout
+            try:
+                await self.dispatcher.run(claim.events, result)
+            finally:
+                self._process_scope = None
+        if scope.cancelled_caught:
+            log.warning("shutdown timeout: handing back %d unfinished events",
+                        len(claim.events) - len(result.outcomes))
+        result.release_rest(claim.events)
+        s = self.stats
+        s.handled += result.handled
+        s.forwarded += result.forwarded
+        s.handler_errors += result.handler_errors
+        s.forward_errors += result.forward_errors
+        if result.forward_errors and result.first_forward_error is not None:
+            self._call_hooks("on_forward_error", result.first_forward_error,
+                             result.forward_errors)
+        if result.outage is not None:
+            self._enter_outage(result.outage)
+        elif self._outage_backoff and (result.forwarded or self.provider is None):
+            self._leave_outage()
+        with anyio.CancelScope(shield=True):
+            await self._settle(claim, [result.outcomes[e.id] for e in claim.events])
+
+    async def _settle(self, claim: Claim, outcomes: Sequence[Outcome]) -> None:
+        delay = 0.2
+        deadline = time.monotonic() + self.lease
+        while True:
+            try:
+                res = await _in_thread(self.store.finish, claim.token, outcomes)
+                break
+            except sa.exc.DBAPIError as exc:
+                self._db_error("settle", exc)
+                if time.monotonic() > deadline:
+                    log.error("could not settle a batch of %d events; their lease will expire "
+                              "and another relay will deliver them again", len(outcomes))
+                    self._held.pop(claim.token, None)
+                    return
+                await anyio.sleep(delay)
+                delay = min(2.0, delay * 2)
+        self._held.pop(claim.token, None)
+        s = self.stats
+        lost = set(res.lost)
+        for o in outcomes:
+            if o.event.id in lost:
+                continue
+            if o.status == COMPLETED:
+                s.completed += 1
+            elif o.status == FAILED:
+                s.failed += 1
+            elif o.retry_count is not None:
+                s.retried += 1
+            else:
+                s.released += 1
+                self._force_full = True  # handed back below our floor: rescan
+        if lost:
+            s.lease_lost += len(lost)
+            log.warning("lease lost for %d events: another relay took them over", len(lost))
+        self._call_hooks("on_settled", outcomes, len(lost))
+
+    async def _release(self, claim: Claim) -> None:
+        """Hand back a claimed batch that was never started."""
+        with anyio.CancelScope(shield=True):
+            await self._settle(claim, [Outcome(e, "pending") for e in claim.events])
+
+    # -- waiting and waking -----------------------------------------------------------------
+
+    async def _wait(self, seconds: float) -> None:
+        with anyio.move_on_after(seconds):
+            await self._wake.wait()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but return early on stop()."""
+        with anyio.move_on_after(seconds):
+            while not self._stopping:
+                self._wake = anyio.Event()
+                await self._wake.wait()
+
+    def _on_notify(self) -> None:
+        self.stats.notifications += 1
+        self._wake.set()
+
+    def _on_listener(self, connected: bool) -> None:
+        self.stats.listener_connected = connected
+
+    # -- maintenance: lease renewal, recovery of dead relays' leases, clock -----------------
+
+    async def _maintenance(self) -> None:
+        renew_every = max(0.05, self.lease / 3)
+        recover_every = max(0.1, min(self.lease / 2, 10.0))
+        clock_every = 60.0
+        next_recover = next_clock = time.monotonic()
+        while True:
+            await anyio.sleep(min(renew_every, recover_every))
+            now = time.monotonic()
+            try:
+                for token, (_claim, ids) in list(self._held.items()):
+                    await _in_thread(self.store.renew, token, list(ids), lease=self.lease)
+                if now >= next_recover:
+                    next_recover = now + recover_every
+                    seqs = await _in_thread(self.store.recover_expired)
+                    if seqs:
+                        self.stats.recovered += len(seqs)
+                        log.info("re-queued %d events whose relay's lease expired", len(seqs))
+                        self._force_full = True
+                        self._wake.set()
+                if now >= next_clock:
+                    next_clock = now + clock_every
+                    await _in_thread(self.store.sync_clock)
+            except sa.exc.DBAPIError as exc:
+                self._db_error("maintenance", exc)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _enter_outage(self, exc: BaseException) -> None:
+        first = not self._outage_backoff
+        self._outage_backoff = min(30.0, max(0.25, self._outage_backoff * 2))
+        if first:
+            self.stats.outages += 1
+            log.warning("provider unavailable (%s); holding events and retrying", exc)
+            self._call_hooks("on_outage", exc)
+        self.stats.last_error = f"provider unavailable: {exc}"
+        self._set_ready(False)
+
+    def _leave_outage(self) -> None:
+        self._outage_backoff = 0.0
+        log.info("provider reachable again")
+        self._call_hooks("on_outage", None)
+        self._set_ready(True)
+
+    def _db_error(self, what: str, exc: sa.exc.DBAPIError) -> None:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        self.stats.last_error = f"database error during {what}: {reason}"
+        log.warning("database error during %s: %s", what, reason)
+        self._set_ready(False)
+
+    def _set_ready(self, ready: bool) -> None:
+        if self.stats.ready != ready:
+            self.stats.ready = ready
+            self._call_hooks("on_ready", ready)
+
+    def _call_hooks(self, name: str, *args: Any) -> None:
+        for hook in self.hooks:
+            try:
+                getattr(hook, name)(*args)
+            except Exception:  # a metrics bug must not stop the relay
+                log.exception("relay hook %s failed", name)
+
+    # -- inspection -------------------------------------------------------------------------
+
+    async def backlog(self) -> tuple[int, Any]:
+        """(pending events, created_at of the oldest pending one) — for metrics."""
+        return await _in_thread(self.store.backlog)
+
+    async def blocked_keys(self, limit: int = 100) -> list[tuple[str, int, int]]:
+        """Ordering keys held back by a failed event: (key, seq, failed events)."""
+        return await _in_thread(self.store.blocked_keys, limit)
+
+
+class _Background:
+    """A coroutine started now on its own task, awaited later (the prefetched claim)."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._fn = functools.partial(fn, *args)
+        self._done = anyio.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def start(self, tg: anyio.abc.TaskGroup) -> None:
+        tg.start_soon(self._run)
+
+    async def _run(self) -> None:
+        try:
+            self._value = await self._fn()
+        except BaseException as exc:  # handed to the awaiting side
+            self._error = exc
+        finally:
+            self._done.set()
+
+    async def result(self) -> Any:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+async def _in_thread(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+
+def _make_engine(database: str | URL | None) -> Engine:
+    url = sa.make_url(database or DEFAULT_DATABASE_URL)
+    backend = url.get_backend_name()
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if backend == "sqlite":
+        kwargs = {"connect_args": {"timeout": 30}}
+    elif backend in ("mysql", "mariadb"):
+        # No gap locks: a claim must not block writers inserting new events.
+        kwargs["isolation_level"] = "READ COMMITTED"
+    else:
+        kwargs.update(pool_size=4, max_overflow=4)
+    return sa.create_engine(url, **kwargs)

@@ -1,0 +1,493 @@
+"""Every SQL statement the relay runs, for each dialect, behind one class: :class:`RelayStore`.
+
+The relay loop never touches a driver or writes SQL; it calls ``claim``, ``finish``, ``renew``,
+``recover_expired`` and friends, each of which is one short transaction.
+
+Claiming (see docs/relay.md for the guarantees this gives):
+
+- only ``pending`` rows that are due (``next_attempt_at <= now``), oldest ``seq`` first;
+- only the *head* of an ordering key: a row is claimable when no older row with the same key is
+  unfinished (``pending``, ``processing`` or ``failed``). The check runs against the statement's
+  snapshot; a row that another relay is claiming at the same moment is still ``pending`` there,
+  so it blocks its key too — two relays can never hold two events of one key;
+- PostgreSQL and MariaDB lock the picked rows ``FOR UPDATE SKIP LOCKED`` so relays share the work
+  without waiting on each other; SQLite serialises writers, its claim is one ``UPDATE``;
+- the scan is bounded from below (``floor``): the relay passes the lowest ``seq`` it still has to
+  look at, so the claim does not walk the dead index entries that completed rows leave at the
+  start of the pending index until vacuum removes them. ``floor=0`` is a full scan;
+- when the heads fill less than the batch, the *followers* of the keys just claimed (the next
+  pending, due events of the same key, up to the first one that is not) are claimed in the same
+  transaction, so a hot key is not limited to one event per claim. The relay hands a key's events
+  to handlers one at a time in ``seq`` order.
+
+Every update after the claim is fenced by the batch's lease token: a relay whose lease expired
+and whose events were taken over cannot overwrite the new owner's result.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from outbox.events import _COLUMN_TO_ATTR, COLUMNS, Event, EventStatus, JSONType, UTCDateTime
+
+__all__ = ["Claim", "Outcome", "RelayStore"]
+
+PENDING = EventStatus.PENDING.value
+PROCESSING = EventStatus.PROCESSING.value
+COMPLETED = EventStatus.COMPLETED.value
+FAILED = EventStatus.FAILED.value
+
+_TABLE = "events"
+_COLS = ", ".join(f"t.{c}" for c in COLUMNS)
+_BARE_COLS = ", ".join(COLUMNS)  # SQLite's RETURNING takes no table prefix
+_ATTRS = tuple(_COLUMN_TO_ATTR[c] for c in COLUMNS)
+_RESULT_COLUMNS = tuple(Event.__table__.c[c] for c in COLUMNS)
+
+# The head-of-key rule, shared by every dialect: no older unfinished event of the same key.
+_IS_HEAD = (
+    "(e.ordering_key IS NULL OR NOT EXISTS ("
+    "SELECT 1 FROM events AS o WHERE o.ordering_key = e.ordering_key "
+    "AND o.seq < e.seq AND o.status <> 'completed'))"
+)
+_DUE = "e.status = 'pending' AND e.seq >= :floor AND e.next_attempt_at <= :now"
+
+# The f-strings below join fixed SQL fragments; every value is a bound parameter.
+_PG_CLAIM = f"""
+WITH picked AS (
+    SELECT e.id FROM events AS e
+    WHERE {_DUE} AND {_IS_HEAD}
+    ORDER BY e.seq
+    LIMIT :limit
+    FOR UPDATE OF e SKIP LOCKED
+)
+UPDATE events AS t
+SET status = 'processing', processed_at = :now, lease_owner = :owner,
+    lease_token = :token, lease_expires_at = :expires
+FROM picked
+WHERE t.id = picked.id
+RETURNING {_COLS}
+"""  # noqa: S608
+
+_SQLITE_CLAIM = f"""
+UPDATE events AS t
+SET status = 'processing', processed_at = :now, lease_owner = :owner,
+    lease_token = :token, lease_expires_at = :expires
+WHERE t.id IN (
+    SELECT e.id FROM events AS e
+    WHERE {_DUE} AND {_IS_HEAD}
+    ORDER BY e.seq
+    LIMIT :limit
+)
+RETURNING {_BARE_COLS}
+"""  # noqa: S608
+
+_MYSQL_PICK = f"""
+SELECT e.id FROM events AS e
+WHERE {_DUE} AND {_IS_HEAD}
+ORDER BY e.seq
+LIMIT :limit
+FOR UPDATE SKIP LOCKED
+"""  # noqa: S608
+
+# Unfinished events of the given keys, to find the runs that follow the heads just claimed.
+_KEY_RUNS = """
+SELECT e.id, e.ordering_key, e.seq, e.status, e.next_attempt_at, e.lease_token
+FROM events AS e
+WHERE e.ordering_key IN :keys AND e.status <> 'completed'
+ORDER BY e.seq
+"""
+
+_MARK_CLAIMED = """
+UPDATE events
+SET status = 'processing', processed_at = :now, lease_owner = :owner,
+    lease_token = :token, lease_expires_at = :expires
+WHERE id IN :ids AND status = 'pending'
+"""
+
+_SELECT_BY_TOKEN = (
+    f"SELECT {_COLS} FROM events AS t "  # noqa: S608
+    "WHERE t.id IN :ids AND t.lease_token = :token"
+)
+
+_COMPLETE = """
+UPDATE events
+SET status = 'completed', completed_at = :now, lease_token = NULL, lease_expires_at = NULL
+WHERE id IN :ids AND lease_token = :token AND status = 'processing'
+"""
+
+# Retry, final failure or release: values differ per event (executemany).
+_SETTLE = """
+UPDATE events
+SET status = :status, retry_count = :retry_count, error = :error,
+    next_attempt_at = :next_attempt_at, completed_at = :completed_at, metadata = :meta,
+    lease_owner = :lease_owner, lease_token = NULL, lease_expires_at = NULL
+WHERE id = :id AND lease_token = :token AND status = 'processing'
+"""
+
+_RENEW = """
+UPDATE events SET lease_expires_at = :expires
+WHERE id IN :ids AND lease_token = :token AND status = 'processing'
+"""
+
+_PG_RECOVER = """
+WITH expired AS (
+    SELECT id FROM events
+    WHERE status = 'processing' AND lease_expires_at < :now
+    ORDER BY lease_expires_at
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE events AS t
+SET status = 'pending', lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
+    error = :error
+FROM expired WHERE t.id = expired.id
+RETURNING t.seq
+"""
+
+_GENERIC_EXPIRED = """
+SELECT id, seq FROM events
+WHERE status = 'processing' AND lease_expires_at < :now
+ORDER BY lease_expires_at
+LIMIT :limit
+"""
+
+_GENERIC_RECOVER = """
+UPDATE events
+SET status = 'pending', lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
+    error = :error
+WHERE id IN :ids AND status = 'processing' AND lease_expires_at < :now
+"""
+
+_BACKLOG = """
+SELECT count(*), min(created_at) FROM events WHERE status = 'pending'
+"""
+
+_BLOCKED = """
+SELECT ordering_key, min(seq), count(*) FROM events
+WHERE status = 'failed' AND ordering_key IS NOT NULL
+GROUP BY ordering_key ORDER BY min(seq) LIMIT :limit
+"""
+
+_DB_NOW = {
+    "postgresql": "SELECT clock_timestamp()",
+    "mysql": "SELECT UTC_TIMESTAMP(6)",
+    "mariadb": "SELECT UTC_TIMESTAMP(6)",
+}
+
+
+def _stmt(sql: str, *, returning: bool = False, expanding: Iterable[str] = ()) -> sa.TextClause:
+    """A text statement with typed parameters (and typed result columns when it returns rows)."""
+    binds: list[sa.BindParameter[Any]] = [
+        sa.bindparam("now", type_=UTCDateTime()),
+        sa.bindparam("expires", type_=UTCDateTime()),
+        sa.bindparam("next_attempt_at", type_=UTCDateTime()),
+        sa.bindparam("completed_at", type_=UTCDateTime()),
+        sa.bindparam("token", type_=sa.Uuid()),
+        sa.bindparam("id", type_=sa.Uuid()),
+        sa.bindparam("meta", type_=JSONType),
+    ]
+    for name in expanding:
+        item_type: sa.types.TypeEngine[Any] = sa.Uuid() if name == "ids" else sa.Text()
+        binds.append(sa.bindparam(name, expanding=True, type_=item_type))
+    present = [b for b in binds if re.search(rf":{b.key}\b", sql)]
+    clause = sa.text(sql).bindparams(*present)
+    if returning:
+        return clause.columns(*_RESULT_COLUMNS)  # type: ignore[return-value]
+    return clause
+
+
+@dataclass(slots=True)
+class Claim:
+    """Events claimed in one transaction under one lease token, in ``seq`` order."""
+
+    token: uuid.UUID
+    events: list[Event]
+    expires_at: dt.datetime
+    #: seconds the claim transaction took (for metrics)
+    seconds: float = 0.0
+    #: how many of the events were followers of a key claimed in the same transaction
+    followers: int = 0
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happens to one claimed event when its batch is settled."""
+
+    event: Event
+    status: str  # completed | pending (retry or release) | failed
+    error: str | None = None
+    retry_count: int | None = None  # None: unchanged
+    next_attempt_at: dt.datetime | None = None  # None: unchanged
+    meta: dict[str, Any] | None = None  # None: unchanged
+
+
+@dataclass(slots=True)
+class SettleResult:
+    """How many rows each kind of settle update changed; ``lost`` were fenced out (lease lost)."""
+
+    completed: int = 0
+    settled: int = 0
+    lost: list[uuid.UUID] = field(default_factory=list)
+
+
+class RelayStore:
+    """The relay's SQL, for PostgreSQL, SQLite and MariaDB/MySQL, on a synchronous engine.
+
+    Methods are blocking (call them from a worker thread in async code) and each runs in one short
+    transaction. Times passed to the database come from :meth:`now`, the database's clock
+    estimated from this process's clock, so relays on hosts with skewed clocks agree on leases.
+    """
+
+    def __init__(self, engine: Engine, *, owner: str) -> None:
+        self.engine = engine
+        self.owner = owner
+        self.dialect = engine.dialect.name
+        if self.dialect not in ("postgresql", "sqlite", "mysql", "mariadb"):
+            raise ValueError(f"the relay does not support the {self.dialect!r} dialect")
+        self._is_pg = self.dialect == "postgresql"
+        self._is_sqlite = self.dialect == "sqlite"
+        self._offset = 0.0  # database clock minus local clock, seconds
+        self._claim = _stmt(_PG_CLAIM if self._is_pg else _SQLITE_CLAIM, returning=True)
+        self._mysql_pick = _stmt(_MYSQL_PICK)
+        self._key_runs = _stmt(_KEY_RUNS, expanding=("keys",)).columns(
+            sa.column("id", sa.Uuid()), sa.column("ordering_key", sa.Text()),
+            sa.column("seq", sa.BigInteger()), sa.column("status", sa.Text()),
+            sa.column("next_attempt_at", UTCDateTime()), sa.column("lease_token", sa.Uuid()),
+        )
+        self._mark_claimed = _stmt(_MARK_CLAIMED, expanding=("ids",))
+        self._select_by_token = _stmt(_SELECT_BY_TOKEN, returning=True, expanding=("ids",))
+        self._complete = _stmt(_COMPLETE, expanding=("ids",))
+        self._settle = _stmt(_SETTLE)
+        self._renew = _stmt(_RENEW, expanding=("ids",))
+        self._pg_recover = _stmt(_PG_RECOVER)
+        self._expired = _stmt(_GENERIC_EXPIRED).columns(
+            sa.column("id", sa.Uuid()), sa.column("seq", sa.BigInteger())
+        )
+        self._recover = _stmt(_GENERIC_RECOVER, expanding=("ids",))
+
+    # -- clock ------------------------------------------------------------------------------
+
+    def sync_clock(self) -> float:
+        """Measure the database clock's offset from ours (seconds); SQLite shares our clock."""
+        sql = _DB_NOW.get(self.dialect)
+        if sql is None:
+            self._offset = 0.0
+            return 0.0
+        with self.engine.connect() as conn:
+            before = time.time()
+            value = conn.exec_driver_sql(sql).scalar_one()
+            after = time.time()
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        self._offset = value.timestamp() - (before + after) / 2
+        return self._offset
+
+    def now(self) -> dt.datetime:
+        """The database's current time (UTC), estimated."""
+        return dt.datetime.fromtimestamp(time.time() + self._offset, dt.UTC)
+
+    # -- claim ------------------------------------------------------------------------------
+
+    def claim(self, limit: int, *, lease: float, floor: int = 0) -> Claim:
+        """Claim up to ``limit`` due events (heads of their keys, then followers) with one lease."""
+        token = uuid.uuid4()
+        started = time.perf_counter()
+        now = self.now()
+        expires = now + dt.timedelta(seconds=lease)
+        params = {"now": now, "expires": expires, "owner": self.owner, "token": token,
+                  "limit": limit, "floor": floor}
+        with self._begin() as conn:
+            if self._is_pg or self._is_sqlite:
+                rows = conn.execute(self._claim, params).all()
+            else:
+                ids = [r[0] for r in conn.execute(self._mysql_pick, params)]
+                rows = self._mark_and_load(conn, ids, params) if ids else []
+            events = [_to_event(r) for r in rows]
+            followers: list[Event] = []
+            room = limit - len(events)
+            keys = {e.ordering_key for e in events if e.ordering_key is not None}
+            if room > 0 and keys:
+                followers = self._claim_followers(conn, keys, room, params)
+        events.extend(followers)
+        events.sort(key=_seq)
+        return Claim(token=token, events=events, expires_at=expires,
+                     seconds=time.perf_counter() - started, followers=len(followers))
+
+    def _mark_and_load(self, conn: Connection, ids: list[Any], params: dict[str, Any]) -> list[Any]:
+        conn.execute(self._mark_claimed, {**params, "ids": ids})
+        return list(
+            conn.execute(self._select_by_token, {"ids": ids, "token": params["token"]}).all()
+        )
+
+    def _claim_followers(
+        self, conn: Connection, keys: set[str], room: int, params: dict[str, Any]
+    ) -> list[Event]:
+        """Claim the pending, due events that directly follow our heads in their keys.
+
+        A follower qualifies when every older unfinished event of its key is ours (claimed in
+        this transaction) or a follower that qualifies; the run of a key stops at the first event
+        that is not pending and due.
+        """
+        token, now = params["token"], params["now"]
+        runs = conn.execute(self._key_runs, {"keys": sorted(keys)}).all()
+        broken: set[str] = set()
+        picked: list[tuple[int, Any]] = []
+        for row_id, key, seq, status, next_at, row_token in runs:
+            if key in broken:
+                continue
+            if row_token == token:
+                continue  # our head
+            due = next_at is None or next_at <= now
+            if status == PENDING and due:
+                picked.append((seq, row_id))
+            else:
+                broken.add(key)
+        if not picked:
+            return []
+        picked.sort(key=lambda p: p[0])
+        ids = [row_id for _, row_id in picked[:room]]
+        if self._is_pg or self._is_sqlite:
+            changed = conn.execute(self._mark_claimed, {**params, "ids": ids}).rowcount
+            if changed != len(ids):
+                # Something else changed one of them meanwhile: a gap could break the key's
+                # order, so give the followers back (the heads stay claimed).
+                self._unclaim(conn, ids, token)
+                return []
+            rows = conn.execute(self._select_by_token, {"ids": ids, "token": token}).all()
+        else:
+            rows = self._mark_and_load(conn, ids, params)
+            if len(rows) != len(ids):
+                self._unclaim(conn, ids, token)
+                return []
+        return [_to_event(r) for r in rows]
+
+    def _unclaim(self, conn: Connection, ids: list[Any], token: uuid.UUID) -> None:
+        conn.execute(
+            _stmt("UPDATE events SET status = 'pending', lease_owner = NULL, lease_token = NULL, "
+                  "lease_expires_at = NULL WHERE id IN :ids AND lease_token = :token",
+                  expanding=("ids",)),
+            {"ids": ids, "token": token},
+        )
+
+    # -- settle -----------------------------------------------------------------------------
+
+    def finish(self, token: uuid.UUID, outcomes: Sequence[Outcome]) -> SettleResult:
+        """Write the outcome of every event of a claim in one transaction, fenced by ``token``.
+
+        Completed events go in one ``UPDATE``; retries, failures and releases (values differ per
+        event) in one executemany. Events whose lease was taken over are reported in ``lost``.
+        """
+        result = SettleResult()
+        if not outcomes:
+            return result
+        now = self.now()
+        done = [o.event.id for o in outcomes if o.status == COMPLETED]
+        others = [o for o in outcomes if o.status != COMPLETED]
+        with self._begin() as conn:
+            if done:
+                result.completed = conn.execute(
+                    self._complete, {"ids": done, "token": token, "now": now}
+                ).rowcount
+            if others:
+                params = [self._settle_params(o, token, now) for o in others]
+                changed = 0
+                for p in params:  # executemany hides per-row counts on some drivers
+                    changed += conn.execute(self._settle, p).rowcount
+                result.settled = changed
+        if result.completed != len(done) or result.settled != len(others):
+            result.lost = self._lost(token, [o.event.id for o in outcomes])
+        return result
+
+    def _settle_params(self, o: Outcome, token: uuid.UUID, now: dt.datetime) -> dict[str, Any]:
+        e = o.event
+        final = o.status == FAILED
+        return {
+            "id": e.id,
+            "token": token,
+            "status": o.status,
+            "retry_count": e.retry_count if o.retry_count is None else o.retry_count,
+            "error": o.error if o.error is not None else e.error,
+            "next_attempt_at": o.next_attempt_at or e.next_attempt_at or now,
+            "completed_at": now if final else None,
+            "meta": e.meta if o.meta is None else o.meta,
+            "lease_owner": e.lease_owner if final else None,
+        }
+
+    def _lost(self, token: uuid.UUID, ids: list[uuid.UUID]) -> list[uuid.UUID]:
+        """Ids among ``ids`` that no longer carry ``token`` (or were just settled by us)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                _stmt("SELECT id, lease_token FROM events WHERE id IN :ids",
+                      expanding=("ids",)).columns(
+                    sa.column("id", sa.Uuid()), sa.column("lease_token", sa.Uuid())),
+                {"ids": ids},
+            ).all()
+        # settled rows have their token cleared too, so only rows someone else holds count.
+        return [r[0] for r in rows if r[1] is not None and r[1] != token]
+
+    def renew(self, token: uuid.UUID, ids: Sequence[uuid.UUID], *, lease: float) -> int:
+        """Push the lease expiry of our still-unsettled events; returns how many we still hold."""
+        if not ids:
+            return 0
+        expires = self.now() + dt.timedelta(seconds=lease)
+        with self._begin() as conn:
+            changed: int = conn.execute(
+                self._renew, {"ids": list(ids), "token": token, "expires": expires}
+            ).rowcount
+        return changed
+
+    def recover_expired(self, limit: int = 1000) -> list[int]:
+        """Hand events whose lease expired (their relay died) back to ``pending``; their seqs.
+
+        Not counted as a retry: the relay failed, not the event.
+        """
+        now = self.now()
+        error = "lease expired before its relay settled the event; re-queued"
+        with self._begin() as conn:
+            if self._is_pg:
+                rows = conn.execute(self._pg_recover,
+                                    {"now": now, "limit": limit, "error": error}).all()
+                return [r[0] for r in rows]
+            found = conn.execute(self._expired, {"now": now, "limit": limit}).all()
+            if not found:
+                return []
+            conn.execute(self._recover, {"ids": [r[0] for r in found], "now": now,
+                                         "error": error})
+            return [r[1] for r in found]
+
+    # -- inspection (metrics, CLI) ----------------------------------------------------------
+
+    def backlog(self) -> tuple[int, dt.datetime | None]:
+        """Pending events and the ``created_at`` of the oldest one."""
+        with self.engine.connect() as conn:
+            count, oldest = conn.execute(sa.text(_BACKLOG)).one()
+        return int(count), (UTCDateTime().process_result_value(oldest, self.engine.dialect)
+                            if oldest is not None else None)
+
+    def blocked_keys(self, limit: int = 100) -> list[tuple[str, int, int]]:
+        """Keys held back by a ``failed`` event: (key, oldest failed seq, failed count)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.text(_BLOCKED), {"limit": limit}).all()
+        return [(r[0], int(r[1]), int(r[2])) for r in rows]
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _begin(self) -> Any:
+        return self.engine.begin()
+
+
+def _to_event(row: Any) -> Event:
+    return Event._from_values(dict(zip(_ATTRS, row, strict=True)))
+
+
+def _seq(event: Event) -> int:
+    return event.seq
