@@ -37,7 +37,7 @@ from outbox.exceptions import ProviderUnavailable
 from outbox.inbox import Inbox
 from outbox.logs import event_context
 from outbox.patterns import compile_pattern
-from outbox.providers._bus import Backoff
+from outbox.providers._bus import Backoff, validate_group
 from outbox.providers.base import Delivery, StartPosition, SupportsConsume
 from outbox.retry import RetryPolicy
 from outbox.tracing import continue_trace
@@ -93,6 +93,7 @@ class Consumer:
         group = group or getattr(provider, "consumer_group", None)
         if not group:
             raise ValueError("Consumer needs a group (or a provider with a consumer_group)")
+        validate_group(group)
         if concurrency < 1:
             raise ValueError("concurrency must be >= 1")
         if isinstance(patterns, str):
@@ -166,6 +167,9 @@ class Consumer:
                     self._pull_scope = pull_scope
                     if self._stopping:
                         pull_scope.cancel()
+                    opener = getattr(iterator, "open", None)
+                    if opener is not None:  # create the group now: "start at the end" = now
+                        await opener()
                     self._running.set()
                     log.info("consuming group %r (%s) from %r", self.group,
                              ", ".join(p.text for p in self.patterns), self.provider)

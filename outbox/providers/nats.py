@@ -847,11 +847,7 @@ class NATSGroupReader:
         if self.closed:
             raise StopAsyncIteration
         if not self.started:
-            self.p._check_open()
-            _GROUPS.acquire(self.registry_key, self.pattern.text)
-            self.started = True
-            self.p._readers.add(self)
-            self.heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
+            self._start()
         return await self._next()
 
     async def __aenter__(self) -> NATSGroupReader:
@@ -884,6 +880,33 @@ class NATSGroupReader:
         if self.sub is not None:
             with contextlib.suppress(Exception):
                 await self.sub.unsubscribe()
+
+    async def open(self) -> None:
+        """Create the durable now (a new group starts at the end of the stream *now*, not at
+        the first pull); waits with backoff while the server is unreachable."""
+        if self.closed:
+            return
+        if not self.started:
+            self._start()
+        delay = 0.1
+        while self.sub is None and not self.closed:
+            try:
+                await self._subscribe()
+            except (TimeoutError, nats_errors.Error, OSError, ProviderUnavailable) as exc:
+                if isinstance(exc, js_errors.APIError) and (exc.code or 0) < 500:
+                    raise ProviderError(f"JetStream refused the consumer of group "
+                                        f"{self.group!r}: {exc}") from exc
+                log.debug("nats consumer of group %r: %s; retrying in %.1f s", self.group,
+                          exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _start(self) -> None:
+        self.p._check_open()
+        _GROUPS.acquire(self.registry_key, self.pattern.text)
+        self.started = True
+        self.p._readers.add(self)
+        self.heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
 
     async def _subscribe(self) -> None:
         _nc, js = await self.p._connection()

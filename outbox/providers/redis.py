@@ -848,14 +848,33 @@ class RedisGroupReader:
 
     # -- the fetch loop ----------------------------------------------------------------------
 
+    async def open(self) -> None:
+        """Create the group now (it starts at the end of the stream *now*, not at the first
+        pull); waits with backoff while Redis is unreachable."""
+        if self.closed:
+            return
+        if not self.started:
+            self._start()
+        await self._run(self._ensure_ready, until=lambda: self.group_ready or self.closed)
+
+    async def _ensure_ready(self) -> None:
+        if not self.group_ready:
+            await self.p._ensure_group(self.group, self.start_position)
+            self.group_ready = True
+
     async def next(self) -> RedisDelivery:
+        await self._run(self._fill, until=lambda: bool(self.buffer))
+        return self.buffer.popleft()
+
+    async def _run(self, step: Any, until: Any) -> None:
+        """Repeat ``step`` until ``until()``, riding out outages with backoff."""
         while True:
             if self.closed:
                 raise StopAsyncIteration
-            if self.buffer:
-                return self.buffer.popleft()
+            if until():
+                return
             try:
-                await self._fill()
+                await step()
             except (redis_errors.RedisError, OSError) as exc:
                 if isinstance(exc, redis_errors.ResponseError) and "NOGROUP" in str(exc):
                     log.warning("consumer group %r vanished from %r; creating it again",
@@ -872,9 +891,7 @@ class RedisGroupReader:
             self.backoff.reset()
 
     async def _fill(self) -> None:
-        if not self.group_ready:
-            await self.p._ensure_group(self.group, self.start_position)
-            self.group_ready = True
+        await self._ensure_ready()
         if self.to_ack:
             await self.client.xack(self.stream, self.group, *self.to_ack)
             self.to_ack.clear()

@@ -1,0 +1,270 @@
+"""``python -m outbox.consume``: run subscribed handlers for events from the bus (SPEC §6b).
+
+::
+
+    python -m outbox.consume --provider redis --group billing --app myapp.handlers \\
+        [--pattern 'public.orders.*'] [--from beginning] [--inbox-database-url URL]
+
+Connection settings come from the config file (``--config`` or ``OUTBOX_CONFIG``, sections
+``redis:``/``nats:``/``database:``) and the ``OUTBOX_*`` environment variables
+(``OUTBOX_REDIS_URL``, ``OUTBOX_NATS_URL``, ``OUTBOX_DATABASE_URL`` …). ``--group`` defaults to
+the config's ``redis.consumer_group`` / ``nats.durable``. The modules given with ``--app`` are
+imported so their ``@outbox.subscribe`` handlers register; starting with no handler at all is
+refused (it would acknowledge every event unhandled).
+
+SIGTERM / SIGINT: stop pulling, let the handlers in flight finish (``--shutdown-timeout``),
+settle them, exit 0. Startup errors (bad flags or config, an ``--app`` that does not import,
+a missing ``outbox_inbox`` table) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import anyio
+
+from outbox.exceptions import OutboxError
+from outbox.logs import add_logging_arguments, configure_logging, redact
+from outbox.providers.base import StartPosition
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("outbox.consume")
+
+PROVIDERS = ("redis", "nats", "database")
+
+
+class Failure(Exception):
+    """A startup error: one line on stderr, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m outbox.consume",
+        description="Run the handlers of --app modules for events arriving from Redis Streams, "
+                    "NATS JetStream or the database bus, as a member of a consumer group.",
+    )
+    parser.add_argument("--provider", choices=PROVIDERS,
+                        help="the bus (default: the config's provider)")
+    parser.add_argument("--group", help="consumer group: the Redis group / JetStream durable "
+                        "(default: redis.consumer_group or nats.durable from the config)")
+    parser.add_argument("--app", action="append", default=[], metavar="MODULE",
+                        help="module to import so its handlers register (repeatable)")
+    parser.add_argument("--pattern", action="append", metavar="P",
+                        help="event types this group takes (repeatable; default every type)")
+    parser.add_argument("--from", dest="start", default="now", metavar="WHERE",
+                        help="where a new group starts: now (default), beginning, or an ISO "
+                             "8601 time with offset")
+    parser.add_argument("--consumer", metavar="NAME",
+                        help="this member's name in the group (default: the instance id)")
+    parser.add_argument("--config", metavar="PATH",
+                        help="outbox YAML config (default: $OUTBOX_CONFIG)")
+    parser.add_argument("--database-url", metavar="URL",
+                        help="database of --provider database (default: config / "
+                             "$OUTBOX_DATABASE_URL)")
+    parser.add_argument("--inbox-database-url", metavar="URL",
+                        help="record handled event ids in outbox_inbox of this database, in "
+                             "the handlers' transaction (see outbox.inbox)")
+    parser.add_argument("--concurrency", type=int, default=None, metavar="N",
+                        help="deliveries handled at once (default: worker_count, 10)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="on SIGTERM, how long handlers in flight may finish (default 30)")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve /metrics, /healthz, /readyz on this port")
+    parser.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                        help="address for --metrics-port (default 127.0.0.1)")
+    add_logging_arguments(parser)
+    return parser
+
+
+def parse_start(text: str) -> StartPosition | dt.datetime:
+    """``now`` / ``beginning`` / an ISO 8601 time with a UTC offset."""
+    lowered = text.strip().lower()
+    if lowered in ("now", "beginning"):
+        return StartPosition(lowered)
+    try:
+        value = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise Failure(f"--from {text!r}: use now, beginning or an ISO 8601 time") from None
+    if value.tzinfo is None:
+        raise Failure(f"--from {text!r}: the time needs a UTC offset (e.g. +00:00)")
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+
+
+def load_config(path: str | None, env: Mapping[str, str]) -> Any:
+    """The outbox Config (``--config``/``OUTBOX_CONFIG`` + environment)."""
+    from outbox.config import Config
+
+    try:
+        return Config.load(path or env.get("OUTBOX_CONFIG") or None, env=env)
+    except OutboxError as exc:
+        raise Failure(f"config: {exc}") from None
+    except OSError as exc:
+        raise Failure(f"cannot read config {path}: {exc.strerror or exc}") from None
+
+
+def build_provider(config: Any) -> Any:
+    from outbox.config import provider_from_config
+
+    if config.provider not in PROVIDERS:
+        raise Failure(f"provider {config.provider!r} cannot deliver to other processes: pass "
+                      f"--provider {{{','.join(PROVIDERS)}}}")
+    if config.provider == "database" and not config.database.url:
+        raise Failure("--provider database needs --database-url, $OUTBOX_DATABASE_URL or "
+                      "database.url in the config")
+    try:
+        return provider_from_config(config)
+    except (ValueError, TypeError) as exc:
+        raise Failure(f"{config.provider} provider: {exc}") from None
+
+
+def import_apps(modules: Sequence[str]) -> None:
+    if os.getcwd() not in sys.path:  # like `python -m`: apps next to the working directory
+        sys.path.insert(0, os.getcwd())
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            raise Failure(f"--app {module}: cannot import: {type(exc).__name__}: {exc}") \
+                from None
+
+
+# --------------------------------------------------------------------------------------------
+# running
+
+
+async def _serve(consumer: Any, args: argparse.Namespace) -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_signals, consumer, tg.cancel_scope)
+        if args.metrics_port is not None:
+            tg.start_soon(_health, consumer, args)
+        await consumer.run()
+        tg.cancel_scope.cancel()
+
+
+async def _signals(consumer: Any, scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if consumer._stopping:
+                log.warning("second %s: stopping now", signal.Signals(signum).name)
+                scope.cancel()
+                return
+            log.info("%s: finishing the deliveries in hand", signal.Signals(signum).name)
+            consumer.stop()
+
+
+async def _health(consumer: Any, args: argparse.Namespace) -> None:
+    from outbox.health import (
+        HealthMonitor,
+        HealthServer,
+        HealthState,
+        database_check,
+        provider_check,
+    )
+
+    checks = {"provider": provider_check(consumer.provider)}
+    if consumer.inbox is not None:
+        checks["database"] = database_check(consumer.inbox.engine)
+    state = HealthState(expected=tuple(checks))
+    server = HealthServer(state, host=args.metrics_host, port=args.metrics_port).start()
+    try:
+        await HealthMonitor(state, checks).run()
+    finally:
+        server.close()
+
+
+def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from outbox.broker import get_default_broker
+    from outbox.consume.consumer import Consumer
+    from outbox.events import set_instance_id
+    from outbox.inbox import Inbox
+
+    start = parse_start(args.start)
+    if args.concurrency is not None and args.concurrency < 1:
+        raise Failure("--concurrency must be >= 1")
+    config = load_config(args.config, env)
+    try:
+        config = config.with_overrides({"provider": args.provider,
+                                        "database.url": args.database_url})
+    except OutboxError as exc:
+        raise Failure(f"config: {exc}") from None
+    if config.instance_id:
+        set_instance_id(config.instance_id)
+    if config.provider not in PROVIDERS:
+        raise Failure(f"no bus to consume from: pass --provider {{{','.join(PROVIDERS)}}} (the "
+                      f"config says {config.provider!r})")
+    import_apps(args.app)
+    broker = get_default_broker()
+    if not broker.subscriptions():
+        raise Failure("no handlers are subscribed: pass --app MODULE with @outbox.subscribe "
+                      "handlers (consuming without any would acknowledge every event unhandled)")
+    provider = build_provider(config)
+    group = args.group or getattr(provider, "consumer_group", None)
+    if not group:
+        raise Failure("--group is required")
+    retry_policy = config.retry_policy
+    concurrency = args.concurrency or config.worker_count
+    inbox = Inbox(args.inbox_database_url) if args.inbox_database_url else None
+    try:
+        consumer = Consumer(
+            provider, group=group, patterns=args.pattern or ("*",), broker=broker,
+            consumer=args.consumer, start=start, retry_policy=retry_policy,
+            concurrency=concurrency, inbox=inbox, shutdown_timeout=args.shutdown_timeout,
+        )
+    except (TypeError, ValueError) as exc:
+        raise Failure(str(exc)) from None
+
+    async def main() -> None:
+        try:
+            await _serve(consumer, args)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await provider.close()
+                if inbox is not None:
+                    await inbox.close()
+
+    try:
+        anyio.run(main)
+    except BaseExceptionGroup as group_error:  # from the task group: report the cause, briefly
+        leaves = _leaves(group_error)
+        if leaves and all(isinstance(e, OutboxError | ValueError) for e in leaves):
+            raise leaves[0] from None
+        raise
+    return 0
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for sub in error.exceptions for leaf in _leaves(sub)]
+    return [error]
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
+    try:
+        return run(args, os.environ if env is None else env)
+    except Failure as exc:
+        print(f"outbox.consume: error: {redact(str(exc))}", file=sys.stderr)
+        return 2
+    except OutboxError as exc:  # e.g. SchemaMissing from the inbox check, a refused durable
+        print(f"outbox.consume: error: {redact(str(exc))}", file=sys.stderr)
+        return 2 if type(exc).__name__ == "SchemaMissing" else 1
+    except ValueError as exc:
+        print(f"outbox.consume: error: {redact(str(exc))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # pragma: no cover - signals are handled inside the loop
+        return 130
