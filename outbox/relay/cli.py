@@ -1,0 +1,221 @@
+"""``python -m outbox.relay``: the relay sidecar (SPEC §6).
+
+::
+
+    python -m outbox.relay [--database-url URL] [--config PATH] [--provider memory|redis|nats]
+        [--app MODULE ...] [--batch-size N] [--poll-interval S] [--lease S]
+        [--metrics-port PORT] [--metrics-host HOST] [--once] [--log-level LEVEL]
+
+Every flag is also a config key (``event_broker.database.url``, ``provider``, ``apps``,
+``database.batch_size``/``poll_interval``/``lease``/``notify``, ``metrics.port``/``host``,
+``log_level``) and an ``OUTBOX_*`` variable (``OUTBOX_DATABASE_URL``, ``OUTBOX_PROVIDER``,
+``OUTBOX_APPS``, ``OUTBOX_DATABASE_BATCH_SIZE``, …); flags win over the environment, which wins
+over the file. With nothing set the relay runs on the embedded default: SQLite ``outbox.db`` in
+the working directory (schema created if missing) and the memory provider.
+
+Startup errors (bad flags or config, unreachable database, missing ``events`` table, an ``--app``
+that does not import) print one line on stderr and exit 2. SIGTERM/SIGINT: finish the batch in
+hand, hand back the rest, exit 0; a second signal stops the batch in hand too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import anyio
+
+from outbox.exceptions import OutboxError
+
+__all__ = ["build_parser", "main"]
+
+log = logging.getLogger("outbox.relay")
+
+
+class Failure(Exception):
+    """A startup error: one line on stderr, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from outbox.logs import LOG_FORMATS, LOG_LEVELS
+
+    p = argparse.ArgumentParser(
+        prog="python -m outbox.relay",
+        description="Deliver committed events from the events table to handlers and a provider.",
+    )
+    p.add_argument("--database-url", metavar="URL",
+                   help="database with the events table (default: config, "
+                        "$OUTBOX_DATABASE_URL, else sqlite:///outbox.db)")
+    p.add_argument("--config", metavar="PATH", help="outbox YAML config (default: $OUTBOX_CONFIG)")
+    p.add_argument("--provider", metavar="NAME",
+                   help="where events are forwarded: memory (default), redis, nats")
+    p.add_argument("--app", action="append", default=[], metavar="MODULE",
+                   help="module to import so its @outbox.subscribe handlers register "
+                        "(repeatable)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="events per claim (default 100)")
+    p.add_argument("--poll-interval", type=float, metavar="SECONDS",
+                   help="look for events at least this often (default 1)")
+    p.add_argument("--lease", type=float, metavar="SECONDS",
+                   help="how long claimed events stay ours without renewal (default 30)")
+    p.add_argument("--no-notify", action="store_true",
+                   help="do not LISTEN for NOTIFY wake-ups (PostgreSQL); poll only")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve /metrics, /healthz, /readyz on this port (0: any free port)")
+    p.add_argument("--metrics-host", metavar="HOST", help="address for --metrics-port "
+                   "(default 127.0.0.1)")
+    p.add_argument("--once", action="store_true",
+                   help="process every event that is due, then exit 0")
+    p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
+                   help="minimum level of log records (default: config log_level, INFO)")
+    p.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                   help="text (default) or json: one JSON object per line")
+    return p
+
+
+def load_config(args: argparse.Namespace, env: Mapping[str, str]) -> Any:
+    """Defaults < config file < ``OUTBOX_*`` environment < flags."""
+    from outbox.config import Config
+
+    try:
+        config = Config.load(args.config or env.get("OUTBOX_CONFIG") or None, env=env)
+        overrides: dict[str, Any] = {
+            "database.url": args.database_url,
+            "provider": args.provider,
+            "database.batch_size": args.batch_size,
+            "database.poll_interval": args.poll_interval,
+            "database.lease": args.lease,
+            "metrics.port": args.metrics_port,
+            "metrics.host": args.metrics_host,
+            "log_level": args.log_level,
+        }
+        if args.no_notify:
+            overrides["database.notify"] = False
+        return config.with_overrides(overrides)
+    except OutboxError as exc:
+        raise Failure(f"config: {exc}") from None
+    except OSError as exc:
+        raise Failure(f"cannot read config {args.config}: {exc.strerror or exc}") from None
+
+
+def import_apps(modules: Sequence[str]) -> None:
+    if os.getcwd() not in sys.path:  # like `python -m`: app modules next to the working dir
+        sys.path.insert(0, os.getcwd())
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            raise Failure(f"--app {module}: cannot import: {type(exc).__name__}: {exc}") \
+                from None
+
+
+def build_relay(config: Any) -> Any:
+    """The default broker (provider from the config, handlers of the imported apps) + Relay."""
+    import outbox
+    from outbox.relay.relay import DEFAULT_DATABASE_URL, Relay
+
+    try:
+        broker = outbox.initialize(config)
+    except OutboxError as exc:
+        raise Failure(f"{config.provider} provider: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise Failure(f"{config.provider} provider: {exc}") from None
+    db = config.database
+    try:
+        return Relay(
+            db.url or DEFAULT_DATABASE_URL,
+            broker=broker,
+            batch_size=db.batch_size,
+            poll_interval=db.poll_interval,
+            lease=db.lease,
+            notify=db.notify,
+            retry_policy=config.retry_policy,
+        )
+    except OutboxError as exc:
+        raise Failure(str(exc)) from None
+    except Exception as exc:  # a bad URL or a missing driver, at engine creation
+        raise Failure(f"database: {type(exc).__name__}: {exc}") from None
+
+
+async def _signals(relay: Any) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if relay.stopping:
+                log.warning("second %s: handing back the batch in hand now", name)
+                relay.stop(now=True)
+            else:
+                log.info("%s: finishing the batch in hand, then exiting", name)
+                relay.stop()
+
+
+async def _run(relay: Any, config: Any, once: bool) -> None:
+    try:
+        await relay.start()
+    except OutboxError as exc:
+        raise Failure(str(exc)) from None
+    log.info("relay %s on %s, provider %s, batch %d, lease %.0fs, %s", relay.owner,
+             relay.url.render_as_string(hide_password=True), config.provider, relay.batch_size,
+             relay.lease, "LISTEN/NOTIFY" if relay.notify else f"polling {relay.poll_interval}s")
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_signals, relay)
+            if config.metrics.port is not None and not once:
+                from outbox.health import observe_relay
+
+                async with observe_relay(relay, host=config.metrics.host,
+                                         port=config.metrics.port) as observed:
+                    log.info("metrics on http://%s:%d/metrics", config.metrics.host,
+                             observed.server.port)
+                    await relay.run(once=once)
+            else:
+                await relay.run(once=once)
+            tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            provider = getattr(relay, "provider", None)
+            if provider is not None:
+                try:
+                    await provider.close()
+                except Exception as exc:  # closing must not hide how the run ended
+                    log.warning("closing the provider failed: %s", exc)
+    s = relay.stats
+    log.info("relay stopped: %d completed, %d retried, %d failed, %d handed back", s.completed,
+             s.retried, s.failed, s.released)
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    from outbox.logs import configure_logging
+
+    env = os.environ if env is None else env
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args, env)
+        configure_logging(config.log_level, args.log_format)
+        import_apps([*config.apps, *args.app])
+        relay = build_relay(config)
+        try:
+            anyio.run(_run, relay, config, args.once)
+        except BaseExceptionGroup as group:  # from a task group: report the cause, briefly
+            leaves = _leaves(group)
+            failures = [e for e in leaves if isinstance(e, Failure | OutboxError)]
+            if failures:
+                raise Failure(str(failures[0])) from None
+            raise
+    except Failure as exc:
+        print(f"outbox.relay: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # a signal before the loop installed its handlers
+        return 0
+    return 0
+
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for sub in error.exceptions for leaf in _leaves(sub)]
+    return [error]
