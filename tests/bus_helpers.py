@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,3 +143,224 @@ def wait_for(condition: object, timeout: float = 30.0, what: str = "condition") 
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+# -- relay → bus scenarios (tests/integration/test_redis_relay.py, test_nats_relay.py) ----------
+
+
+def commit_events(engine: Any, n: int, *, hang: int = 0, full: bool = True) -> list[Any]:
+    """Commit ``n`` events (plus ``hang`` that hang group $HANG_GROUP) in one transaction."""
+    from sqlalchemy.orm import Session
+
+    import outbox
+
+    events = []
+    for i in range(n + hang):
+        extra: dict[str, Any] = {}
+        if full:
+            extra = dict(user_id=f"u{i % 7}", session_id=f"s{i % 3}", schema_name="public",
+                         entity="users", entity_id=str(i), operation="update",
+                         ordering_key=f"public.users:{i % 5}",
+                         metadata={"changes": {"name": {"old": "a", "new": "b"}},
+                                   "traceparent": "00-0af7651916cd43dd8448eb211c80319c-"
+                                                  "b7ad6b7169203331-01"})
+        payload = {"i": i, "name": f"user {i}"}
+        if i >= n:
+            payload["hang"] = True
+        events.append(outbox.new_event(source="database", type="public.users.update",
+                                       payload=payload, **extra))
+    with Session(engine, expire_on_commit=False) as session, session.begin():
+        session.add_all(events)
+    return events
+
+
+def event_rows(engine: Any) -> dict[str, dict[str, Any]]:
+    """Every events row as ``to_dict()``, by id."""
+    import sqlalchemy as sa
+
+    import outbox
+
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(outbox.Event.__table__)).mappings().all()
+    return {str(r["id"]): dict(r) for r in rows}
+
+
+def check_with_cloudevents_sdk(documents: Sequence[bytes], rows: dict[str, dict[str, Any]]
+                               ) -> None:
+    """Parse each document with the public cloudevents SDK; every carried field matches."""
+    import json as _json
+
+    from cloudevents.core.formats.json import JSONFormat
+
+    assert len({_json.loads(d)["id"] for d in documents}) == len(rows)
+    for document in documents:
+        ce = JSONFormat().read(None, document)
+        attrs = ce.get_attributes()
+        row = rows[attrs["id"]]
+        assert attrs["specversion"] == "1.0"
+        assert attrs["source"] == f"/outbox/{row['instance_id']}/{row['source']}"
+        assert attrs["type"] == row["type"]
+        assert attrs["time"] == row["created_at"]
+        assert attrs["datacontenttype"] == "application/json"
+        assert ce.get_data() == row["payload"]
+        assert int(attrs["sequence"]) == row["seq"]
+        for attr, column in (("userid", "user_id"), ("sessionid", "session_id"),
+                             ("schemaname", "schema_name"), ("entity", "entity"),
+                             ("entityid", "entity_id"), ("operation", "operation"),
+                             ("partitionkey", "ordering_key")):
+            assert attrs.get(attr) == row[column], attr
+        assert _json.loads(attrs["metadata"]) == row["metadata"]
+        assert attrs["traceparent"] == row["metadata"]["traceparent"]
+
+
+async def relay_once(url: str, provider: Any) -> Any:
+    """Run a relay over ``url`` until nothing is due, forwarding to ``provider``."""
+    import outbox
+    from outbox.providers.memory import MemoryProvider
+    from outbox.relay import Relay
+
+    broker = outbox.Broker(MemoryProvider(), sync_handlers="inline")
+    relay = Relay(url, broker=broker, provider=provider, notify=False, poll_interval=0.1,
+                  batch_size=200)
+    await relay.run(once=True)
+    return relay
+
+
+def statuses(engine: Any) -> dict[str, int]:
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT status, count(*) FROM events GROUP BY status")).all()
+    return {status: int(n) for status, n in rows}
+
+
+def max_retry_count(engine: Any) -> int:
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text("SELECT coalesce(max(retry_count), 0) FROM events"))
+                   .scalar_one())
+
+
+def fanout_scenario(directory: Path, config: Path, provider_name: str, engine: Any,
+                    url: str, make_provider: Any, read_documents: Any) -> None:
+    """Relay → bus → two groups: each group gets every event once, two members of one group
+    split the events, a member killed mid-handler leaves its event to the other member; the
+    documents on the bus parse with the cloudevents SDK, fields intact; forwarding everything a
+    second time adds nothing to the bus."""
+    import anyio
+
+    write_app(directory)
+    env = {"HANG_GROUP": "a"}
+    a1 = start_consumer(directory, config, "a", provider=provider_name, env=env, name="a1")
+    a2 = start_consumer(directory, config, "a", provider=provider_name, env=env, name="a2")
+    b1 = start_consumer(directory, config, "b", provider=provider_name, env=env, name="b1")
+    consumers = [a1, a2, b1]
+    try:
+        for c in consumers:
+            c.wait_ready()
+        events = commit_events(engine, 200, hang=1)
+        ids = {str(e.id) for e in events}
+        hang_id = str(events[-1].id)
+
+        async def forward() -> None:
+            provider = make_provider()
+            try:
+                await relay_once(url, provider)
+            finally:
+                await provider.close()
+
+        anyio.run(forward)
+        assert statuses(engine) == {"completed": 201}
+
+        def group_ids(group: str) -> list[str]:
+            return [i for done in handled(directory, group).values() for i in done]
+
+        wait_for(lambda: len(group_ids("b")) >= 201, what="group b got every event")
+        wait_for(lambda: (directory / f"hung-{hang_id}").exists(), what="a member hanging")
+        wait_for(lambda: len(group_ids("a")) >= 200, what="group a got the other events")
+        hung_pid = int((directory / f"hung-{hang_id}").read_text())
+        victim = next(c for c in (a1, a2) if c.pid == hung_pid)
+        survivor = a2 if victim is a1 else a1
+        victim.kill()  # mid-handler: its entry was never acknowledged
+        wait_for(lambda: hang_id in handled(directory, "a").get(survivor.pid, []), timeout=60,
+                 what="the survivor took over the killed member's event")
+        wait_for(lambda: len(group_ids("a")) >= 201, what="group a complete")
+        by_member = handled(directory, "a")
+        assert len(by_member.get(a1.pid, [])) > 0 and len(by_member.get(a2.pid, [])) > 0, \
+            "both members of group a had a share"
+        assert sorted(group_ids("a")) == sorted(ids), "group a: every event exactly once"
+        assert sorted(group_ids("b")) == sorted(ids), "group b: every event exactly once"
+        for c in (survivor, b1):
+            assert c.terminate() == 0, c.log.read_text()
+    finally:
+        for c in consumers:
+            c.kill()
+
+    rows = event_rows(engine)
+    documents = anyio.run(read_documents)
+    check_with_cloudevents_sdk(documents, rows)
+
+    # The relay forwarding the same events again (a retry after a lost ack) adds nothing.
+    import sqlalchemy as sa
+
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE events SET status = 'pending', next_attempt_at = "
+                             "created_at, lease_owner = NULL, lease_token = NULL, "
+                             "lease_expires_at = NULL"))
+
+    async def forward_again() -> None:
+        provider = make_provider()
+        try:
+            await relay_once(url, provider)
+        finally:
+            await provider.close()
+
+    anyio.run(forward_again)
+    assert statuses(engine) == {"completed": 201}
+    assert len(anyio.run(read_documents)) == 201
+
+
+def outage_scenario(engine: Any, url: str, server: Any, make_provider: Any,
+                    read_ids: Any, n: int = 10_000, outage: float = 15.0) -> None:
+    """Stop the bus while the relay forwards ``n`` events, restart it after ``outage`` seconds:
+    every event arrives, none is failed or charged a retry, duplicates carry the same id."""
+    import anyio
+
+    events = commit_events(engine, n, full=False)
+    ids = {str(e.id) for e in events}
+
+    async def scenario() -> None:
+        import outbox
+        from outbox.providers.memory import MemoryProvider
+        from outbox.relay import Relay
+
+        provider = make_provider()
+        broker = outbox.Broker(MemoryProvider(), sync_handlers="inline")
+        relay = Relay(url, broker=broker, provider=provider, notify=False, poll_interval=0.2,
+                      batch_size=200)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(relay.run)
+                with anyio.fail_after(60):
+                    while statuses(engine).get("completed", 0) < n // 10:  # noqa: ASYNC110
+                        await anyio.sleep(0.02)
+                server.stop()
+                down_at = statuses(engine).get("completed", 0)
+                await anyio.sleep(outage)
+                assert statuses(engine).get("failed", 0) == 0
+                assert relay.stats.outages >= 1
+                server.start()
+                with anyio.fail_after(120):
+                    while statuses(engine).get("completed", 0) < n:  # noqa: ASYNC110
+                        await anyio.sleep(0.1)
+                assert down_at < n, "the outage hit while the relay was forwarding"
+                relay.stop()
+        finally:
+            await provider.close()
+
+    anyio.run(scenario)
+    assert statuses(engine) == {"completed": n}
+    assert max_retry_count(engine) == 0, "an outage is not an event failure"
+    arrived = anyio.run(read_ids)
+    assert set(arrived) == ids, f"{len(ids - set(arrived))} events missing on the bus"
