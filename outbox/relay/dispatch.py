@@ -156,7 +156,7 @@ class Dispatcher:
         for position, event in enumerate(lane):
             done = handled_names(event)
             try:
-                res = await self.broker.dispatch(event, done=done, attempts=event.retry_count + 1)
+                res = await self.broker.dispatch(event, done=done, attempts=1)
             except Exception as exc:  # the broker itself failed: the whole event failed
                 self._fail(event, f"dispatch: {_describe(exc)}", done, result)
                 self._hold(lane[position + 1:], result)
