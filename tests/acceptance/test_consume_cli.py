@@ -213,3 +213,30 @@ def test_secrets_are_not_printed(tmp_path: Path) -> None:
                       tmp_path)
     assert result.returncode != 0
     assert secret not in result.stderr + result.stdout
+
+
+def test_relay_cli_forwards_to_the_consumer_cli(bus: dict[str, Any], pg_url: str,
+                                                pg_engine: sa.Engine) -> None:
+    """python -m outbox.relay --provider redis|nats → python -m outbox.consume, both real."""
+    from tests.bus_helpers import commit_events, statuses
+
+    directory: Path = bus["dir"]
+    consumer = start_consumer(directory, bus["config"], "search", provider=bus["name"])
+    try:
+        consumer.wait_ready()
+        events = commit_events(pg_engine, 50)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env.pop("OUTBOX_CONFIG", None)
+        relay = subprocess.run(
+            [sys.executable, "-m", "outbox.relay", "--provider", bus["name"], "--config",
+             str(bus["config"]), "--database-url", pg_url, "--once"],
+            cwd=directory, env=env, capture_output=True, text=True, timeout=120)
+        assert relay.returncode == 0, relay.stderr
+        assert statuses(pg_engine) == {"completed": 50}
+        wait_for(lambda: sum(len(v) for v in handled(directory, "search").values()) >= 50,
+                 what="the consumer handled what the relay forwarded")
+        assert consumer.terminate() == 0
+    finally:
+        consumer.kill()
+    done = [i for ids in handled(directory, "search").values() for i in ids]
+    assert sorted(done) == sorted(str(e.id) for e in events)
