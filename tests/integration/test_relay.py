@@ -25,7 +25,7 @@ FAST = RetryPolicy(max_retries=3, initial_delay=0.05, max_delay=0.2, jitter=0.0)
 
 
 def add_events(
-    engine: sa.Engine, n: int, *, key: str | None | Callable[[int], str | None] = None,
+    engine: sa.Engine, n: int, *, key: str | Callable[[int], str | None] | None = None,
     type: str = "test.item.create",
 ) -> list[uuid.UUID]:
     """Commit ``n`` events in one transaction; returns their ids in insertion order."""
@@ -73,6 +73,13 @@ def make(engine: sa.Engine, *, policy: RetryPolicy = FAST, **kw: Any) -> tuple[R
     kw.setdefault("poll_interval", 0.05)
     relay = Relay(engine, broker=broker, retry_policy=policy, **kw)
     return relay, rec, provider
+
+
+async def wait_for(pred: Callable[[], bool], limit: float = 30.0, step: float = 0.02) -> None:
+    """Poll ``pred`` until it holds (fails the test after ``limit`` seconds)."""
+    with anyio.fail_after(limit):
+        while not pred():  # noqa: ASYNC110 - polling state owned by other tasks and the DB
+            await anyio.sleep(step)
 
 
 async def run_until(relay: Relay, done: Callable[[], bool | Awaitable[bool]],
@@ -272,16 +279,14 @@ async def test_provider_outage_holds_events_without_using_retries(engine: sa.Eng
 
     async def scenario() -> None:
         with anyio.fail_after(30):
-            while relay.stats.outages < 1:
-                await anyio.sleep(0.02)
+            await wait_for(lambda: relay.stats.outages >= 1, step=0.02)
             assert not relay.stats.ready
             await anyio.sleep(0.3)  # several backoff rounds
             c = counts(engine)
             assert c.get("completed", 0) == 0 and c.get("failed", 0) == 0
             assert all(e.retry_count == 0 for e in rows(engine))
             provider.fail_with = None
-            while counts(engine) != {"completed": 25}:
-                await anyio.sleep(0.02)
+            await wait_for(lambda: counts(engine) == {"completed": 25}, step=0.02)
         relay.stop()
 
     async with anyio.create_task_group() as tg:
@@ -360,11 +365,9 @@ async def test_lease_renewed_while_a_slow_batch_runs(pg_engine: sa.Engine) -> No
     async with anyio.create_task_group() as tg:
         tg.start_soon(relay.run)
         with anyio.fail_after(30):
-            while not relay.stats.claimed:
-                await anyio.sleep(0.01)
+            await wait_for(lambda: relay.stats.claimed, step=0.01)
         tg.start_soon(other.run)
-        while counts(pg_engine) != {"completed": 3}:
-            await anyio.sleep(0.05)
+        await wait_for(lambda: counts(pg_engine) == {"completed": 3}, step=0.05)
         relay.stop()
         other.stop()
     assert sorted(e.id for e in rec.seen + other_rec.seen) == sorted(ids)  # none twice
@@ -390,8 +393,7 @@ async def test_late_committing_writer_is_not_skipped(pg_url: str) -> None:
         early_id = early.id
         later = add_events(engine, 30)
         with anyio.fail_after(30):
-            while counts(engine).get("completed", 0) < 30:
-                await anyio.sleep(0.02)
+            await wait_for(lambda: counts(engine).get("completed", 0) >= 30, step=0.02)
         with engine.connect() as c:
             early_seq = c.execute(sa.text("SELECT seq FROM events WHERE id = :i"),
                                   {"i": early_id}).scalar_one_or_none()
@@ -399,8 +401,7 @@ async def test_late_committing_writer_is_not_skipped(pg_url: str) -> None:
         slow.commit()
         slow.close()
         with anyio.fail_after(30):
-            while counts(engine) != {"completed": 31}:
-                await anyio.sleep(0.02)
+            await wait_for(lambda: counts(engine) == {"completed": 31}, step=0.02)
         relay.stop()
     seen = [e.id for e in rec.seen]
     assert sorted(seen) == sorted([*later, early_id])
@@ -409,18 +410,16 @@ async def test_late_committing_writer_is_not_skipped(pg_url: str) -> None:
 
 @pytest.mark.anyio
 async def test_notify_wakes_relay_without_polling(pg_engine: sa.Engine) -> None:
-    relay, rec, _ = make(pg_engine, poll_interval=3600)
+    relay, _rec, _ = make(pg_engine, poll_interval=3600)
     relay.rescan_interval = 3600
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(relay.run)
         with anyio.fail_after(30):
-            while not relay.stats.listener_connected:
-                await anyio.sleep(0.01)
+            await wait_for(lambda: relay.stats.listener_connected, step=0.01)
             await anyio.sleep(0.1)
             add_events(pg_engine, 3)
-            while counts(pg_engine) != {"completed": 3}:
-                await anyio.sleep(0.01)
+            await wait_for(lambda: counts(pg_engine) == {"completed": 3}, step=0.01)
         relay.stop()
     assert relay.stats.notifications >= 1
 
@@ -428,20 +427,18 @@ async def test_notify_wakes_relay_without_polling(pg_engine: sa.Engine) -> None:
 @pytest.mark.anyio
 async def test_notify_can_be_switched_off_for_writers(pg_engine: sa.Engine) -> None:
     """``SET outbox.notify = off`` silences the trigger; the relay still finds events by polling."""
-    relay, rec, _ = make(pg_engine, poll_interval=0.2)
+    relay, _rec, _ = make(pg_engine, poll_interval=0.2)
     async with anyio.create_task_group() as tg:
         tg.start_soon(relay.run)
         with anyio.fail_after(30):
-            while not relay.stats.listener_connected:
-                await anyio.sleep(0.01)
+            await wait_for(lambda: relay.stats.listener_connected, step=0.01)
             await anyio.sleep(0.1)
             before = relay.stats.notifications
             with Session(pg_engine) as s:
                 s.execute(sa.text("SET LOCAL outbox.notify = off"))
                 s.add(outbox.new_event("system", "test.quiet.create", {}))
                 s.commit()
-            while counts(pg_engine) != {"completed": 1}:
-                await anyio.sleep(0.02)
+            await wait_for(lambda: counts(pg_engine) == {"completed": 1}, step=0.02)
         relay.stop()
     assert relay.stats.notifications == before
 
