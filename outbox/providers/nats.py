@@ -604,7 +604,7 @@ class NATSProvider:
         kv = await self._bucket()
         try:
             entry = await kv.get(str(key))
-        except js_errors.KeyNotFoundError:
+        except (js_errors.KeyNotFoundError, js_errors.KeyDeletedError):
             return None
         return None if entry.value is None else _from_record(entry.value)
 
@@ -648,7 +648,7 @@ class NATSProvider:
             except js_errors.NoKeysError:
                 keys = []
             for key in keys:
-                with contextlib.suppress(js_errors.KeyNotFoundError):
+                with contextlib.suppress(js_errors.KeyNotFoundError, js_errors.KeyDeletedError):
                     entry = await kv.get(key)
                     if entry.value:
                         event = _from_record(entry.value)
