@@ -1,0 +1,271 @@
+"""Configuration loading (SPEC §8)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from outbox import Config, ConfigError, MemoryProvider, MissingDependency, RetryPolicy
+from outbox.config import provider_from_config, redact_url
+
+SEED_YAML = """
+event_broker:
+  enabled: true
+  provider: redis # memory, redis, nats, database
+  mode: async # sync, async
+  worker_count: 10
+  buffer_size: 1000
+  instance_id: "${HOSTNAME}"
+
+  redis:
+    stream_name: "resolvespec:events"
+    consumer_group: "resolvespec-workers"
+    host: "localhost"
+    port: 6379
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "outbox.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_follow_the_spec() -> None:
+    c = Config.load(env={})
+    assert (c.provider, c.mode, c.worker_count, c.buffer_size) == ("memory", "async", 10, 1000)
+    assert c.instance_id is None  # hostname-pid, computed by outbox.get_instance_id()
+    assert c.retry_policy == RetryPolicy()
+    assert (c.redis.max_len, c.redis.stream_name, c.redis.consumer_group) == (
+        10000, "outbox:events", "outbox-workers")
+    assert (c.nats.max_age, c.nats.stream_name, c.nats.subject_prefix) == (
+        86400.0, "OUTBOX_EVENTS", "events")
+    assert (c.database.poll_interval, c.database.batch_size, c.database.lease,
+            c.database.notify) == (1.0, 100, 30.0, True)
+    assert (c.metrics.port, c.metrics.host) == (None, "127.0.0.1")
+
+
+def test_the_seed_example_loads(tmp_path: Path) -> None:
+    c = Config.load(write(tmp_path, SEED_YAML), env={"HOSTNAME": "web-1"})
+    assert c.provider == "redis" and c.instance_id == "web-1"
+    assert (c.redis.host, c.redis.port, c.redis.stream_name) == (
+        "localhost", 6379, "resolvespec:events")
+
+
+def test_path_from_outbox_config(tmp_path: Path) -> None:
+    path = write(tmp_path, "event_broker:\n  worker_count: 3\n")
+    assert Config.load(env={"OUTBOX_CONFIG": str(path)}).worker_count == 3
+
+
+def test_expansion_with_defaults_and_escapes(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+event_broker:
+  instance_id: "${POD:-local}-$${literal}"
+  database:
+    url: "postgresql+psycopg://app@${DB_HOST:-localhost}/app"
+    batch_size: ${BATCH:-250}
+    notify: ${NOTIFY:-off}
+  nats:
+    max_age: 2h
+""")
+    c = Config.load(path, env={"DB_HOST": "db.internal"})
+    assert c.instance_id == "local-${literal}"
+    assert c.database.url == "postgresql+psycopg://app@db.internal/app"
+    assert c.database.batch_size == 250 and c.database.notify is False
+    assert c.nats.max_age == 7200.0
+
+
+def test_unset_variable_without_default_names_key_and_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"event_broker\.instance_id: .*HOSTNAME"):
+        Config.load(write(tmp_path, SEED_YAML), env={})
+
+
+def test_environment_overrides_every_key(tmp_path: Path) -> None:
+    env = {
+        "HOSTNAME": "h",
+        "OUTBOX_PROVIDER": "nats",
+        "OUTBOX_DATABASE_URL": "sqlite:///x.db",
+        "OUTBOX_REDIS_URL": "redis://127.0.0.1:6380/1",
+        "OUTBOX_NATS_URL": "nats://127.0.0.1:4223",
+        "OUTBOX_INSTANCE_ID": "from-env",
+        "OUTBOX_WORKER_COUNT": "4",
+        "OUTBOX_REDIS_STREAM_NAME": "s",
+        "OUTBOX_RETRY_POLICY_MAX_RETRIES": "7",
+        "OUTBOX_RETRY_POLICY_INITIAL_DELAY": "250ms",
+        "OUTBOX_METRICS_PORT": "9100",
+        "OUTBOX_DATABASE_NOTIFY": "false",
+        "OUTBOX_APPS": "app.handlers, app.audit",
+    }
+    c = Config.load(write(tmp_path, SEED_YAML), env=env)
+    assert (c.provider, c.instance_id, c.worker_count) == ("nats", "from-env", 4)
+    assert c.database.url == "sqlite:///x.db" and c.database.notify is False
+    assert c.redis.url == "redis://127.0.0.1:6380/1" and c.redis.stream_name == "s"
+    assert c.redis.host == "localhost"  # from the file
+    assert c.nats.url == "nats://127.0.0.1:4223"
+    assert c.retry_policy.max_retries == 7 and c.retry_policy.initial_delay == 0.25
+    assert c.metrics.port == 9100
+    assert c.apps == ("app.handlers", "app.audit")
+
+
+def test_overrides_from_flags_are_validated() -> None:
+    c = Config().with_overrides({"database.batch_size": "500", "provider": "redis",
+                                 "metrics.port": 0, "database.lease": None})
+    assert (c.database.batch_size, c.provider, c.metrics.port) == (500, "redis", 0)
+    assert c.database.lease == 30.0
+    with pytest.raises(ConfigError, match=r"event_broker\.database\.batch_size"):
+        c.with_overrides({"database.batch_size": "many"})
+    with pytest.raises(ConfigError, match=r"event_broker\.database\.nope"):
+        c.with_overrides({"database.nope": 1})
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "message"),
+    [
+        ({"provider": "kafka"}, "event_broker.provider", "must be one of"),
+        ({"mode": "later"}, "event_broker.mode", "must be one of"),
+        ({"worker_count": 0}, "event_broker.worker_count", "at least 1"),
+        ({"worker_count": "ten"}, "event_broker.worker_count", "expected an integer"),
+        ({"worker_count": True}, "event_broker.worker_count", "expected an integer"),
+        ({"buffer_size": 1.5}, "event_broker.buffer_size", "expected an integer"),
+        ({"workers": 3}, "event_broker.workers", "unknown key"),
+        ({"redis": {"prot": 1}}, "event_broker.redis.prot", "unknown key"),
+        ({"redis": []}, "event_broker.redis", "must be a mapping"),
+        ({"redis": {"port": 70000}}, "event_broker.redis.port", "at most 65535"),
+        ({"redis": {"url": "http://h:6379"}}, "event_broker.redis.url", "scheme"),
+        ({"redis": {"url": "redis://h:port"}}, "event_broker.redis.url", "not a valid URL"),
+        ({"nats": {"url": "nats://"}}, "event_broker.nats.url", "no host"),
+        ({"database": {"url": "not a url"}}, "event_broker.database.url", "database URL"),
+        ({"database": {"poll_interval": 0}}, "event_broker.database.poll_interval",
+         "greater than 0"),
+        ({"database": {"notify": "maybe"}}, "event_broker.database.notify",
+         "expected true or false"),
+        ({"nats": {"max_age": "forever"}}, "event_broker.nats.max_age", "duration"),
+        ({"retry_policy": {"max_retries": -1}}, "event_broker.retry_policy.max_retries",
+         ">= 0"),
+        ({"retry_policy": {"tries": 3}}, "event_broker.retry_policy.tries", "unknown key"),
+        ({"apps": "one"}, "event_broker.apps", "list of strings"),
+        ({"log_level": "LOUD"}, "event_broker.log_level", "must be one of"),
+    ],
+)
+def test_bad_values_name_the_key(data: dict[str, Any], key: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        Config.from_dict(data)
+    assert info.value.key == key or str(info.value).startswith(key)
+
+
+def test_bad_environment_values_name_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"event_broker\.redis\.port: expected an integer"):
+        Config.load(env={"OUTBOX_REDIS_PORT": "abc"})
+
+
+def test_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        Config.load(tmp_path / "missing.yaml", env={})
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        Config.load(write(tmp_path, "event_broker:\n  provider: [\n"), env={})
+    with pytest.raises(ConfigError, match="event_broker: missing"):
+        Config.load(write(tmp_path, "provider: redis\n"), env={})
+    assert Config.load(write(tmp_path, ""), env={}) == Config()
+    assert Config.load(write(tmp_path, "event_broker:\n"), env={}) == Config()
+
+
+SECRETS = ["hunter2-redis", "hunter2-url", "hunter2-nats-token", "hunter2-nats-pw"]
+
+
+def secret_config() -> Config:
+    return Config.from_dict({
+        "redis": {"url": "redis://app:hunter2-url@127.0.0.1:6379/0", "password": "hunter2-redis"},
+        "nats": {"token": "hunter2-nats-token", "user": "u", "password": "hunter2-nats-pw"},
+        "database": {"url": "postgresql://app:hunter2-url@db/app"},
+    })
+
+
+def test_secrets_never_appear_in_repr_or_dict() -> None:
+    c = secret_config()
+    for text in (repr(c), str(c), repr(c.redis), str(c.to_dict())):
+        for secret in SECRETS:
+            assert secret not in text
+    assert "***" in repr(c.redis) and "app:***@127.0.0.1:6379" in repr(c.redis)
+    assert c.to_dict(redact=False)["redis"]["password"] == "hunter2-redis"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"redis": {"password": 12345}},
+        {"redis": {"url": "http://app:hunter2-url@h/0"}},
+        {"redis": {"url": "redis://app:hunter2-url@h:notaport/0"}},
+        {"database": {"url": "hunter2-url"}},
+        {"nats": {"token": ["hunter2-nats-token"]}},
+    ],
+)
+def test_secrets_never_appear_in_errors(data: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict(data)
+    for secret in [*SECRETS, "12345"]:
+        assert secret not in str(info.value)
+
+
+def test_secret_from_environment_is_not_echoed() -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.load(env={"OUTBOX_REDIS_URL": "redis://u:hunter2-url@h:bad/0"})
+    assert "hunter2" not in str(info.value)
+
+
+def test_redact_url() -> None:
+    assert redact_url("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
+    assert redact_url("redis://h:1/0") == "redis://h:1/0"
+
+
+def test_provider_from_config_memory() -> None:
+    c = Config.from_dict({"memory": {"max_events": 5, "max_age": "1h", "cleanup_interval": 0}})
+    p = provider_from_config(c)
+    assert isinstance(p, MemoryProvider)
+    assert (p.max_events, p.max_age, p.cleanup_interval) == (5, 3600.0, 0.0)
+
+
+def test_provider_from_config_imports_the_provider_lazily(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[Any] = []
+
+    class FakeRedisProvider:
+        @classmethod
+        def from_config(cls, config: Config) -> FakeRedisProvider:
+            made.append(config)
+            return cls()
+
+    class FakeModule:
+        RedisProvider = FakeRedisProvider
+
+    def fake_import(name: str) -> Any:
+        assert name == "outbox.providers.redis"
+        return FakeModule
+
+    monkeypatch.setattr(importlib, "import_module", fake_import)
+    c = Config(provider="redis")
+    assert isinstance(provider_from_config(c), FakeRedisProvider) and made == [c]
+
+
+@pytest.mark.parametrize(("provider", "driver", "extra"),
+                         [("redis", "redis", "redis"), ("nats", "nats", "nats"),
+                          ("database", "psycopg", "postgres")])
+def test_missing_driver_is_a_missing_dependency(
+    monkeypatch: pytest.MonkeyPatch, provider: str, driver: str, extra: str
+) -> None:
+    def fake_import(name: str) -> Any:
+        raise ModuleNotFoundError(f"No module named {driver!r}", name=driver)
+
+    monkeypatch.setattr(importlib, "import_module", fake_import)
+    with pytest.raises(MissingDependency, match=rf"outbox\[{extra}\]"):
+        provider_from_config(Config(provider=provider))
+
+
+def test_provider_validation_errors_become_config_errors() -> None:
+    pytest.importorskip("nats")
+    c = Config.from_dict({"provider": "nats", "nats": {"stream_name": "a.b"}})
+    with pytest.raises(ConfigError, match=r"event_broker\.nats\.stream_name"):
+        provider_from_config(c)
