@@ -279,3 +279,39 @@ async def test_failed_attempt_leaves_nothing_behind(app_engine: sa.Engine,
     with app_engine.connect() as conn:
         notes = sorted(conn.execute(sa.select(effects.c.note)).scalars())
     assert notes == ["a", "b"]
+
+
+async def test_database_provider_acks_in_the_handlers_transaction(pg_url: str,
+                                                                  pg_engine: sa.Engine) -> None:
+    """--provider database with the inbox on the same database: the inbox row and the group's
+    cursor move in the handler's transaction (DatabaseDelivery.ack_in)."""
+    from outbox.providers.database import DatabaseProvider
+
+    effects.create(pg_engine)
+    provider = DatabaseProvider(pg_url, poll_interval=0.1)
+    inbox = Inbox(pg_engine)
+    assert inbox.same_database(provider.engine)
+    broker = Broker(MemoryProvider(), retry_policy=RetryPolicy(initial_delay=0.05, jitter=0))
+    calls: list[uuid.UUID] = []
+
+    def write(event: Event) -> None:
+        calls.append(event.id)
+        current_connection().execute(effects.insert().values(event_id=event.id, note="db"))
+
+    broker.subscribe("public.orders.*", write)
+    consumer = Consumer(provider, group="db-group", broker=broker, inbox=inbox)
+    events = [new_event(source="database", type="public.orders.create", payload={"i": i})
+              for i in range(5)]
+    try:
+        async with running(consumer):
+            for event in events:
+                await provider.publish(event)
+            await _until(lambda: consumer.stats.handled == 5)
+        assert consumer._ack_in_transaction
+    finally:
+        await provider.close()
+    assert sorted(calls) == sorted(e.id for e in events)
+    with pg_engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(
+            outbox.schema.inbox_table)).scalar_one() == 5
+    assert _count(pg_engine) == 5
