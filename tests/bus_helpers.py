@@ -364,3 +364,40 @@ def outage_scenario(engine: Any, url: str, server: Any, make_provider: Any,
     assert max_retry_count(engine) == 0, "an outage is not an event failure"
     arrived = anyio.run(read_ids)
     assert set(arrived) == ids, f"{len(ids - set(arrived))} events missing on the bus"
+
+
+# -- TLS ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certificates:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_certificates(directory: Path) -> Certificates:
+    """A throw-away CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
+    import shutil
+
+    import pytest
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "1", "-subj", "/CN=outbox-test-ca")
+    for name, subject in (("server", "/CN=127.0.0.1"), ("client", "/CN=outbox-client")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+            f"{name}.csr", "-subj", subject)
+        extra = ["-extfile", "san.ext"] if name == "server" else []
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.crt", "-days", "1", *extra)
+    return Certificates(directory / "ca.crt", directory / "server.crt", directory / "server.key",
+                        directory / "client.crt", directory / "client.key")
