@@ -81,11 +81,30 @@ def _group_backlog(make: Callable[[], Any], group: str) -> int:
     return anyio.run(run)
 
 
+def _status(url: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
 def test_consumes_and_stops_gracefully_on_sigterm(bus: dict[str, Any]) -> None:
+    from tests.servers import free_port
+
     directory: Path = bus["dir"]
-    consumer = start_consumer(directory, bus["config"], "billing", provider=bus["name"])
+    port = free_port()
+    consumer = start_consumer(directory, bus["config"], "billing", provider=bus["name"],
+                              extra=["--metrics-port", str(port)])
     try:
         consumer.wait_ready()
+        wait_for(lambda: _status(f"http://127.0.0.1:{port}/readyz") == 200, what="/readyz")
+        assert _status(f"http://127.0.0.1:{port}/healthz") == 200
         fast = _events(5)
         slow = _events(1, sleep=1.5)
         _publish(bus["make"], fast + slow)
