@@ -545,8 +545,9 @@ class Broker:
         except BaseException:
             self._release()
             raise
-        self._commit(event, stored=True)
-        self._accepted(event)
+        self._commit(event, stored=True, count=True)
+        if self._observers or _global_observers:
+            self._notify("on_published", event)
 
     def submit(self, event: Event) -> None:
         """Queue ``event`` for the workers: synchronous, non-blocking, callable from any thread.
@@ -558,8 +559,9 @@ class Broker:
         """
         self._prepare(event)
         self._reserve_nowait()
-        self._commit(event, stored=False)
-        self._accepted(event)
+        self._commit(event, stored=False, count=True)
+        if self._observers or _global_observers:
+            self._notify("on_published", event)
 
     async def dispatch(
         self, event: Event, *, done: Collection[str] = (), attempts: int = 1
@@ -695,12 +697,14 @@ class Broker:
             self._reserved -= 1
         self._wake_workers_threadsafe()
 
-    def _commit(self, event: Event, *, stored: bool) -> None:
+    def _commit(self, event: Event, *, stored: bool, count: bool = False) -> None:
         with self._lock:
             self._reserved -= 1
             if self._state is _State.STOPPED:
                 raise BrokerClosed("the broker stopped before the event could be queued")
             self._queue.append((event, stored))
+            if count:
+                self._published += 1
         self._wake_workers_threadsafe()
 
     def _accepted(self, event: Event) -> None:
@@ -772,8 +776,7 @@ class Broker:
                 log.exception("broker %s: unexpected error processing event %s", self.instance_id,
                               event.id)
             finally:
-                with self._lock:
-                    self._active -= 1
+                self._active -= 1  # only ever changed in the loop thread
             since_yield += 1
             if since_yield >= _YIELD_EVERY:
                 since_yield = 0
@@ -799,9 +802,11 @@ class Broker:
 
     async def _run(self, event: Event, subs: tuple[Subscription, ...]) -> DispatchResult:
         """Handlers with retries, then the final status (shared by publish_sync and workers)."""
-        started = time.perf_counter()
+        observed = bool(self._observers or _global_observers)
+        started = time.perf_counter() if observed else 0.0
         event_id = _event_id(event)
-        _assign(event, {"status": _PROCESSING, "error": None, "processed_at": utcnow()})
+        state = event.__dict__ if _transient(event) else None
+        _assign(event, {"status": _PROCESSING, "error": None, "processed_at": utcnow()}, state)
         await self._provider_update(event_id, _PROCESSING, None)
         result = await run_subscriptions(
             subs,
@@ -818,9 +823,9 @@ class Broker:
         else:
             status, error = _FAILED, joined_error(result.failed)
             self._failed += 1
-        _assign(event, {"status": status, "error": error, "completed_at": utcnow()})
+        _assign(event, {"status": status, "error": error, "completed_at": utcnow()}, state)
         await self._provider_update(event_id, status, error)
-        if self._observers or _global_observers:
+        if observed:
             self._notify("on_processed", event, status, time.perf_counter() - started)
         return result
 
