@@ -4,7 +4,7 @@
     patterns over ``schema.entity.operation`` types): lookups per second of the subscription trie
     (``SubscriptionIndex.match_uncached``; and ``match``, which adds the per-type cache) next to a
     naive linear scan (``Pattern.matches`` on every subscription) in the same run, after checking
-    they return the same subscriptions. Target: trie ≥ 20× the scan.
+    they return the same subscriptions. Target: trie ≥ 20x the scan.
 (b) Async publish → no-op async handler, 10 workers, buffer 1000, memory provider: events/s from
     the first ``publish_async`` to the last handler call (``Broker.join``), as wall-clock rate and
     as rate per CPU-second of this process (the "one core" figure, robust to a busy machine).

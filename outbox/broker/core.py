@@ -814,6 +814,7 @@ class Broker:
             attempts=self.retry_policy.max_attempts,
             policy=self.retry_policy,
             retry_scopes=self._retry_scopes,
+            final_level=logging.ERROR,
         )
         if result.interrupted:
             return result

@@ -59,11 +59,14 @@ async def run_subscriptions(
     policy: RetryPolicy,
     done: Collection[str] = (),
     retry_scopes: set[anyio.CancelScope] | None = None,
+    final_level: int = logging.WARNING,
 ) -> DispatchResult:
     """Run every subscription of ``subs`` not named in ``done``, each up to ``attempts`` times.
 
     Retry sleeps follow ``policy``; with ``attempts == 1`` nothing sleeps. The retry phase runs
-    in a cancel scope added to ``retry_scopes`` so a stopping broker can cut it short.
+    in a cancel scope added to ``retry_scopes`` so a stopping broker can cut it short. A last
+    failed attempt is logged at ``final_level`` with its traceback (ERROR when the event fails
+    for good; the relay, which retries later itself, keeps WARNING).
     """
     result = DispatchResult(matched=len(subs))
     failing: list[tuple[Subscription, Exception]] = []
@@ -77,7 +80,7 @@ async def run_subscriptions(
             else:
                 await call_handler(sub, event)
         except Exception as exc:
-            _log_failure(sub, event, exc, 1, attempts)
+            _log_failure(sub, event, exc, 1, attempts, final_level)
             failing.append((sub, exc))
         else:
             result.succeeded.append(sub.name)
@@ -95,7 +98,7 @@ async def run_subscriptions(
             try:
                 await call_handler(sub, event)
             except Exception as error:
-                _log_failure(sub, event, error, attempt, attempts)
+                _log_failure(sub, event, error, attempt, attempts, final_level)
                 last[sub.name] = error
             else:
                 del last[sub.name]
@@ -122,11 +125,11 @@ async def run_subscriptions(
 
 
 def _log_failure(
-    sub: Subscription, event: Event, exc: Exception, attempt: int, attempts: int
+    sub: Subscription, event: Event, exc: Exception, attempt: int, attempts: int, level: int
 ) -> None:
     final = attempt >= attempts
     log.log(
-        logging.ERROR if final else logging.WARNING,
+        level if final else logging.WARNING,
         "handler %s failed on event %s (%s), attempt %d/%d%s: %s: %s",
         sub.name, event.id, event.type, attempt, attempts,
         "" if final else ", will retry", type(exc).__name__, exc,
