@@ -377,11 +377,14 @@ def new_event(
     """A new pending event: uuid id, ``created_at`` now, ``instance_id`` of this process.
 
     ``user_id``/``session_id`` default to the ones set with :func:`outbox.context`, and the
-    context's metadata is merged under ``metadata``. ``payload`` and ``metadata`` are converted to
-    JSON-safe values now, so an unserialisable value fails here and not in a background relay.
+    context's metadata is merged under ``metadata`` (so is the W3C ``traceparent``/``tracestate``
+    of the active OpenTelemetry span, when there is one). ``payload`` and ``metadata`` are
+    converted to JSON-safe values now, so an unserialisable value fails here and not in a
+    background relay.
     Add the result to a session to commit it with the session's transaction.
     """
     from outbox.context import current_context  # local: context imports nothing from here
+    from outbox.tracing import current_trace_context
 
     if not isinstance(type, str) or not type:
         raise ValueError("event type must be a non-empty string")
@@ -394,6 +397,7 @@ def new_event(
     if session_id is None:
         session_id = ctx.session_id
     meta: dict[str, Any] = dict(ctx.metadata)
+    meta.update(current_trace_context())  # the active span, when OpenTelemetry is in use
     if metadata:
         meta.update(metadata)
     try:

@@ -22,8 +22,6 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -38,6 +36,7 @@ __all__ = [
     "TextFormatter",
     "add_logging_arguments",
     "configure_logging",
+    "current_event",
     "event_context",
     "event_extra",
     "redact",
@@ -48,7 +47,7 @@ EVENT_FIELDS: tuple[str, ...] = ("event_id", "event_type", "event_seq")
 LOG_FORMATS: tuple[str, ...] = ("text", "json")
 LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
-_current_event: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+_current_event: contextvars.ContextVar[Event | None] = contextvars.ContextVar(
     "outbox_log_event", default=None
 )
 
@@ -69,24 +68,38 @@ def event_extra(event: Event) -> dict[str, Any]:
     }
 
 
-@contextmanager
-def event_context(event: Event) -> Iterator[dict[str, Any]]:
-    """Records emitted inside the block (in this task/thread) are about ``event``."""
-    fields = event_extra(event)
-    token = _current_event.set(fields)
-    try:
-        yield fields
-    finally:
-        _current_event.reset(token)
+class event_context:  # lower case: used like a function, ``with event_context(event):``
+    """Records emitted inside the block (in this task/thread) are about ``event``.
+
+    Cheap enough for the relay to wrap every event (a context variable set and reset; the
+    fields are only computed when a record is actually emitted).
+    """
+
+    __slots__ = ("_event", "_token")
+
+    def __init__(self, event: Event) -> None:
+        self._event = event
+
+    def __enter__(self) -> Event:
+        self._token = _current_event.set(self._event)
+        return self._event
+
+    def __exit__(self, *exc: object) -> None:
+        _current_event.reset(self._token)
+
+
+def current_event() -> Event | None:
+    """The event of the enclosing :func:`event_context`, if any."""
+    return _current_event.get()
 
 
 class EventContextFilter(logging.Filter):
     """Adds the event fields of the enclosing :func:`event_context` to records lacking them."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        fields = _current_event.get()
-        if fields is not None:
-            for key, value in fields.items():
+        event = _current_event.get()
+        if event is not None:
+            for key, value in event_extra(event).items():
                 if not hasattr(record, key):
                     setattr(record, key, value)
         return True

@@ -1,8 +1,8 @@
 """The SQL of the operator's jobs over the ``events`` table, in one place (SPEC §10).
 
 - :func:`filter_clauses` — an :class:`~outbox.EventFilter` as SQL conditions (type patterns
-  included), shared by ``events list``, ``replay`` and anything else that filters by SQL;
-- :func:`list_events` / :func:`get_event` — the CLI's read path;
+  from the database provider's SQL), for ``replay`` and anything else that filters by SQL;
+- :func:`list_events` / :func:`get_event` — the CLI's read path (the database provider's SQL);
 - :func:`replay` — ``failed`` → ``pending`` with a fresh retry budget;
 - :func:`cleanup` — delete finished events older than a cutoff, in small batches, one short
   transaction per batch, so writers and relays never wait behind it;
@@ -23,11 +23,10 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Session
 
 from outbox.events import NOTIFY_CHANNEL, Event, EventStatus, utcnow
-from outbox.patterns import compile_pattern
 from outbox.providers.base import EventFilter
+from outbox.providers.database import sql as dbsql
 
 __all__ = [
     "FINISHED",
@@ -40,8 +39,6 @@ __all__ = [
     "filter_clauses",
     "get_event",
     "list_events",
-    "ordered",
-    "pattern_clause",
     "replay",
     "stats",
 ]
@@ -57,60 +54,23 @@ FINISHED: tuple[str, ...] = (EventStatus.COMPLETED.value, EventStatus.FAILED.val
 # filters
 
 
-def _like_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+def filter_clauses(f: EventFilter, dialect: str) -> list[sa.ColumnElement[bool]]:
+    """The conditions of ``f`` (without limit/offset/order) on ``dialect``'s ``events``.
 
-
-def pattern_clause(column: sa.ColumnElement[str], pattern: str) -> sa.ColumnElement[bool] | None:
-    """SQL that is true exactly when :func:`outbox.patterns.matches` is (``None`` for ``*``).
-
-    A literal pattern is an equality (index friendly). Otherwise each ``*`` segment becomes
-    ``%`` in a ``LIKE`` whose literal segments keep their dots, and the number of dots in the type
-    is pinned (equal for ``*`` patterns, at least as many for a trailing ``>``): since every dot of
-    the type is then matched by a literal dot of the pattern, no ``%`` can span a segment boundary.
-    Works unchanged on PostgreSQL, SQLite and MariaDB.
+    Type patterns use the database provider's :func:`~outbox.providers.database.sql.type_clause`
+    (index-served, exact on every dialect), so ``events list`` and ``replay`` select exactly what
+    ``DatabaseProvider.list`` returns.
     """
-    parsed = compile_pattern(pattern)  # ValueError for an invalid pattern
-    if parsed.match_all:
-        return None
-    if parsed.is_literal:
-        return column == parsed.text
-    parts = ["%" if seg == "*" else _like_escape(seg) for seg in parsed.segments]
-    if parsed.tail:
-        parts.append("%")
-    like = column.like(".".join(parts), escape="\\")
-    dots = sa.func.length(column) - sa.func.length(sa.func.replace(column, ".", ""))
-    n = len(parsed.segments)
-    count = dots >= n if parsed.tail else dots == n - 1
-    return sa.and_(like, count)
-
-
-def filter_clauses(f: EventFilter, table: sa.Table = events) -> list[sa.ColumnElement[bool]]:
-    """The conditions of ``f`` (without limit/offset/order) over ``table``'s columns."""
-    cols = table.c
-    out: list[sa.ColumnElement[bool]] = [
-        cols[name] == value for name, value in f.equality_items()
-    ]
+    out: list[sa.ColumnElement[bool]] = [c[name] == value for name, value in f.equality_items()]
     if f.type is not None:
-        clause = pattern_clause(cols.type, f.type)
+        clause = dbsql.type_clause(dialect, f.type)
         if clause is not None:
             out.append(clause)
     if f.start_time is not None:
-        out.append(cols.created_at >= f.start_time)
+        out.append(c.created_at >= f.start_time)
     if f.end_time is not None:
-        out.append(cols.created_at < f.end_time)
+        out.append(c.created_at < f.end_time)
     return out
-
-
-def ordered(stmt: sa.Select[Any], f: EventFilter, table: sa.Table = events) -> sa.Select[Any]:
-    """``stmt`` in :class:`EventFilter`'s stable order, with its limit and offset."""
-    cols = table.c
-    stmt = stmt.order_by(cols.created_at, cols.seq, cols.id)
-    if f.limit is not None:
-        stmt = stmt.limit(f.limit)
-    if f.offset:
-        stmt = stmt.offset(f.offset)
-    return stmt
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,23 +78,13 @@ def ordered(stmt: sa.Select[Any], f: EventFilter, table: sa.Table = events) -> s
 
 
 def list_events(conn: Connection, f: EventFilter | None = None) -> list[Event]:
-    """Events matching ``f`` in the filter's stable order, as detached :class:`Event` objects."""
-    f = f or EventFilter()
-    stmt = ordered(sa.select(Event).where(*filter_clauses(f)), f)
-    with Session(bind=conn) as session:
-        found = list(session.scalars(stmt))
-        session.expunge_all()
-    return found
+    """Events matching ``f`` in the filter's stable order (the database provider's ``list``)."""
+    return dbsql.list_events(conn, f or EventFilter())
 
 
 def get_event(conn: Connection, event_id: uuid.UUID | str) -> Event | None:
     """The event with that id, or ``None`` (``ValueError`` for text that is not a UUID)."""
-    key = event_id if isinstance(event_id, uuid.UUID) else uuid.UUID(str(event_id))
-    with Session(bind=conn) as session:
-        found = session.get(Event, key)
-        if found is not None:
-            session.expunge(found)
-    return found
+    return dbsql.get_event(conn, dbsql.as_id(event_id))
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,8 +179,8 @@ def replay(
     assert filter is not None
     if filter.status is not None and str(filter.status) != failed:
         raise ValueError("replay only moves failed events (filter.status must be 'failed')")
-    where = [*filter_clauses(filter), c.status == failed]
     with engine.connect() as conn:
+        where = [*filter_clauses(filter, conn.dialect.name), c.status == failed]
         if dry_run:
             result.replayed = conn.execute(
                 sa.select(sa.func.count()).select_from(events).where(*where)

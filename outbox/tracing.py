@@ -14,8 +14,9 @@ is a cheap no-op: nothing is added to events and no span is created.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import lru_cache
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,7 @@ __all__ = [
     "available",
     "continue_trace",
     "current_trace_context",
+    "set_error",
     "trace_context_of",
 ]
 
@@ -60,10 +62,27 @@ def available() -> bool:
     return _otel() is not None
 
 
+_sdk_seen = False
+_next_look = 0.0
+
+
 def _recording(otel: Any) -> bool:
-    """True once an SDK tracer provider is installed (spans would be recorded)."""
+    """True once an SDK tracer provider is installed (spans would be recorded).
+
+    ``get_tracer_provider()`` costs about 2 µs, too much per event: an installed SDK provider
+    cannot be replaced (OpenTelemetry sets it once), so a positive answer is kept for good, and
+    while there is none we look again at most once a second.
+    """
+    global _sdk_seen, _next_look
+    if _sdk_seen:
+        return True
+    now = time.monotonic()
+    if now < _next_look:
+        return False
+    _next_look = now + 1.0
     provider = otel.trace.get_tracer_provider()
-    return not isinstance(provider, otel.noop_providers)
+    _sdk_seen = not isinstance(provider, otel.noop_providers)
+    return _sdk_seen
 
 
 def current_trace_context() -> dict[str, str]:
@@ -91,24 +110,44 @@ def trace_context_of(source: Event | Mapping[str, Any] | None) -> dict[str, str]
     return {k: v for k in TRACE_KEYS if isinstance(v := meta.get(k), str) and v}
 
 
-@contextmanager
+_OFF: AbstractContextManager[None] = nullcontext()
+
+
 def continue_trace(
     event: Event,
     name: str | None = None,
     *,
     attributes: Mapping[str, Any] | None = None,
-) -> Iterator[Any]:
+) -> AbstractContextManager[Any]:
     """Run the block in a ``CONSUMER`` span that continues the event's trace.
 
     The span's parent is the writer's span from the event's ``traceparent`` (or the current span
     when the event carries none). It is named ``"{type} process"`` unless ``name`` is given,
     carries messaging attributes (event id, type, seq, source), and records an exception raised in
-    the block. Yields the span, or ``None`` when tracing is off (no OpenTelemetry, or no SDK).
+    the block. Yields the span, or ``None`` when tracing is off (no OpenTelemetry, or no SDK) —
+    then it costs well under a microsecond, so the relay wraps every event.
     """
     otel = _otel()
     if otel is None or not _recording(otel):
-        yield None
+        return _OFF
+    return _span(otel, event, name, attributes)
+
+
+def set_error(span: Any, description: str) -> None:
+    """Mark ``span`` (from :func:`continue_trace`; ``None`` is fine) as failed.
+
+    For handler failures that are reported in a result rather than raised.
+    """
+    otel = _otel()
+    if span is None or otel is None:
         return
+    span.set_status(otel.trace.Status(otel.trace.StatusCode.ERROR, description[:500]))
+
+
+@contextmanager
+def _span(
+    otel: Any, event: Event, name: str | None, attributes: Mapping[str, Any] | None
+) -> Iterator[Any]:
     carrier = trace_context_of(event)
     parent = otel.propagator.extract(carrier) if carrier else None
     attrs: dict[str, Any] = {

@@ -30,9 +30,11 @@ import anyio
 
 from outbox.events import Event
 from outbox.exceptions import ProviderUnavailable
+from outbox.logs import event_context
 from outbox.providers.base import publish_many
 from outbox.relay.store import COMPLETED, FAILED, PENDING, Outcome
 from outbox.retry import RetryPolicy
+from outbox.tracing import continue_trace, set_error
 
 __all__ = ["BatchResult", "Dispatcher", "handled_names", "lanes"]
 
@@ -156,7 +158,11 @@ class Dispatcher:
         for position, event in enumerate(lane):
             done = handled_names(event)
             try:
-                res = await self.broker.dispatch(event, done=done, attempts=1)
+                # Log records carry the event's id/type/seq; handlers continue its trace.
+                with event_context(event), continue_trace(event) as span:
+                    res = await self.broker.dispatch(event, done=done, attempts=1)
+                    if not res.ok:
+                        set_error(span, "handler failed: " + ", ".join(res.failed))
             except Exception as exc:  # the broker itself failed: the whole event failed
                 self._fail(event, f"dispatch: {_describe(exc)}", done, result)
                 self._hold(lane[position + 1:], result)

@@ -255,3 +255,24 @@ def test_durations_and_times() -> None:
     assert cli.parse_time("2026-01-31") == dt.datetime(2026, 1, 31, tzinfo=dt.UTC)
     assert cli.parse_time("2026-01-31T12:00:00Z") == dt.datetime(2026, 1, 31, 12, tzinfo=dt.UTC)
     assert cli.parse_time("2026-01-31T12:00:00+02:00").utcoffset() == dt.timedelta(hours=2)
+
+
+def test_database_url_from_config_file(engine: sa.Engine, url: str, tmp_path: Any,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    add(engine, [event("a.b")])
+    config = tmp_path / "outbox.yaml"
+    config.write_text("event_broker:\n  database:\n    url: ${APP_DB}\n")
+    monkeypatch.setenv("APP_DB", url)
+    monkeypatch.delenv("OUTBOX_DATABASE_URL", raising=False)
+    out = io.StringIO()
+    assert cli.main(["--config", str(config), "stats", "--json"], out=out) == 0
+    assert json.loads(out.getvalue())["total"] == 1
+    monkeypatch.setenv("OUTBOX_CONFIG", str(config))
+    out = io.StringIO()
+    assert cli.main(["events", "list", "--json"], out=out) == 0
+    assert len(json.loads(out.getvalue())) == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("event_broker:\n  database:\n    url: 42\n    colour: blue\n")
+    assert cli.main(["--config", str(bad), "stats"], out=io.StringIO()) == 1
+    assert cli.main(["--config", str(tmp_path / "missing.yaml"), "stats"],
+                    out=io.StringIO()) == 1

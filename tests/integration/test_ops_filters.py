@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import outbox
 from outbox import ops
 from outbox.events import Event, utcnow
 from outbox.patterns import compile_pattern
@@ -102,6 +103,8 @@ def test_a_stored_injection_string_is_found_literally(engine: sa.Engine) -> None
 
 
 _segment = st.sampled_from(["a", "b", "a_b", "a%", "x-y", "%", "_", ""])
+_sqlite = sa.create_engine("sqlite://", poolclass=sa.pool.StaticPool)
+outbox.create_schema(_sqlite)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -114,20 +117,18 @@ _segment = st.sampled_from(["a", "b", "a_b", "a%", "x-y", "%", "_", ""])
 def test_pattern_sql_equals_python_property(types: list[str], pattern: str) -> None:
     """Random types (with LIKE metacharacters, empty segments) and patterns, on SQLite."""
     types = [t for t in types if t]
-    engine = sa.create_engine("sqlite://")
-    table = sa.Table("t", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
-                     sa.Column("type", sa.Text))
-    table.create(engine)
-    with engine.begin() as conn:
+    with _sqlite.begin() as conn:
+        conn.execute(sa.delete(Event))
         if types:
-            conn.execute(table.insert(), [{"id": i, "type": t} for i, t in enumerate(types)])
-        clause = ops.pattern_clause(table.c.type, pattern)
-        stmt = sa.select(table.c.type)
-        if clause is not None:
-            stmt = stmt.where(clause)
-        got = sorted(conn.execute(stmt).scalars())
+            conn.execute(sa.insert(Event), [
+                {"id": uuid.uuid4(), "source": "system", "type": t, "status": "pending",
+                 "payload": {}, "instance_id": "i", "created_at": utcnow(),
+                 "next_attempt_at": utcnow(), "metadata": {}, "retry_count": 0}
+                for t in types])
+        got = sorted(conn.execute(
+            sa.select(Event.type).where(*ops.filter_clauses(EventFilter(type=pattern), "sqlite"))
+        ).scalars())
     assert got == sorted(t for t in types if compile_pattern(pattern).matches(t))
-    engine.dispose()
 
 
 def test_get_event(engine: sa.Engine) -> None:

@@ -15,23 +15,18 @@ from outbox import tracing
 
 otel_trace = pytest.importorskip("opentelemetry.trace")
 sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: E402
     InMemorySpanExporter,
 )
+
+from tests.tracing_support import memory_spans  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def exporter() -> Iterator[InMemorySpanExporter]:
     """An SDK tracer provider (installed once per process) exporting to memory."""
-    provider = otel_trace.get_tracer_provider()
-    if not isinstance(provider, sdk_trace.TracerProvider):
-        provider = sdk_trace.TracerProvider()
-        otel_trace.set_tracer_provider(provider)
-    memory = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    yield memory
-    memory.shutdown()
+    with memory_spans() as memory:
+        yield memory
 
 
 @pytest.fixture
@@ -132,5 +127,15 @@ def test_without_opentelemetry_everything_is_a_no_op(monkeypatch: pytest.MonkeyP
 def test_without_sdk_no_span_is_started(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(otel_trace, "get_tracer_provider",
                         lambda: otel_trace.NoOpTracerProvider())
+    monkeypatch.setattr(tracing, "_sdk_seen", False)
+    monkeypatch.setattr(tracing, "_next_look", 0.0)
     with tracing.continue_trace(outbox.new_event("system", "a.b")) as span:
         assert span is None
+
+
+def test_new_event_picks_up_the_active_span(spans: InMemorySpanExporter) -> None:
+    assert "traceparent" not in outbox.new_event("system", "a.b").meta
+    with otel_trace.get_tracer("app").start_as_current_span("job") as job:
+        ev = outbox.new_event("system", "a.b", metadata={"k": 1})
+    assert ev.meta["k"] == 1
+    assert ev.meta["traceparent"].split("-")[2] == f"{job.get_span_context().span_id:016x}"
