@@ -77,6 +77,8 @@ WHERE t.id = picked.id
 RETURNING {_COLS}
 """  # noqa: S608
 
+_PG_PLAN = "SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off"
+
 _SQLITE_CLAIM = f"""
 UPDATE events AS t
 SET status = 'processing', processed_at = :now, lease_owner = :owner,
@@ -306,6 +308,11 @@ class RelayStore:
         params = {"now": now, "expires": expires, "owner": self.owner, "token": token,
                   "limit": limit, "floor": floor}
         with self._begin() as conn:
+            if self._is_pg:
+                # Walk ix_events_pending in seq order and stop at LIMIT. With stale statistics
+                # (a freshly filled table) the planner otherwise picks a bitmap scan + sort
+                # that tests the head-of-key rule on every pending row: 100x slower.
+                conn.exec_driver_sql(_PG_PLAN)
             if self._is_pg or self._is_sqlite:
                 rows = conn.execute(self._claim, params).all()
             else:

@@ -36,7 +36,9 @@ _local = threading.local()
 def _conn() -> psycopg.Connection[tuple[object, ...]]:
     conn = getattr(_local, "conn", None)
     if conn is None or conn.closed:
-        conn = psycopg.connect(os.environ["RELAY_TEST_RECORD_URL"], autocommit=True)
+        # visible before the handler returns; no fsync wait (a server crash is not under test)
+        conn = psycopg.connect(os.environ["RELAY_TEST_RECORD_URL"], autocommit=True,
+                               options="-c synchronous_commit=off")
         _local.conn = conn
     return conn
 
