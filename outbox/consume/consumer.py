@@ -4,6 +4,8 @@ For each delivery of the provider's consumer group (:meth:`SupportsConsume.consu
 
 1. handlers matching the event type run through the broker (``broker.dispatch``, one attempt);
 2. all succeeded → ``ack``; none matched → ``ack`` (this group has nothing to do with it);
+   A repeated delivery of an event this process handled recently (the last 10,000 ids) is acked
+   without running anything; across processes and restarts the inbox (4.) does that;
 3. a handler failed → ``nack`` with the retry policy's delay (the provider redelivers, other events
    keep flowing meanwhile) until ``delivery.attempt`` exhausts the policy → ``park`` (dead letter,
    with the error); handlers that already succeeded are not run again on retries inside this
@@ -47,6 +49,7 @@ __all__ = ["Consumer", "ConsumerStats"]
 log = logging.getLogger("outbox.consume")
 
 _DONE_MEMORY = 10_000  # events whose partial progress (handlers done) is remembered
+_HANDLED_MEMORY = 10_000  # ids of events this process handled, to skip repeated deliveries
 
 
 @dataclass
@@ -57,7 +60,7 @@ class ConsumerStats:
     received: int = 0
     handled: int = 0  # acked after every matching handler succeeded
     unhandled: int = 0  # acked: no handler of this process matches the type
-    duplicates: int = 0  # acked without running handlers: the inbox had the event already
+    duplicates: int = 0  # acked without running handlers: handled before (memory or inbox)
     retried: int = 0  # nacked for a later attempt
     parked: int = 0  # dead-lettered after the retry policy was exhausted
     in_flight: int = 0
@@ -118,6 +121,7 @@ class Consumer:
         self.shutdown_timeout = shutdown_timeout
         self.stats = ConsumerStats(group=group)
         self._done: OrderedDict[Any, set[str]] = OrderedDict()
+        self._handled: OrderedDict[Any, None] = OrderedDict()
         self._keys: dict[str, tuple[anyio.Lock, int]] = {}
         self._stopping = False
         self._ack_in_transaction = False
@@ -218,6 +222,10 @@ class Consumer:
 
     async def _process(self, delivery: Delivery) -> None:
         event = delivery.event
+        if event.id in self._handled:  # a repeat of an event this process handled already
+            await self._settle(delivery.ack)
+            self.stats.duplicates += 1
+            return
         if not self.wants(event.type) or not self.broker.matching(event.type):
             log.debug("no handler for %s in group %r: acknowledged", event.type, self.group)
             await self._settle(delivery.ack)
@@ -243,6 +251,7 @@ class Consumer:
             done = self._done.get(event.id, ())
             result = await self.broker.dispatch(event, done=done, attempts=1)
         if result.ok:
+            self._remember_handled(event.id)
             await self._settle(delivery.ack)
             self._done.pop(event.id, None)
             self.stats.handled += 1
@@ -266,6 +275,11 @@ class Consumer:
             delay = self.retry_policy.delay(delivery.attempt)
             await self._settle(lambda: delivery.nack(error, delay=delay))
             self.stats.retried += 1
+
+    def _remember_handled(self, event_id: Any) -> None:
+        self._handled[event_id] = None
+        if len(self._handled) > _HANDLED_MEMORY:
+            self._handled.popitem(last=False)
 
     async def _dispatch_in_inbox(self, delivery: Delivery) -> Any:
         """The dispatch result, or ``None`` when the inbox says the group handled it before."""

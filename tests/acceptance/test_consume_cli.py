@@ -155,33 +155,38 @@ def test_inbox_flag_skips_a_redelivered_event(tmp_path: Path, redis_url: str, re
     write_app(tmp_path)
     stream = f"{redis_prefix}:events"
     config = write_config(tmp_path, provider="redis", redis_url=redis_url, stream=stream)
-    consumer = start_consumer(tmp_path, config, "stock", provider="redis",
-                              extra=["--inbox-database-url", pg_url], env={"INBOX": "1"})
     event = _events(1)[0]
-    try:
-        consumer.wait_ready()
 
-        async def publish_twice() -> None:
-            import redis.asyncio as aioredis
+    def settled() -> bool:
+        return _group_backlog(lambda: RedisProvider(redis_url, stream_name=stream),
+                              "stock") == 0
 
-            provider = RedisProvider(redis_url, stream_name=stream)
-            raw = aioredis.Redis.from_url(redis_url)
-            try:
+    async def publish(again: bool) -> None:
+        import redis.asyncio as aioredis
+
+        provider = RedisProvider(redis_url, stream_name=stream)
+        raw = aioredis.Redis.from_url(redis_url)
+        try:
+            if not again:
                 await provider.publish(event)
-                # A second entry with the same event: a redelivery the inbox must absorb.
+            else:  # a second entry of the same event: a redelivery the inbox must absorb
                 await raw.xadd(stream, {"id": str(event.id), "type": event.type,
                                         "source": event.source, "event": wire.encode(event)})
-            finally:
-                await raw.aclose()
-                await provider.close()
+        finally:
+            await raw.aclose()
+            await provider.close()
 
-        anyio.run(publish_twice)
-        wait_for(lambda: _group_backlog(lambda: RedisProvider(redis_url, stream_name=stream),
-                                        "stock") == 0 and bool(handled(tmp_path, "stock")),
-                 what="both entries settled")
-        assert consumer.terminate() == 0
-    finally:
-        consumer.kill()
+    for again in (False, True):  # two processes: the second has nothing in memory
+        consumer = start_consumer(tmp_path, config, "stock", provider="redis",
+                                  extra=["--inbox-database-url", pg_url], env={"INBOX": "1"})
+        try:
+            consumer.wait_ready()
+            anyio.run(publish, again)
+            wait_for(lambda: settled() and bool(handled(tmp_path, "stock")),
+                     what="the entry settled")
+            assert consumer.terminate() == 0
+        finally:
+            consumer.kill()
     with pg_engine.connect() as conn:
         effects = conn.exec_driver_sql("SELECT count(*) FROM test_effects").scalar_one()
         inbox = conn.exec_driver_sql("SELECT count(*) FROM outbox_inbox WHERE group_name = "

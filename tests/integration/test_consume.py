@@ -233,3 +233,31 @@ async def test_shutdown_timeout_leaves_the_delivery_for_the_group(
     async with running(second):
         await _until(lambda: second.stats.handled == 1, within=20)
     assert len(calls) == 2
+
+
+async def test_a_repeated_delivery_is_skipped_by_event_id(redis_url: str,
+                                                          redis_prefix: str) -> None:
+    import redis.asyncio as aioredis
+
+    from outbox import wire
+
+    provider = RedisProvider(redis_url, stream_name=f"{redis_prefix}:dups", block=0.1)
+    broker = _broker()
+    calls: list[Any] = []
+    broker.subscribe("*", lambda e: calls.append(e.id))
+    consumer = Consumer(provider, group="app", broker=broker, start="beginning")
+    event = _events(1)[0]
+    raw = aioredis.Redis.from_url(redis_url)
+    try:
+        async with running(consumer):
+            await provider.publish(event)
+            # Past the publish dedupe (e.g. a relay retrying after duplicate_window): a second
+            # entry with the same event id.
+            await raw.xadd(provider.stream_name, {"id": str(event.id), "type": event.type,
+                                                  "source": event.source,
+                                                  "event": wire.encode(event)})
+            await _until(lambda: consumer.stats.duplicates == 1)
+    finally:
+        await raw.aclose()
+        await provider.close()
+    assert calls == [event.id] and consumer.stats.handled == 1
