@@ -142,8 +142,9 @@ def build_relay(config: Any) -> Any:
         raise Failure(f"database: {type(exc).__name__}: {exc}") from None
 
 
-async def _signals(relay: Any) -> None:
+async def _signals(relay: Any, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
         async for signum in signals:
             name = signal.Signals(signum).name
             if relay.stopping:
@@ -156,15 +157,16 @@ async def _signals(relay: Any) -> None:
 
 async def _run(relay: Any, config: Any, once: bool) -> None:
     try:
-        await relay.start()
-    except OutboxError as exc:
-        raise Failure(str(exc)) from None
-    log.info("relay %s on %s, provider %s, batch %d, lease %.0fs, %s", relay.owner,
-             relay.url.render_as_string(hide_password=True), config.provider, relay.batch_size,
-             relay.lease, "LISTEN/NOTIFY" if relay.notify else f"polling {relay.poll_interval}s")
-    try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_signals, relay)
+            await tg.start(_signals, relay)  # before anything slow: SIGTERM always means stop
+            try:
+                await relay.start()
+            except OutboxError as exc:
+                raise Failure(str(exc)) from None
+            log.info("relay %s on %s, provider %s, batch %d, lease %.0fs, %s", relay.owner,
+                     relay.url.render_as_string(hide_password=True), config.provider,
+                     relay.batch_size, relay.lease,
+                     "LISTEN/NOTIFY" if relay.notify else f"polling {relay.poll_interval}s")
             if config.metrics.port is not None and not once:
                 from outbox.health import observe_relay
 
@@ -173,7 +175,7 @@ async def _run(relay: Any, config: Any, once: bool) -> None:
                     log.info("metrics on http://%s:%d/metrics", config.metrics.host,
                              observed.server.port)
                     await relay.run(once=once)
-            else:
+            elif not relay.stopping:
                 await relay.run(once=once)
             tg.cancel_scope.cancel()
     finally:
