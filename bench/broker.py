@@ -2,9 +2,9 @@
 
 (a) Pattern matching with ``--subs`` subscriptions (default 10,000; mixed literal, ``*`` and ``>``
     patterns over ``schema.entity.operation`` types): lookups per second of the subscription trie
-    (``SubscriptionIndex.match_uncached``; and ``match``, which adds the per-type cache) next to a
-    naive linear scan (``Pattern.matches`` on every subscription) in the same run, after checking
-    they return the same subscriptions. Target: trie ≥ 20x the scan.
+    (``SubscriptionIndex.match_uncached``; and ``match`` with its per-type cache, over 1,000 hot
+    types) next to a naive linear scan (``Pattern.matches`` on every subscription) in the same
+    run, after checking they return the same subscriptions. Target: trie ≥ 20x the scan.
 (b) Async publish → no-op async handler, 10 workers, buffer 1000, memory provider: events/s from
     the first ``publish_async`` to the last handler call (``Broker.join``), as wall-clock rate and
     as rate per CPU-second of this process (the "one core" figure, robust to a busy machine).
@@ -92,8 +92,13 @@ def bench_patterns(subs: int, lookups: int) -> dict[str, float]:
         matched += len(index.match_uncached(t))
     trie_rate = lookups / (time.perf_counter() - start)
 
+    # The per-type cache pays off when a working set of types repeats (most apps): 1,000 hot
+    # types; 40,000 distinct ones would just churn the 4,096 entries.
+    hot = (types[:1000] * (lookups // 1000 + 1))[:lookups]
+    for t in hot[:1000]:
+        index.match(t)
     start = time.perf_counter()
-    for t in types:
+    for t in hot:
         matched += len(index.match(t))
     cached_rate = lookups / (time.perf_counter() - start)
     return {"scan": scan_rate, "trie": trie_rate, "cached": cached_rate,
@@ -183,8 +188,8 @@ def main() -> None:
         print(f"    linear scan     {r['scan']:>12,.0f} lookups/s")
         print(f"    trie            {r['trie']:>12,.0f} lookups/s   {r['trie'] / r['scan']:,.0f}x "
               "the scan (target >= 20x)")
-        print(f"    trie + cache    {r['cached']:>12,.0f} lookups/s   "
-              f"{r['cached'] / r['scan']:,.0f}x the scan")
+        print(f"    trie, cached    {r['cached']:>12,.0f} lookups/s   "
+              f"{r['cached'] / r['scan']:,.0f}x the scan (1,000 hot types)")
 
     if args.only in (None, "publish"):
         events = [new_event("system", f"bench.event.{i % 10}", {"i": i, "note": "x" * 40})
