@@ -612,12 +612,14 @@ async def test_schema_missing_is_a_clear_error(pg_url: str) -> None:
     await p.close()
 
 
-async def test_from_config() -> None:
-    p = DatabaseProvider.from_config({"database": {"url": "sqlite://", "poll_interval": 0.5,
-                                                   "batch_size": 7, "notify": False}})
-    assert (p.poll_interval, p.batch_size, p.notify) == (0.5, 7, False)
+async def test_from_config(sqlite_url: str) -> None:
+    config = outbox.Config.from_dict({"provider": "database", "database": {
+        "url": sqlite_url, "poll_interval": 0.5, "batch_size": 7, "notify": False}})
+    p = outbox.provider_from_config(config)
+    assert isinstance(p, DatabaseProvider)
+    assert (p.poll_interval, p.batch_size, p.notify, p.lease) == (0.5, 7, False, 30.0)
     await p.close()
-    with pytest.raises(outbox.ProviderError, match=r"database\.url"):
+    with pytest.raises(outbox.ConfigError, match=r"database\.url"):
         DatabaseProvider.from_config({"database": {}})
     with pytest.raises(ValueError, match="batch_size"):
         DatabaseProvider("sqlite://", batch_size=0)

@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from outbox.events import Event, EventStatus, get_instance_id
-from outbox.exceptions import ProviderError, ProviderUnavailable, SchemaMissing
+from outbox.exceptions import ConfigError, ProviderError, ProviderUnavailable, SchemaMissing
 from outbox.patterns import compile_pattern
 from outbox.providers._bus import GroupRegistry, validate_group
 from outbox.providers.base import (
@@ -192,7 +192,7 @@ class DatabaseProvider:
         section = _section(config, "database")
         url = section.get("url")
         if not url:
-            raise ProviderError("database.url is required for the database provider")
+            raise ConfigError("event_broker.database.url", "is required by the database provider")
         known = ("poll_interval", "batch_size", "lease", "notify")
         options = {k: section[k] for k in known if section.get(k) is not None}
         return cls(url, **options)

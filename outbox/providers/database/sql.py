@@ -285,6 +285,27 @@ def as_id(event_id: uuid.UUID | str) -> uuid.UUID:
         raise ValueError(f"not a valid event id: {event_id!r}") from None
 
 
+def _insert_statement(dialect: str, on_bus: bool) -> Any:
+    """The idempotent INSERT for ``dialect``, without values: executed with a list of rows, it is
+    compiled once and sent as multi-row INSERTs (SQLAlchemy's insertmanyvalues)."""
+    if dialect == "postgresql":
+        pg = postgresql.insert(events)
+        if on_bus:
+            return pg.on_conflict_do_update(
+                index_elements=[c.id], set_={"txid": CURRENT_XID}, where=c.txid.is_(None),
+            ).returning(c.id)
+        return pg.on_conflict_do_nothing(index_elements=[c.id]).returning(c.id)
+    if dialect == "sqlite":
+        return sqlite.insert(events).on_conflict_do_nothing(index_elements=[c.id]).returning(c.id)
+    if dialect in ("mysql", "mariadb"):
+        my = mysql.insert(events)
+        return my.on_duplicate_key_update(id=my.inserted.id)
+    return sa.insert(events)
+
+
+_INSERTS: dict[tuple[str, bool], Any] = {}
+
+
 def insert_events(conn: Connection, batch: Sequence[Event], on_bus: bool) -> int:
     """Insert ``batch`` (idempotent by id); returns how many rows were new.
 
@@ -293,27 +314,20 @@ def insert_events(conn: Connection, batch: Sequence[Event], on_bus: bool) -> int
     and puts an event that was only stored so far on the bus at this transaction's position.
     """
     xids = has_xids(conn)
-    rows = [_insert_values(e, stored_only=not on_bus, xids=xids) for e in batch]
+    rows: dict[uuid.UUID, dict[str, Any]] = {}
+    for event in batch:
+        values = _insert_values(event, stored_only=not on_bus, xids=xids)
+        rows.setdefault(values["id"], values)
     if not rows:
         return 0
-    name = conn.dialect.name
-    if name == "postgresql":
-        pg = postgresql.insert(events).values(rows)
-        if on_bus:
-            stmt: Any = pg.on_conflict_do_update(
-                index_elements=[c.id], set_={"txid": CURRENT_XID}, where=c.txid.is_(None),
-            )
-        else:
-            stmt = pg.on_conflict_do_nothing(index_elements=[c.id])
-    elif name == "sqlite":
-        stmt = sqlite.insert(events).values(rows).on_conflict_do_nothing(index_elements=[c.id])
-    elif name in ("mysql", "mariadb"):
-        my = mysql.insert(events).values(rows)
-        stmt = my.on_duplicate_key_update(id=my.inserted.id)
-    else:
-        stmt = sa.insert(events).values(rows)
-    result = conn.execute(stmt.execution_options(preserve_rowcount=True))
-    return int(result.rowcount or 0)
+    key = (conn.dialect.name, on_bus)
+    stmt = _INSERTS.get(key)
+    if stmt is None:
+        stmt = _INSERTS[key] = _insert_statement(*key)
+    result = conn.execute(stmt, list(rows.values()))
+    if result.returns_rows:
+        return len(result.all())
+    return len(rows)
 
 
 def get_event(conn: Connection, event_id: uuid.UUID) -> Event | None:
@@ -553,21 +567,7 @@ class Peek:
 
 def peek(conn: Connection, group: str) -> Peek:
     xids = has_xids(conn)
-    g = groups.c
-    e2 = events.alias("e2")
-    ready = sa.exists().where(
-        *([e2.c.txid.is_not(None), e2.c.txid < WATERMARK] if xids else []),
-        _after_group(e2, xids),
-    )
-    expired = sa.exists().where(claims.c.group_name == g.group_name,
-                                claims.c.lease_expires_at < _now(conn))
-    cols: list[Any] = [g.cluster_id, g.claimed_txid, g.claimed, ready.label("ready"),
-                       expired.label("expired")]
-    if xids:
-        e3 = events.alias("e3")
-        cols += [sa.exists().where(e3.c.txid >= WATERMARK).label("blocked"),
-                 NEXT_XID.label("next_xid")]
-    row = conn.execute(sa.select(*cols).where(g.group_name == group)).first()
+    row = conn.execute(peek_statement(conn.dialect.name, group)).first()
     if row is None:
         return Peek(exists=False)
     m = row._mapping
@@ -578,6 +578,45 @@ def peek(conn: Connection, group: str) -> Peek:
         blocked=bool(m["blocked"]) if xids else False,
         next_xid=int(m["next_xid"]) if xids else None,
     )
+
+
+def _any_row(table: sa.FromClause, xids: bool,
+             *where: sa.ColumnElement[bool]) -> sa.ColumnElement[bool]:
+    """True when a row of ``table`` satisfies ``where``: the first one in bus order.
+
+    Not ``EXISTS``: its selectivity guess for a row comparison against outer columns or
+    parameters is a third of the table, so PostgreSQL would "find a row quickly" with a sequential
+    scan — a full scan when the group is at the end. Ordering by the index makes the index scan
+    the cheap plan whatever the estimate.
+    """
+    order = [table.c.txid, table.c.seq] if xids else [table.c.seq]
+    first = (
+        sa.select(sa.literal(1)).select_from(table).where(*where).order_by(*order).limit(1)
+        .scalar_subquery()
+    )
+    return first.is_not(None)
+
+
+def peek_statement(dialect: str, group: str) -> sa.Select[Any]:
+    """What a group has to do, in one read-only statement (index probes only)."""
+    xids = dialect == "postgresql"
+    g = groups.c
+    e2 = events.alias("e2")
+    ready = _any_row(
+        e2, xids,
+        *([e2.c.txid.is_not(None), e2.c.txid < WATERMARK] if xids else []),
+        _after_group(e2, xids),
+    )
+    now = sa.func.now() if xids else sa.literal(utcnow(), UTCDateTime())
+    expired = sa.exists().where(claims.c.group_name == g.group_name,
+                                claims.c.lease_expires_at < now)
+    cols: list[Any] = [g.cluster_id, g.claimed_txid, g.claimed, ready.label("ready"),
+                       expired.label("expired")]
+    if xids:
+        e3 = events.alias("e3")
+        cols += [_any_row(e3, xids, e3.c.txid >= WATERMARK).label("blocked"),
+                 NEXT_XID.label("next_xid")]
+    return sa.select(*cols).where(g.group_name == group)
 
 
 def _after_group(table: sa.FromClause, xids: bool) -> sa.ColumnElement[bool]:
@@ -625,17 +664,21 @@ def read_after(conn: Connection, after: Position, limit: int, pattern: str,
     return Batch(found, end, scanned=end > after)
 
 
-def _read_after_pg(conn: Connection, after: Position, limit: int,
-                   clause: sa.ColumnElement[bool] | None) -> Batch:
+def bus_read_statement(after: Position, limit: int,
+                       clause: sa.ColumnElement[bool] | None = None) -> sa.Select[Any]:
+    """PostgreSQL: one statement reads the watermark and, below it, up to ``limit`` rows after
+    ``after`` in ``(txid, seq)`` order (``ix_events_txid_seq``). Also says whether committed rows
+    wait above the watermark (``blocked``) and whether any row at all follows ``after`` below it
+    (``scanned``). The watermark and the rows come from the same statement snapshot."""
     x = sa.select(WATERMARK.label("wm"), NEXT_XID.label("nx")).subquery("x")
     e2 = events.alias("e2")
     e3 = events.alias("e3")
     w = sa.select(
         x.c.wm,
         x.c.nx,
-        sa.exists().where(e2.c.txid >= x.c.wm).label("blocked"),
-        sa.exists().where(e3.c.txid.is_not(None), e3.c.txid < x.c.wm,
-                          _pos_after(e3.c.txid, e3.c.seq, after, True)).label("scanned"),
+        _any_row(e2, True, e2.c.txid >= x.c.wm).label("blocked"),
+        _any_row(e3, True, e3.c.txid.is_not(None), e3.c.txid < x.c.wm,
+                 _pos_after(e3.c.txid, e3.c.seq, after, True)).label("scanned"),
     ).cte("w")
     inner = sa.select(*_COLUMNS).where(
         c.txid.is_not(None), c.txid < w.c.wm, _pos_after(c.txid, c.seq, after, True)
@@ -643,10 +686,14 @@ def _read_after_pg(conn: Connection, after: Position, limit: int,
     if clause is not None:
         inner = inner.where(clause)
     e = inner.order_by(c.txid, c.seq).limit(limit).lateral("e")
-    stmt = sa.select(w.c.wm, w.c.nx, w.c.blocked, w.c.scanned, *e.c).select_from(
+    return sa.select(w.c.wm, w.c.nx, w.c.blocked, w.c.scanned, *e.c).select_from(
         w.outerjoin(e, sa.true())
     )
-    rows = conn.execute(stmt).all()
+
+
+def _read_after_pg(conn: Connection, after: Position, limit: int,
+                   clause: sa.ColumnElement[bool] | None) -> Batch:
+    rows = conn.execute(bus_read_statement(after, limit, clause)).all()
     head = rows[0]
     wm, nx, blocked, scanned = int(head[0]), int(head[1]), bool(head[2]), bool(head[3])
     found = [((int(r.txid), int(r.seq)), row_to_event(r[4:])) for r in rows if r.id is not None]

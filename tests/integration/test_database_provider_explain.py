@@ -1,0 +1,180 @@
+"""``DatabaseProvider.list`` and the bus reads use indexes on 1,000,000 events (EXPLAIN plans).
+
+The table is filled with one ``INSERT ... SELECT generate_series`` (secondary indexes built after
+the load, as a restore would), with distributions like an application's: 95% captured row
+changes over 40 tables, a few custom event types, 5,000 users, sessions of 20 events, processes
+that each live for 20,000 events, 30 days of history, almost everything completed.
+
+Assertions are on the plans PostgreSQL chooses, never on time. Queries are checked as the CLI
+and dashboards run them (a page of 100) and, for selective filters, without a limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+import outbox
+from outbox.events import Event
+from outbox.providers.base import EventFilter, StartPosition
+from outbox.providers.database import sql as dbsql
+from tests.conftest import new_pg_database
+
+pytestmark = pytest.mark.slow
+
+ROWS = 1_000_000
+
+GENERATE = """
+INSERT INTO events (id, source, type, status, payload, user_id, session_id, instance_id,
+    schema_name, entity, entity_id, operation, created_at, metadata, retry_count, next_attempt_at)
+SELECT gen_random_uuid(),
+  CASE WHEN mod(i, 100) < 95 THEN 'database' WHEN mod(i, 100) < 98 THEN 'system'
+       WHEN mod(i, 100) < 99 THEN 'frontend' ELSE 'websocket' END,
+  CASE WHEN mod(i, 100) < 95
+       THEN 'public.table_' || mod(i, 40) || '.'
+            || (ARRAY['create','update','delete'])[1 + mod(i, 3)]
+       ELSE 'app.custom_' || mod(i, 10) || '.happened' END,
+  CASE WHEN mod(i, 2000) = 0 THEN 'failed' WHEN mod(i, 2000) = 1 THEN 'pending'
+       ELSE 'completed' END,
+  jsonb_build_object('n', i),
+  CASE WHEN mod(i, 5) = 0 THEN NULL ELSE 'u' || mod(i * 7, 5000) END,
+  CASE WHEN mod(i, 3) = 0 THEN NULL ELSE 's' || (i / 20) END,
+  'web-' || (i / 20000),
+  CASE WHEN mod(i, 100) < 95 THEN 'public' END,
+  CASE WHEN mod(i, 100) < 95 THEN 'table_' || mod(i, 40) END,
+  CASE WHEN mod(i, 100) < 95 THEN mod(i, 50000)::text END,
+  CASE WHEN mod(i, 100) < 95 THEN (ARRAY['create','update','delete'])[1 + mod(i, 3)] END,
+  now() - interval '30 days' + (i * interval '2.592 seconds'),
+  '{}'::jsonb, 0, now()
+FROM generate_series(1, %(rows)s) AS i
+"""
+
+
+@pytest.fixture(scope="module")
+def big() -> Iterator[sa.Engine]:
+    with new_pg_database() as url:
+        engine = sa.create_engine(url)
+        outbox.create_schema(engine)
+        indexes = list(Event.__table__.indexes)
+        with engine.begin() as conn:
+            for index in indexes:
+                conn.exec_driver_sql(f'DROP INDEX "{index.name}"')
+            conn.exec_driver_sql("SET LOCAL maintenance_work_mem = '256MB'")
+            conn.exec_driver_sql(GENERATE, {"rows": ROWS})
+            for index in indexes:
+                index.create(conn)
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.exec_driver_sql("VACUUM ANALYZE events")
+        with engine.begin() as conn:
+            dbsql.ensure_group(conn, "g", StartPosition.BEGINNING, None)
+        yield engine
+        engine.dispose()
+
+
+def _scans(engine: sa.Engine, stmt: sa.Select[Any]) -> list[tuple[str, str | None, str | None]]:
+    """(node type, index, relation) of every scan in the plan PostgreSQL picks for ``stmt``."""
+    compiled = stmt.compile(dialect=engine.dialect)
+    with engine.connect() as conn:
+        plan = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {compiled}", compiled.params).scalar()
+    out: list[tuple[str, str | None, str | None]] = []
+
+    def walk(node: dict[str, Any]) -> None:
+        if "Scan" in node["Node Type"]:
+            out.append((node["Node Type"], node.get("Index Name"), node.get("Relation Name")))
+        for child in node.get("Plans", []):
+            walk(child)
+
+    walk(plan[0]["Plan"])
+    return out
+
+
+NOW = dt.datetime.now(dt.UTC)
+
+#: filter -> the index it must be served by (page of 100, and without a limit when selective)
+SELECTIVE = [
+    (EventFilter(type="public.table_3.update"), "ix_events_type_created_at"),
+    (EventFilter(type="app.custom_3.*"), "ix_events_type_created_at"),
+    (EventFilter(type="public.table_3.*"), "ix_events_type_created_at"),
+    (EventFilter(status="failed"), "ix_events_status_created_at"),
+    (EventFilter(status="pending"), "ix_events_status_created_at"),
+    (EventFilter(user_id="u77"), "ix_events_user_id"),
+    (EventFilter(session_id="s4242"), "ix_events_session_id"),
+    (EventFilter(instance_id="web-37"), "ix_events_instance_id_created_at"),
+    (EventFilter(entity="table_3", entity_id="123"), "ix_events_entity_entity_id"),
+    (EventFilter(entity_id="123"), "ix_events_entity_entity_id"),
+    (EventFilter(start_time=NOW - dt.timedelta(hours=1)), "ix_events_created_at"),
+    (EventFilter(start_time=NOW - dt.timedelta(days=2), end_time=NOW - dt.timedelta(days=1)),
+     "ix_events_created_at"),
+]
+#: low-cardinality fields: a page is found along the created_at index (the filter drops the rest)
+BROAD = [
+    EventFilter(source="frontend"),
+    EventFilter(source="database"),
+    EventFilter(schema_name="public"),
+    EventFilter(operation="delete"),
+    EventFilter(entity="table_3"),
+    EventFilter(type="public.*.update"),
+    EventFilter(type="app.>"),
+    EventFilter(status="completed"),
+    EventFilter(source="system", operation=None, start_time=NOW - dt.timedelta(days=3)),
+]
+
+
+def _ids(f: EventFilter) -> str:
+    return ",".join(f"{k}={v}" for k, v in dataclasses.asdict(f).items()
+                    if v is not None and k not in ("offset",))[:60]
+
+
+@pytest.mark.parametrize(("f", "index"), SELECTIVE, ids=[_ids(f) for f, _ in SELECTIVE])
+@pytest.mark.parametrize("limit", [100, None])
+def test_selective_filters_use_their_index(big: sa.Engine, f: EventFilter, index: str,
+                                           limit: int | None) -> None:
+    scans = _scans(big, dbsql.list_statement("postgresql", dataclasses.replace(f, limit=limit)))
+    assert not [s for s in scans if s[0] == "Seq Scan"], scans
+    assert index in {s[1] for s in scans}, scans
+
+
+@pytest.mark.parametrize("f", BROAD, ids=[_ids(f) for f in BROAD])
+def test_a_page_of_broad_filters_uses_an_index(big: sa.Engine, f: EventFilter) -> None:
+    scans = _scans(big, dbsql.list_statement("postgresql", dataclasses.replace(f, limit=100)))
+    assert not [s for s in scans if s[0] == "Seq Scan"], scans
+    assert all(s[1] is not None for s in scans if s[2] == "events"), scans
+
+
+def test_a_prefix_pattern_without_limit_uses_the_type_index(big: sa.Engine) -> None:
+    scans = _scans(big, dbsql.list_statement("postgresql", EventFilter(type="app.>")))
+    assert "ix_events_type_created_at" in {s[1] for s in scans}, scans
+    assert not [s for s in scans if s[0] == "Seq Scan"], scans
+
+
+def test_every_filter_field_is_covered() -> None:
+    fields = {f.name for f in dataclasses.fields(EventFilter)} - {"limit", "offset"}
+    used = {k for flt, _ in SELECTIVE for k, v in dataclasses.asdict(flt).items()
+            if v is not None} | {k for flt in BROAD for k, v in dataclasses.asdict(flt).items()
+                                 if v is not None}
+    assert fields - used == set()
+
+
+def test_bus_reads_use_the_txid_index(big: sa.Engine) -> None:
+    with big.connect() as conn:
+        wm = conn.execute(sa.select(dbsql.WATERMARK)).scalar_one()
+        last = conn.execute(sa.select(sa.func.max(Event.__table__.c.txid))).scalar_one()
+    assert last < wm  # (the generator wrote every row in one transaction)
+    # a group 5,000 events behind, with and without a pattern
+    behind = (int(last), ROWS - 5000)
+    for clause in (None, dbsql.type_clause("postgresql", "app.>")):
+        scans = _scans(big, dbsql.bus_read_statement(behind, 100, clause))
+        assert scans and all(s[1] == "ix_events_txid_seq" for s in scans), scans
+    # the rows of a group at the very beginning come from the index in bus order too
+    scans = _scans(big, dbsql.bus_read_statement((0, 0), 100))
+    assert ("Index Scan", "ix_events_txid_seq", "events") in scans, scans
+    # what a waiting consumer polls: index probes only
+    with big.begin() as conn:
+        conn.execute(sa.update(dbsql.groups).values(claimed_txid=int(last), claimed=ROWS - 10))
+    scans = _scans(big, dbsql.peek_statement("postgresql", "g"))
+    assert not [s for s in scans if s[0] == "Seq Scan" and s[2] == "events"], scans
