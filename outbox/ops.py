@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from outbox.events import NOTIFY_CHANNEL, Event, EventStatus, utcnow
+from outbox.patterns import compile_pattern
 from outbox.providers.base import EventFilter
 from outbox.providers.database import sql as dbsql
 
@@ -179,36 +180,38 @@ def replay(
     assert filter is not None
     if filter.status is not None and str(filter.status) != failed:
         raise ValueError("replay only moves failed events (filter.status must be 'failed')")
+    # The SQL selects; the Python matcher has the last word on the type pattern, so a replay
+    # never moves an event its pattern does not match (a belt to the SQL's braces).
+    matches = compile_pattern(filter.type).matches if filter.type is not None else None
     with engine.connect() as conn:
         where = [*filter_clauses(filter, conn.dialect.name), c.status == failed]
-        if dry_run:
-            result.replayed = conn.execute(
-                sa.select(sa.func.count()).select_from(events).where(*where)
-            ).scalar_one()
-            return result
         ceiling = conn.execute(sa.select(sa.func.max(c.seq)).where(*where)).scalar_one()
     if ceiling is None:
         return result
     after = 0
     while True:
         with engine.begin() as conn:
-            select_ids = (
-                sa.select(c.id, c.seq)
+            rows = conn.execute(
+                sa.select(c.id, c.seq, c.type)
                 .where(*where, c.seq > after, c.seq <= ceiling)
                 .order_by(c.seq)
                 .limit(batch_size)
-            )
-            rows = conn.execute(select_ids).all()
+            ).all()
             if not rows:
                 break
             after = rows[-1][1]
-            res = conn.execute(
-                sa.update(events)
-                .where(c.id.in_([r[0] for r in rows]), c.status == failed)
-                .values(_reset_values())
-            )
-            result.replayed += res.rowcount
-            _notify(conn)
+            todo = [r[0] for r in rows if matches is None or matches(r[2])]
+            if dry_run:
+                result.replayed += len(todo)
+                continue
+            if todo:
+                res = conn.execute(
+                    sa.update(events)
+                    .where(c.id.in_(todo), c.status == failed)
+                    .values(_reset_values())
+                )
+                result.replayed += res.rowcount
+                _notify(conn)
     return result
 
 

@@ -60,6 +60,16 @@ def test_replay_by_filter_in_batches(engine: sa.Engine) -> None:
     assert st[orders[0].id] == "failed" and statuses(engine)[orders[0].id] == "pending"
 
 
+def test_replay_by_pattern_is_exact(engine: sa.Engine) -> None:
+    # '*' is one segment: '*.users.>' must not reach 'x.y.users.create'
+    hit, miss = add(engine, [event("x.users.create", status="failed"),
+                             event("x.y.users.create", status="failed")])
+    assert ops.replay(engine, filter=EventFilter(type="*.users.>"), dry_run=True).replayed == 1
+    assert ops.replay(engine, filter=EventFilter(type="*.users.>")).replayed == 1
+    st = statuses(engine)
+    assert (st[hit.id], st[miss.id]) == ("pending", "failed")
+
+
 def test_replay_refuses_ambiguous_requests(engine: sa.Engine) -> None:
     with pytest.raises(ValueError):
         ops.replay(engine)

@@ -22,11 +22,12 @@ TYPES = [
     "public.order_items.create", "public.orderXitems.create", "public.users.x.create",
     "main.users.create", "users.create", "a", "a.b", "a.b.c", "a.b.c.d", "a-b.c_d.e",
     "a%b.c", "a_b.c", "public.users", "public.users.create.extra", "x.users.create",
+    "x.y.users.create",
 ]
 PATTERNS = [
     "*", "public.users.create", "public.*.create", "public.>", "*.users.create", "*.*",
     "a.>", "a.*.>", "*.*.*.*", "public.order_items.*", "a_b.c", "a-b.*.e", "public.*",
-    "*.>", "nothing.>", "x.*.create",
+    "*.>", "nothing.>", "x.*.create", "*.users.>",
 ]
 
 
