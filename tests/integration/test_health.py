@@ -171,3 +171,41 @@ async def test_unhealthy_while_database_is_down(
                 tg.cancel_scope.cancel()
     finally:
         engine.dispose()
+
+
+@pytest.mark.anyio
+async def test_relay_endpoints_follow_a_database_outage(
+    private_postgres: servers.PrivatePostgres,
+) -> None:
+    import outbox
+    from outbox.health import observe_relay
+    from outbox.relay import Relay
+    from tests.integration.ops_seed import add, event, statuses
+
+    engine = sa.create_engine(private_postgres.url, pool_pre_ping=True,
+                              connect_args={"connect_timeout": 2})
+    outbox.create_schema(engine)
+    broker = outbox.Broker()
+    relay = Relay(engine, broker=broker, provider=broker.provider, poll_interval=0.1,
+                  notify=False)
+    try:
+        async with observe_relay(relay, registry=CollectorRegistry(), check_interval=0.1,
+                                 backlog_interval=0.2, unhealthy_after=0.5) as obs:
+            healthz, readyz = obs.server.url + "/healthz", obs.server.url + "/readyz"
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(relay.run)
+                await wait_until(lambda: status(readyz) == 200, "ready")
+
+                await anyio.to_thread.run_sync(private_postgres.stop)
+                await wait_until(lambda: status(readyz) == 503, "not ready")
+                await wait_until(lambda: status(healthz) == 503, "not alive")
+
+                await anyio.to_thread.run_sync(private_postgres.start)
+                await wait_until(lambda: status(readyz) == 200, "ready again")
+                assert status(healthz) == 200
+                # and it relays again
+                ev = (await anyio.to_thread.run_sync(add, engine, [event("t.after")]))[0]
+                await wait_until(lambda: statuses(engine)[ev.id] == "completed", "relayed")
+                relay.stop()
+    finally:
+        engine.dispose()
