@@ -789,11 +789,12 @@ class NATSDelivery(SettleOnce):
         return f"<NATSDelivery {self.msg.subject} attempt={self.attempt} id={self.event.id}>"
 
     async def ack(self) -> None:
-        """The handler succeeded: acknowledge (explicit ack)."""
+        """The handler succeeded: acknowledge, and wait until the server confirmed the ack
+        (raises ProviderUnavailable otherwise; the delivery stays unsettled, retry the call)."""
         self._check("ack")
         try:
-            await self.msg.ack()
-        except (nats_errors.Error, OSError) as exc:
+            await self.msg.ack_sync(timeout=self._reader.p.request_timeout)
+        except (TimeoutError, nats_errors.Error, OSError) as exc:
             raise _unavailable(exc, "ack") from exc
         self._settled = "ack"
         self._reader.settled(self)
