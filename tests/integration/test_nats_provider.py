@@ -320,15 +320,15 @@ async def test_messages_of_a_killed_consumer_come_back(provider: NATSProvider,
 
 
 async def test_slow_handler_keeps_its_message(nats_url: str, nats_names: NatsNames) -> None:
-    slow = _provider(nats_url, nats_names, claim_idle=0.6)
-    other = _provider(nats_url, nats_names, claim_idle=0.6)
+    slow = _provider(nats_url, nats_names, claim_idle=1.0)
+    other = _provider(nats_url, nats_names, claim_idle=1.0)
     event = _events(1)[0]
     try:
         await slow.publish(event)
         async with slow.consume(group="g", start="beginning") as a, \
                 other.consume(group="g", start="beginning") as b:
             (d,) = await _take(a, 1, ack=False)
-            await _nothing_more(b, 2.5)  # four ack_wait periods
+            await _nothing_more(b, 3.0)  # three ack_wait periods
             await d.ack()
     finally:
         await slow.close()

@@ -297,8 +297,8 @@ async def test_entries_of_a_killed_consumer_are_reclaimed(provider: RedisProvide
 async def test_slow_handler_keeps_its_entry(redis_url: str, redis_prefix: str) -> None:
     """A handler that runs longer than claim_idle is not mistaken for a dead consumer."""
     stream = f"{redis_prefix}:slow"
-    slow = RedisProvider(redis_url, stream_name=stream, claim_idle=0.4, block=0.1)
-    other = RedisProvider(redis_url, stream_name=stream, claim_idle=0.4, block=0.1)
+    slow = RedisProvider(redis_url, stream_name=stream, claim_idle=1.0, block=0.1)
+    other = RedisProvider(redis_url, stream_name=stream, claim_idle=1.0, block=0.1)
     event = _events(1)[0]
     try:
         a = slow.consume(group="g", consumer="slow", start="beginning")
@@ -306,7 +306,7 @@ async def test_slow_handler_keeps_its_entry(redis_url: str, redis_prefix: str) -
         async with contextlib.aclosing(a), contextlib.aclosing(b):
             await slow.publish(event)
             (d,) = await _take(a, 1, ack=False)
-            await _nothing_more(b, 2.0)  # five claim_idle periods
+            await _nothing_more(b, 3.0)  # three claim_idle periods
             await d.ack()
     finally:
         await slow.close()
