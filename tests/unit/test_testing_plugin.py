@@ -128,7 +128,7 @@ def test_recorder_watches_the_events_table(app: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1)
 
 
-def test_plugin_import_loads_nothing_heavy() -> None:
+def test_plugin_import_loads_no_optional_driver() -> None:
     code = textwrap.dedent("""
         import sys
         import outbox.testing
