@@ -217,11 +217,18 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     retry_policy = config.retry_policy
     concurrency = args.concurrency or config.worker_count
     inbox = Inbox(args.inbox_database_url) if args.inbox_database_url else None
+    metrics = None
+    if args.metrics_port is not None:
+        from outbox.metrics import get_metrics
+
+        metrics = get_metrics()
+        metrics.attach_broker(broker)  # handler durations
     try:
         consumer = Consumer(
             provider, group=group, patterns=args.pattern or ("*",), broker=broker,
             consumer=args.consumer, start=start, retry_policy=retry_policy,
             concurrency=concurrency, inbox=inbox, shutdown_timeout=args.shutdown_timeout,
+            metrics=metrics,
         )
     except (TypeError, ValueError) as exc:
         raise Failure(str(exc)) from None

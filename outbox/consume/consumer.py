@@ -90,6 +90,7 @@ class Consumer:
         inbox: Inbox | None = None,
         ordered: bool = True,
         shutdown_timeout: float = 30.0,
+        metrics: Any = None,
     ) -> None:
         if not isinstance(provider, SupportsConsume):
             raise TypeError(f"{type(provider).__qualname__} cannot consume (no consume())")
@@ -119,6 +120,8 @@ class Consumer:
         self.inbox = inbox
         self.ordered = ordered
         self.shutdown_timeout = shutdown_timeout
+        #: An ``outbox.metrics.Metrics``: outcomes counted as completed / retry / failed.
+        self.metrics = metrics
         self.stats = ConsumerStats(group=group)
         self._done: OrderedDict[Any, set[str]] = OrderedDict()
         self._handled: OrderedDict[Any, None] = OrderedDict()
@@ -255,6 +258,7 @@ class Consumer:
             await self._settle(delivery.ack)
             self._done.pop(event.id, None)
             self.stats.handled += 1
+            self._count(event, "completed")
             return
         if self.inbox is None:  # remember who succeeded, so a retry here skips them
             progress = self._done.setdefault(event.id, set())
@@ -271,10 +275,16 @@ class Consumer:
             await self._settle(lambda: delivery.park(error))
             self._done.pop(event.id, None)
             self.stats.parked += 1
+            self._count(event, "failed")
         else:
             delay = self.retry_policy.delay(delivery.attempt)
             await self._settle(lambda: delivery.nack(error, delay=delay))
             self.stats.retried += 1
+            self._count(event, "retry")
+
+    def _count(self, event: Event, status: str) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_processed(event, status)
 
     def _remember_handled(self, event_id: Any) -> None:
         self._handled[event_id] = None

@@ -109,6 +109,15 @@ def test_consumes_and_stops_gracefully_on_sigterm(bus: dict[str, Any]) -> None:
         slow = _events(1, sleep=1.5)
         _publish(bus["make"], fast + slow)
         wait_for(lambda: (directory / f"started-{slow[0].id}").exists(), what="slow handler")
+        import urllib.request
+
+        def completed_counted() -> bool:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                exposition = r.read().decode()
+            return ('eventbroker_events_processed_total{source="database",'
+                    'status="completed",type="public.users.create"} 5.0') in exposition
+
+        wait_for(completed_counted, what="the consumer's metrics")
         code = consumer.terminate()  # while the slow handler runs
     finally:
         consumer.kill()
