@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import anyio
-import anyio.abc
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 
@@ -113,7 +112,10 @@ class Relay:
         self._stopping = False
         self._wake = anyio.Event()
         self._process_scope: anyio.CancelScope | None = None
-        self._tg: anyio.abc.TaskGroup | None = None
+        self._processing = False
+        self._settled_batches = 0
+        self._probe: uuid.UUID | None = None
+        self._batch_done = anyio.Event()
         self._held: dict[uuid.UUID, tuple[Claim, set[uuid.UUID]]] = {}
         self._floor = 0
         self._force_full = True
@@ -187,11 +189,9 @@ class Relay:
                     listener = PgListener(self.url, self._on_notify, on_state=self._on_listener)
                     tg.start_soon(listener.run)
                 tg.start_soon(self._maintenance)
-                self._tg = tg
                 try:
                     await self._loop(once)
                 finally:
-                    self._tg = None
                     tg.cancel_scope.cancel()
         finally:
             self.stats.healthy = False
@@ -206,53 +206,74 @@ class Relay:
     # -- the loop ---------------------------------------------------------------------------
 
     async def _loop(self, once: bool) -> None:
-        prefetched: Claim | None = None
-        next_claim: Any = None  # (event, holder) of a claim running in the background
-        while True:
-            if self._stopping:
-                break
-            if self._outage_backoff:
-                await self._sleep(self._outage_backoff)
-                if self._stopping:
-                    break
-            full = self._full_due()
-            if prefetched is not None:
-                claim, prefetched = prefetched, None
-            else:
+        """Hand claimed batches to :meth:`_process` one at a time.
+
+        A claimer task claims the next batch while the current one is dispatched and settled
+        (claim and settle then run on two database connections at once) and waits, holding it,
+        until the loop takes it. A batch is dispatched only after the previous batch's outcomes
+        are committed, so a killed relay has run the handlers of at most one unsettled batch.
+        """
+        send, receive = anyio.create_memory_object_stream[Claim](0)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._claimer, send, once)
+            async with receive:
+                async for claim in receive:
+                    self._processing = True
+                    try:
+                        if self._stopping or (self._outage_backoff
+                                              and claim.token != self._probe):
+                            await self._release(claim)  # claimed before the outage showed
+                        else:
+                            await self._process(claim)
+                    finally:
+                        self._processing = False
+                        self._settled_batches += 1
+                        done, self._batch_done = self._batch_done, anyio.Event()
+                        done.set()
+
+    async def _claimer(self, send: Any, once: bool) -> None:
+        async with send:
+            while not self._stopping:
+                probe = bool(self._outage_backoff)
+                if probe:  # provider down: wait, then try one batch to see if it is back
+                    await self._sleep(self._outage_backoff)
+                    if self._stopping:
+                        break
+                full = self._full_due()
                 self._wake = anyio.Event()
-                claimed = await self._claim(full)
-                if claimed is None:  # database error: logged, wait and retry
+                # A batch settled while we claim may hand back or unblock events our snapshot
+                # did not see: --once may only stop after an empty claim with none in hand.
+                quiet_before = not self._processing
+                settled_before = self._settled_batches
+                claim = await self._claim(full)
+                if claim is None:  # database error: logged, wait and retry
                     if once:
                         raise DatabaseUnavailable(self.stats.last_error or "database error")
                     await self._sleep(self.poll_interval)
                     continue
-                claim = claimed
-            if not claim.events:
-                if not full:
-                    self._force_full = True  # reached the end from the floor: look behind it
+                if not claim.events:
+                    if not full:
+                        self._force_full = True  # reached the end from the floor: look behind
+                        continue
+                    if once:
+                        if (quiet_before and not self._processing
+                                and self._settled_batches == settled_before):
+                            return  # nothing due and nothing in hand: drained
+                        # the batch in hand may put events back that are due at once
+                        if self._processing:
+                            await self._batch_done.wait()
+                        self._force_full = True
+                        continue
+                    await self._wait(self.poll_interval)
                     continue
-                if once:
-                    break
-                await self._wait(self.poll_interval)
-                continue
-            busy = len(claim.events) >= self.batch_size and not self._stopping
-            if busy:
-                next_claim = _Background(self._claim, self._full_due())
-                assert self._tg is not None
-                next_claim.start(self._tg)
-            await self._process(claim)
-            if next_claim is not None:
-                result = await next_claim.result()
-                next_claim = None
-                if result is not None and result.events:
-                    if self._stopping or self._outage_backoff:
-                        await self._release(result)
-                    else:
-                        prefetched = result
-                elif result is not None and not result.events:
-                    self._force_full = True
-        if prefetched is not None:
-            await self._release(prefetched)
+                if probe:
+                    self._probe = claim.token
+                try:
+                    await send.send(claim)
+                except BaseException:
+                    await self._release(claim)
+                    raise
+                self._processing = True  # handed over: in hand until the loop settles it
 
     def _full_due(self) -> bool:
         return self._force_full or time.monotonic() >= self._next_full
@@ -446,33 +467,6 @@ class Relay:
     async def blocked_keys(self, limit: int = 100) -> list[tuple[str, int, int]]:
         """Ordering keys held back by a failed event: (key, seq, failed events)."""
         return await _in_thread(self.store.blocked_keys, limit)
-
-
-class _Background:
-    """A coroutine started now on its own task, awaited later (the prefetched claim)."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._fn = functools.partial(fn, *args)
-        self._done = anyio.Event()
-        self._value: Any = None
-        self._error: BaseException | None = None
-
-    def start(self, tg: anyio.abc.TaskGroup) -> None:
-        tg.start_soon(self._run)
-
-    async def _run(self) -> None:
-        try:
-            self._value = await self._fn()
-        except BaseException as exc:  # handed to the awaiting side
-            self._error = exc
-        finally:
-            self._done.set()
-
-    async def result(self) -> Any:
-        await self._done.wait()
-        if self._error is not None:
-            raise self._error
-        return self._value
 
 
 async def _in_thread(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:

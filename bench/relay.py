@@ -1,0 +1,529 @@
+"""Relay benchmark (issue 4), not a test. PostgreSQL, no-op handler, memory provider.
+
+(a) Throughput draining N pending events (default 200,000) at batch sizes 100 and 500, next to
+    baselines measured in the same run:
+    - ``raw loop``: one psycopg connection running the relay's own claim and complete statements
+      (RelayStore's SQL text) with no Python per-event work — the SQL limit;
+    - ``pgqueuer``: pgqueuer's drain of N no-op jobs, 2 worker processes x batch 500 (asyncpg),
+      through its public API (``Queries.enqueue``, ``QueueManager.run(mode=drain)``).
+    Also ``relay x2``: two relay processes sharing the table (SKIP LOCKED).
+    Targets: relay ≥ 70 % of the raw loop, ahead of pgqueuer.
+(b) The same drain with H completed history rows in the table (default 2,000,000): ≥ 90 % of (a).
+(c) Latency commit → handler at R events/s (default 200) from a writer process, p50 / p99, with
+    NOTIFY on, and with NOTIFY off (poll_interval 1 s). Targets with NOTIFY: p50 ≤ 5 ms,
+    p99 ≤ 25 ms.
+(d) Writer throughput, 4 writer processes committing one event per transaction, NOTIFY on vs
+    off (the writers' ``outbox.notify`` GUC), ratio.
+(e) Relay RSS while draining M events (default 1,000,000): samples, < 150 MB and flat.
+(f) Claim statement time during that drain (default autovacuum + the migration's per-table
+    settings): p50 / p99 / max, bounded claims (from the floor) and full rescans separately.
+    Target p99 ≤ 2 ms.
+
+    python bench/relay.py                       # everything, the issue's sizes
+    python bench/relay.py --only a --events 50000
+    python bench/relay.py --only c,d --seconds 10
+
+Events are seeded like capture writes them: a small JSON row as payload, ordering key
+``public.tN:id`` (one key per row). Each part runs on a scratch database (dropped at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import outbox  # noqa: E402
+from outbox.providers.memory import MemoryProvider  # noqa: E402
+from outbox.relay import Relay  # noqa: E402
+from outbox.relay import store as relay_sql  # noqa: E402
+
+ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+# Bench-only SQL with constants and bound numbers (no user input).
+SEED = (
+    "INSERT INTO events (id, source, type, status, payload, instance_id, schema_name, entity, "
+    "entity_id, operation, created_at, completed_at, metadata, retry_count, next_attempt_at, "
+    "ordering_key) "
+    "SELECT gen_random_uuid(), 'database', 'public.t' || mod(i, 10) || '.create', %(status)s, "
+    "jsonb_build_object('id', i, 'name', 'user ' || i, 'email', 'user' || i || '@example.com', "
+    "'active', true), 'bench', 'public', 't' || mod(i, 10), i::text, 'create', now(), "
+    "CASE WHEN %(status)s::text = 'completed' THEN now() END, '{}'::jsonb, 0, now(), "
+    "'public.t' || mod(i, 10) || ':' || i "
+    "FROM generate_series(%(start)s::bigint, %(stop)s::bigint) AS i"
+)
+
+
+def libpq(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+@contextlib.contextmanager
+def scratch_database() -> Iterator[str]:
+    name = f"outbox_bench_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(ADMIN, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    engine = sa.create_engine(url, poolclass=sa.NullPool)
+    outbox.create_schema(engine)
+    engine.dispose()
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def seed(url: str, n: int, *, status: str = "pending", truncate: bool = True,
+         start: int = 1) -> None:
+    import psycopg
+
+    with psycopg.connect(libpq(url), autocommit=True) as conn:
+        if truncate:
+            conn.execute("TRUNCATE events")
+        step = 200_000
+        for lo in range(start, start + n, step):
+            hi = min(start + n - 1, lo + step - 1)
+            conn.execute(SEED, {"status": status, "start": lo, "stop": hi})  # type: ignore[arg-type]
+        conn.execute("VACUUM ANALYZE events")
+
+
+def pending(url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(libpq(url)) as conn:
+        row = conn.execute("SELECT count(*) FROM events WHERE status <> 'completed'").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def child(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, __file__, "--child", *args], cwd=ROOT,
+                            env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, text=True)
+
+
+# --------------------------------------------------------------------------------------------
+# (a)/(b) drains
+
+
+def _psycopg_sql(text: str) -> str:
+    """RelayStore's SQL text with psycopg placeholders (same statement, no SQLAlchemy)."""
+    import re
+
+    return re.sub(r":(\w+)", r"%(\1)s", text)
+
+
+def raw_loop(url: str, batch: int) -> float:
+    """The relay's claim + complete statements in a bare loop: the SQL limit."""
+    import datetime as dt
+
+    import psycopg
+
+    claim = _psycopg_sql(relay_sql._PG_CLAIM)
+    complete = _psycopg_sql(relay_sql._COMPLETE.replace("id IN :ids", "id = ANY(:ids)"))
+    n = 0
+    with psycopg.connect(libpq(url)) as conn:
+        started = time.perf_counter()
+        while True:
+            token = uuid.uuid4()
+            now = dt.datetime.now(dt.UTC)
+            with conn.transaction():
+                conn.execute(f"{relay_sql._PG_PLAN}; {relay_sql._PG_ASYNC_COMMIT}")
+                rows = conn.execute(claim, {  # type: ignore[call-overload]
+                    "now": now, "expires": now + dt.timedelta(seconds=30), "owner": "raw",
+                    "token": token, "limit": batch, "floor": 0}).fetchall()
+            if not rows:
+                break
+            with conn.transaction():
+                conn.execute(relay_sql._PG_ASYNC_COMMIT)
+                conn.execute(complete, {"ids": [r[0] for r in rows], "token": token,  # type: ignore[call-overload]
+                                        "now": dt.datetime.now(dt.UTC)})
+            n += len(rows)
+        elapsed = time.perf_counter() - started
+    return n / elapsed
+
+
+def make_relay(url: str, batch: int, **kw: Any) -> Relay:
+    broker = outbox.Broker(MemoryProvider())
+
+    async def noop(event: outbox.Event) -> None:
+        return None
+
+    broker.subscribe("*", noop, name="noop")
+    kw.setdefault("notify", False)
+    return Relay(url, broker=broker, batch_size=batch, **kw)
+
+
+def relay_drain(url: str, batch: int) -> tuple[float, Relay]:
+    relay = make_relay(url, batch)
+    total = pending(url)
+    started = time.perf_counter()
+    anyio.run(relay.drain)
+    elapsed = time.perf_counter() - started
+    return total / elapsed, relay
+
+
+def relay_processes(url: str, batch: int, count: int) -> float:
+    total = pending(url)
+    started = time.perf_counter()
+    procs = [child("relay-drain", url, str(batch)) for _ in range(count)]
+    for p in procs:
+        p.wait()
+    elapsed = time.perf_counter() - started
+    return total / elapsed
+
+
+async def _pgqueuer_setup(dsn: str, n: int) -> None:
+    import asyncpg
+    from pgqueuer import AsyncpgDriver, Queries
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        queries = Queries(AsyncpgDriver(conn))
+        with contextlib.suppress(Exception):
+            await queries.install()
+        await conn.execute("TRUNCATE pgqueuer")
+        step = 10_000
+        for lo in range(0, n, step):
+            k = min(step, n - lo)
+            await queries.enqueue(["noop"] * k, [None] * k, [0] * k)
+        await conn.execute("VACUUM ANALYZE pgqueuer")
+    finally:
+        await conn.close()
+
+
+async def _pgqueuer_worker(dsn: str, batch: int) -> None:
+    from datetime import timedelta
+
+    import asyncpg
+    from pgqueuer import AsyncpgDriver, Queries, QueueManager
+    from pgqueuer.models import Job
+    from pgqueuer.types import QueueExecutionMode
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        qm = QueueManager(Queries(AsyncpgDriver(conn)))
+
+        @qm.entrypoint("noop")
+        async def noop(job: Job) -> None:
+            return None
+
+        await qm.run(batch_size=batch, mode=QueueExecutionMode.drain,
+                     dequeue_timeout=timedelta(seconds=0.2),
+                     log_aggregation_interval=timedelta(0))
+    finally:
+        await conn.close()
+
+
+def pgqueuer_drain(url: str, n: int, workers: int = 2, batch: int = 500) -> float | str:
+    try:
+        import pgqueuer  # noqa: F401
+    except ImportError:
+        return "not installed (pip install -e '.[bench]')"
+    dsn = libpq(url)
+    anyio.run(_pgqueuer_setup, dsn, n)
+    started = time.perf_counter()
+    procs = [child("pgqueuer", dsn, str(batch)) for _ in range(workers)]
+    if any(p.wait() != 0 for p in procs):
+        return "pgqueuer workers failed"
+    elapsed = time.perf_counter() - started
+    left = anyio.run(_pgqueuer_left, dsn)
+    if left:
+        return f"pgqueuer left {left} jobs queued"
+    return n / elapsed
+
+
+async def _pgqueuer_left(dsn: str) -> int:
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM pgqueuer"))
+    finally:
+        await conn.close()
+
+
+def part_a(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    n = args.events
+    rows = []
+    with scratch_database() as url:
+        for batch in (100, 500):
+            seed(url, n)
+            raw = raw_loop(url, batch)
+            seed(url, n)
+            rate, _ = relay_drain(url, batch)
+            seed(url, n)
+            two = relay_processes(url, batch, 2)
+            rows.append({"batch": batch, "raw": raw, "relay": rate, "relay_x2": two,
+                         "ratio": rate / raw})
+            print(f"(a) batch {batch}: raw loop {raw:,.0f}/s, relay {rate:,.0f}/s "
+                  f"({rate / raw:.0%} of raw), relay x2 {two:,.0f}/s", flush=True)
+        pgq = pgqueuer_drain(url, n)
+        print(f"(a) pgqueuer 2 workers x batch 500: "
+              f"{pgq if isinstance(pgq, str) else f'{pgq:,.0f}/s'}", flush=True)
+    out["a"] = {"events": n, "rows": rows, "pgqueuer": pgq}
+
+
+def part_b(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    n, history = args.events, args.history
+    batch = 500
+    with scratch_database() as url:
+        seed(url, n)
+        base, _ = relay_drain(url, batch)
+        seed(url, history, status="completed")
+        seed(url, n, truncate=False, start=history + 1)
+        with_history, _ = relay_drain(url, batch)
+    print(f"(b) batch {batch}: empty table {base:,.0f}/s, with {history:,} completed rows "
+          f"{with_history:,.0f}/s ({with_history / base:.0%})", flush=True)
+    out["b"] = {"events": n, "history": history, "base": base, "with_history": with_history,
+                "ratio": with_history / base}
+
+
+# --------------------------------------------------------------------------------------------
+# (c) latency, (d) writers
+
+
+def part_c(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    results = {}
+    for notify in (True, False):
+        with scratch_database() as url, tempfile.TemporaryDirectory() as tmp:
+            seen = Path(tmp) / "seen.json"
+            relay = child("relay-latency", url, "1" if notify else "0", str(seen))
+            assert relay.stdout is not None
+            relay.stdout.readline()  # "ready"
+            time.sleep(0.5)
+            writer = child("writer-latency", url, str(args.rate), str(args.seconds))
+            wout, _ = writer.communicate()
+            committed = json.loads(wout)
+            time.sleep(1.5)  # let the last ones arrive (poll interval 1 s)
+            relay.terminate()
+            relay.wait()
+            handled = json.loads(seen.read_text())
+        lat = [(handled[i] - t) * 1000 for i, t in committed.items() if i in handled]
+        missing = len(committed) - len(lat)
+        key = "notify_on" if notify else "notify_off"
+        results[key] = {"p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99), "n": len(lat),
+                        "missing": missing}
+        print(f"(c) NOTIFY {'on ' if notify else 'off'} ({len(lat)} events at {args.rate}/s): "
+              f"p50 {pct(lat, 50):.2f} ms, p99 {pct(lat, 99):.2f} ms, max {max(lat):.1f} ms"
+              + (f", MISSING {missing}" if missing else ""), flush=True)
+    out["c"] = results
+
+
+def part_d(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    rates = {}
+    with scratch_database() as url:
+        for notify in (True, False):
+            procs = [child("writer-max", url, "1" if notify else "0", str(args.seconds))
+                     for _ in range(4)]
+            total = sum(int(p.communicate()[0]) for p in procs)
+            rates[notify] = total / args.seconds
+    ratio = rates[True] / rates[False]
+    print(f"(d) 4 writers, one event per transaction: NOTIFY on {rates[True]:,.0f} tx/s, off "
+          f"{rates[False]:,.0f} tx/s (on/off {ratio:.2f})", flush=True)
+    out["d"] = {"notify_on": rates[True], "notify_off": rates[False], "ratio": ratio}
+
+
+# --------------------------------------------------------------------------------------------
+# (e) RSS, (f) claim time
+
+
+def part_ef(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    with scratch_database() as url:
+        seed(url, args.big)
+        p = child("relay-rss", url, "100", str(args.big))
+        stdout, _ = p.communicate()
+    res = json.loads(stdout)
+    rss = res["rss_mb"]
+    print(f"(e) relay RSS over {args.big:,} events (MB, every 10%): "
+          + ", ".join(f"{v:.0f}" for v in rss), flush=True)
+    for kind in ("bounded", "full"):
+        q = res[kind]
+        if q:
+            print(f"(f) claim statement, {kind} ({len(q)} claims): p50 {pct(q, 50):.2f} ms, "
+                  f"p99 {pct(q, 99):.2f} ms, max {max(q):.1f} ms", flush=True)
+    allq = res["bounded"] + res["full"]
+    print(f"(f) all claims: p99 {pct(allq, 99):.2f} ms; drain {res['rate']:,.0f} events/s",
+          flush=True)
+    out["e"] = {"rss_mb": rss}
+    out["f"] = {kind: {"p50_ms": pct(res[kind], 50), "p99_ms": pct(res[kind], 99),
+                       "max_ms": max(res[kind], default=0.0), "n": len(res[kind])}
+                for kind in ("bounded", "full")}
+    out["f"]["all_p99_ms"] = pct(allq, 99)
+
+
+# --------------------------------------------------------------------------------------------
+# child processes
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_child(argv: list[str]) -> None:
+    kind = argv[0]
+    if kind == "relay-drain":
+        relay_drain(argv[1], int(argv[2]))
+    elif kind == "pgqueuer":
+        anyio.run(_pgqueuer_worker, argv[1], int(argv[2]))
+    elif kind == "relay-latency":
+        url, notify, path = argv[1], argv[2] == "1", argv[3]
+        seen: dict[str, float] = {}
+        broker = outbox.Broker(MemoryProvider())
+
+        async def record(event: outbox.Event) -> None:
+            seen[str(event.payload["i"])] = time.time()
+
+        broker.subscribe("*", record)
+        relay = Relay(url, broker=broker, notify=notify, poll_interval=1.0)
+
+        async def main() -> None:
+            import signal
+
+            async with anyio.create_task_group() as tg:
+                async def stop_on_term() -> None:
+                    with anyio.open_signal_receiver(signal.SIGTERM) as sigs:
+                        async for _ in sigs:
+                            relay.stop()
+                            return
+
+                tg.start_soon(stop_on_term)
+                await relay.start()
+                print("ready", flush=True)
+                await relay.run()
+                tg.cancel_scope.cancel()
+
+        anyio.run(main)
+        Path(path).write_text(json.dumps(seen))
+    elif kind == "writer-latency":
+        import psycopg
+
+        url, rate, seconds = argv[1], float(argv[2]), float(argv[3])
+        insert = _event_insert()
+        committed: dict[str, float] = {}
+        with psycopg.connect(libpq(url), autocommit=False) as conn:
+            start = time.perf_counter()
+            i = 0
+            while time.perf_counter() - start < seconds:
+                target = start + i / rate
+                delay = target - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                conn.execute(insert, _event_params(i))  # type: ignore[call-overload]
+                conn.commit()
+                committed[str(i)] = time.time()
+                i += 1
+        print(json.dumps(committed))
+    elif kind == "writer-max":
+        import psycopg
+
+        url, notify, seconds = argv[1], argv[2] == "1", float(argv[3])
+        insert = _event_insert()
+        options = "" if notify else "-c outbox.notify=off"
+        n = 0
+        with psycopg.connect(libpq(url), options=options) as conn:
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                conn.execute(insert, _event_params(n))  # type: ignore[call-overload]
+                conn.commit()
+                n += 1
+        print(n)
+    elif kind == "relay-rss":
+        url, batch, total = argv[1], int(argv[2]), int(argv[3])
+        samples: list[float] = []
+        bounded: list[float] = []
+        full: list[float] = []
+        relay = make_relay(url, batch)
+        step = max(1, total // 10)
+
+        class Hooks(outbox.relay.RelayHooks):
+            next_mark = step
+
+            def on_claim(self, claim: Any) -> None:
+                if claim.events:
+                    (full if claim.full else bounded).append(claim.query_seconds * 1000)
+                if relay.stats.claimed >= self.next_mark:
+                    samples.append(_rss_mb())
+                    self.next_mark += step
+
+        relay.hooks.append(Hooks())
+        started = time.perf_counter()
+        anyio.run(relay.drain)
+        rate = relay.stats.completed / (time.perf_counter() - started)
+        samples.append(_rss_mb())
+        print(json.dumps({"rss_mb": samples, "bounded": bounded, "full": full, "rate": rate}))
+    else:
+        raise SystemExit(f"unknown child {kind}")
+
+
+def _event_insert() -> str:
+    return (
+        "INSERT INTO events (id, source, type, status, payload, instance_id, schema_name, "
+        "entity, entity_id, operation, created_at, metadata, retry_count, next_attempt_at, "
+        "ordering_key) VALUES (%(id)s, 'database', 'public.users.create', 'pending', %(payload)s, "
+        "'bench', 'public', 'users', %(eid)s, 'create', now(), '{}', 0, now(), %(key)s)"
+    )
+
+
+def _event_params(i: int) -> dict[str, Any]:
+    from psycopg.types.json import Jsonb
+
+    eid = f"{os.getpid()}-{i}"
+    return {"id": uuid.uuid4(), "payload": Jsonb({"i": i, "name": f"user {i}"}), "eid": eid,
+            "key": f"public.users:{eid}"}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        run_child(sys.argv[2:])
+        return
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default="a,b,c,d,ef", help="parts: a,b,c,d,ef")
+    p.add_argument("--events", type=int, default=200_000, help="(a)/(b) events to drain")
+    p.add_argument("--history", type=int, default=2_000_000, help="(b) completed rows")
+    p.add_argument("--big", type=int, default=1_000_000, help="(e)/(f) events to drain")
+    p.add_argument("--rate", type=float, default=200.0, help="(c) writer events/s")
+    p.add_argument("--seconds", type=float, default=10.0, help="(c)/(d) duration")
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    args = p.parse_args()
+    parts = {x.strip() for x in args.only.split(",")}
+    out: dict[str, Any] = {}
+    for name, fn in (("a", part_a), ("b", part_b), ("c", part_c), ("d", part_d),
+                     ("ef", part_ef)):
+        if name in parts:
+            fn(args, out)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
