@@ -350,7 +350,7 @@ async def test_dead_member_is_taken_over_and_fenced(engine: sa.Engine,
     # lease renewals (every lease/3) record the acknowledged prefix of the claim
     with anyio.fail_after(TIMEOUT):
         while (await anyio.to_thread.run_sync(_claims, engine))[0]["lo_seq"] != \
-                held[1].position[1]:
+                held[1].position[1]:  # noqa: ASYNC110 - polling the database
             await anyio.sleep(0.05)
     # "crash": renewals stop (as when the process dies) and the lease runs out
     assert crashed._keeper is not None

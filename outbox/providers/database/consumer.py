@@ -270,8 +270,7 @@ class _GroupReader:
                 if fetched.blocked:
                     # Committed events wait behind an older transaction that is still running;
                     # its commit sends no NOTIFY when it wrote no event, so look again soon.
-                    self.blocked_wait = min(self.p.poll_interval,
-                                            max(0.002, self.blocked_wait * 2))
+                    self.blocked_wait = self.p._blocked_backoff(self.blocked_wait)
                     wait = self.blocked_wait
                 else:
                     self.blocked_wait = 0.0
@@ -448,7 +447,7 @@ class _Tail:
                 continue
             wait = self.p.poll_interval
             if batch.blocked:
-                self.blocked_wait = min(wait, max(0.002, self.blocked_wait * 2))
+                self.blocked_wait = self.p._blocked_backoff(self.blocked_wait)
                 wait = self.blocked_wait
             await self.signal.wait(seen, wait)
 

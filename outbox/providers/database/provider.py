@@ -122,6 +122,9 @@ class DatabaseProvider:
     ``lease``: seconds a member may hold a claim without renewing it (renewed every ``lease/3``
     while the process lives); a dead member's events are redelivered after it. ``notify``: wake
     on PostgreSQL LISTEN/NOTIFY. ``max_claims``: claims one member holds at once (prefetch).
+    ``blocked_poll``: the longest pause between looks while committed events wait behind an
+    older transaction that is still running (its end sends no notification when it wrote no
+    event; the pause starts at 1 ms and doubles up to this).
     """
 
     name: ClassVar[str] = "database"
@@ -138,6 +141,7 @@ class DatabaseProvider:
         lease: float = 30.0,
         notify: bool = True,
         max_claims: int = 2,
+        blocked_poll: float = 0.05,
     ) -> None:
         if poll_interval <= 0:
             raise ValueError("database.poll_interval must be > 0 seconds")
@@ -153,6 +157,7 @@ class DatabaseProvider:
         self.lease = float(lease)
         self.notify = bool(notify)
         self.max_claims = max_claims
+        self.blocked_poll = min(float(blocked_poll), self.poll_interval)
         self.dialect = self.engine.dialect.name
         self._readers: set[_GroupReader] = set()
         self._tails: set[_Tail] = set()
@@ -240,6 +245,9 @@ class DatabaseProvider:
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(conn, *args)`` on a connection (``fn`` manages its transactions)."""
         return await anyio.to_thread.run_sync(self._call_sync, fn, *args)
+
+    def _blocked_backoff(self, previous: float) -> float:
+        return min(self.blocked_poll, max(0.001, previous * 2))
 
     async def _cluster(self) -> str | None:
         if not self._cluster_known:

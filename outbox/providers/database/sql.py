@@ -14,6 +14,7 @@ a time: ``seq`` order is commit order there, and ``txid`` is always 0 in positio
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -111,29 +112,43 @@ def snapshot_xmax(snapshot: str) -> int:
     return int(snapshot.split(":")[1])
 
 
-def _skip_clause(snapshot: str | None, since: dt.datetime | None,
-                 after: Position) -> sa.ColumnElement[bool] | None:
+def _bp(name: str, type_: Any = None) -> sa.BindParameter[Any]:
+    return sa.bindparam(name, type_=type_ if type_ is not None else sa.BigInteger())
+
+
+def _skip_clause(since: bool) -> sa.ColumnElement[bool]:
     """Rows a group must skip because they were committed before it started.
 
-    A group created at ``NOW`` is positioned at the watermark of its creation snapshot; rows
-    between that watermark and the snapshot's ``xmax`` belong either to transactions still running
-    then (deliver them: they commit after the group started) or to transactions that had already
-    committed (skip them): ``pg_visible_in_snapshot`` tells the two apart. A group created at a
-    time ``since`` also delivers the rows committed before it started whose ``created_at`` is at
-    or after ``since``.
+    A group created at ``NOW`` is positioned at the watermark of its creation snapshot
+    (``:snap``); rows between that watermark and the snapshot's ``xmax`` (``:snap_xmax``) belong
+    either to transactions still running then (deliver them: they commit after the group started)
+    or to transactions that had already committed (skip them): ``pg_visible_in_snapshot`` tells
+    the two apart. A group created at a time (``:since``) also delivers the rows committed before
+    it started whose ``created_at`` is at or after that time.
     """
-    if snapshot is None or after[0] >= snapshot_xmax(snapshot):
-        return None
     keep = [
-        c.txid >= snapshot_xmax(snapshot),
+        c.txid >= _bp("snap_xmax"),
         ~sa.func.pg_visible_in_snapshot(
             sa.cast(sa.cast(c.txid, sa.Text), _PgType("xid8")),
-            sa.cast(sa.literal(snapshot, sa.Text), _PgType("pg_snapshot")),
+            sa.cast(_bp("snap", sa.Text()), _PgType("pg_snapshot")),
         ),
     ]
-    if since is not None:
-        keep.append(c.created_at >= sa.literal(since, UTCDateTime()))
+    if since:
+        keep.append(c.created_at >= _bp("since", UTCDateTime()))
     return sa.or_(*keep)
+
+
+def _skip_params(start: Start | None, after: Position) -> tuple[bool, bool, dict[str, Any]]:
+    """(skip?, since?, parameters) of :func:`_skip_clause` for a reader at ``after``."""
+    if start is None or start.snapshot is None:
+        return False, False, {}
+    xmax = snapshot_xmax(start.snapshot)
+    if after[0] >= xmax:  # past every row the start snapshot could have seen
+        return False, False, {}
+    params: dict[str, Any] = {"snap": start.snapshot, "snap_xmax": xmax}
+    if start.since is not None:
+        params["since"] = start.since
+    return True, start.since is not None, params
 
 
 def has_xids(conn: Connection) -> bool:
@@ -146,38 +161,52 @@ def row_to_event(values: Sequence[Any]) -> Event:
     return Event._from_values(dict(zip(_ATTRS, values, strict=True)))
 
 
-def _pos_after(txid: sa.ColumnElement[Any], seq: sa.ColumnElement[Any], pos: Position,
-               xids: bool) -> sa.ColumnElement[bool]:
+def _after(txid: sa.ColumnElement[Any], seq: sa.ColumnElement[Any], xids: bool,
+           prefix: str = "a") -> sa.ColumnElement[bool]:
+    """``(txid, seq) > (:a_t, :a_s)`` (``seq > :a_s`` without transaction ids)."""
     if xids:
-        return sa.tuple_(txid, seq) > sa.tuple_(sa.literal(pos[0], sa.BigInteger),
-                                                sa.literal(pos[1], sa.BigInteger))
-    return seq > sa.literal(pos[1], sa.BigInteger)
+        return sa.tuple_(txid, seq) > sa.tuple_(_bp(f"{prefix}_t"), _bp(f"{prefix}_s"))
+    return seq > _bp(f"{prefix}_s")
 
 
-def _pos_upto(txid: sa.ColumnElement[Any], seq: sa.ColumnElement[Any], pos: Position,
-              xids: bool) -> sa.ColumnElement[bool]:
+def _upto(txid: sa.ColumnElement[Any], seq: sa.ColumnElement[Any], xids: bool,
+          prefix: str = "h") -> sa.ColumnElement[bool]:
     if xids:
-        return sa.tuple_(txid, seq) <= sa.tuple_(sa.literal(pos[0], sa.BigInteger),
-                                                 sa.literal(pos[1], sa.BigInteger))
-    return seq <= sa.literal(pos[1], sa.BigInteger)
+        return sa.tuple_(txid, seq) <= sa.tuple_(_bp(f"{prefix}_t"), _bp(f"{prefix}_s"))
+    return seq <= _bp(f"{prefix}_s")
+
+
+def _pos(prefix: str, pos: Position) -> dict[str, int]:
+    return {f"{prefix}_t": pos[0], f"{prefix}_s": pos[1]}
 
 
 def _bus_order(xids: bool) -> list[sa.ColumnElement[Any]]:
     return [c.txid, c.seq] if xids else [c.seq]
 
 
-def _now(conn: Connection) -> sa.ColumnElement[dt.datetime]:
+def _now_expr(dialect: str) -> sa.ColumnElement[dt.datetime]:
     """The time leases are measured in: the server's clock on PostgreSQL (one clock for every
-    consumer host), this process's clock on SQLite (a local file: one host)."""
-    if conn.dialect.name == "postgresql":
+    consumer host), this process's clock on SQLite (``:now``; a local file: one host)."""
+    if dialect == "postgresql":
         return sa.func.now()
-    return sa.literal(utcnow(), UTCDateTime())
+    return _bp("now", UTCDateTime())
 
 
-def _later(conn: Connection, seconds: float) -> sa.ColumnElement[dt.datetime]:
+def _later_expr(dialect: str) -> sa.ColumnElement[dt.datetime]:
+    """Lease expiry: ``now() + :lease seconds`` on PostgreSQL, ``:until`` on SQLite."""
+    if dialect == "postgresql":
+        return sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, _bp("lease", sa.Float()))
+    return _bp("until", UTCDateTime())
+
+
+def _time_params(conn: Connection, lease: float | None = None) -> dict[str, Any]:
     if conn.dialect.name == "postgresql":
-        return sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, float(seconds))
-    return sa.literal(utcnow() + dt.timedelta(seconds=seconds), UTCDateTime())
+        return {} if lease is None else {"lease": float(lease)}
+    now = utcnow()
+    params: dict[str, Any] = {"now": now}
+    if lease is not None:
+        params["until"] = now + dt.timedelta(seconds=lease)
+    return params
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,7 +596,8 @@ class Peek:
 
 def peek(conn: Connection, group: str) -> Peek:
     xids = has_xids(conn)
-    row = conn.execute(peek_statement(conn.dialect.name, group)).first()
+    row = conn.execute(peek_statement(conn.dialect.name),
+                       {"grp": group, **_time_params(conn)}).first()
     if row is None:
         return Peek(exists=False)
     m = row._mapping
@@ -597,8 +627,9 @@ def _any_row(table: sa.FromClause, xids: bool,
     return first.is_not(None)
 
 
-def peek_statement(dialect: str, group: str) -> sa.Select[Any]:
-    """What a group has to do, in one read-only statement (index probes only)."""
+@functools.cache
+def peek_statement(dialect: str) -> sa.Select[Any]:
+    """What group ``:grp`` has to do, in one read-only statement (index probes only)."""
     xids = dialect == "postgresql"
     g = groups.c
     e2 = events.alias("e2")
@@ -607,16 +638,15 @@ def peek_statement(dialect: str, group: str) -> sa.Select[Any]:
         *([e2.c.txid.is_not(None), e2.c.txid < WATERMARK] if xids else []),
         _after_group(e2, xids),
     )
-    now = sa.func.now() if xids else sa.literal(utcnow(), UTCDateTime())
     expired = sa.exists().where(claims.c.group_name == g.group_name,
-                                claims.c.lease_expires_at < now)
+                                claims.c.lease_expires_at < _now_expr(dialect))
     cols: list[Any] = [g.cluster_id, g.claimed_txid, g.claimed, ready.label("ready"),
                        expired.label("expired")]
     if xids:
         e3 = events.alias("e3")
         cols += [_any_row(e3, xids, e3.c.txid >= WATERMARK).label("blocked"),
                  NEXT_XID.label("next_xid")]
-    return sa.select(*cols).where(g.group_name == group)
+    return sa.select(*cols).where(g.group_name == _bp("grp", sa.String()))
 
 
 def _after_group(table: sa.FromClause, xids: bool) -> sa.ColumnElement[bool]:
@@ -646,30 +676,46 @@ def read_after(conn: Connection, after: Position, limit: int, pattern: str,
                start: Start | None = None) -> Batch:
     """Up to ``limit`` events matching ``pattern`` after ``after``, readable now, in bus order
     (skipping what the reader's ``start`` excludes, see :func:`_skip_clause`)."""
-    clause = type_clause(conn, pattern)
+    params: dict[str, Any] = {**_pos("a", after), "lim": limit}
     if has_xids(conn):
-        skip = None if start is None else _skip_clause(start.snapshot, start.since, after)
-        if skip is not None:
-            clause = skip if clause is None else sa.and_(clause, skip)
-        return _read_after_pg(conn, after, limit, clause)
-    stmt = sa.select(*_COLUMNS).where(_pos_after(c.txid, c.seq, after, False))
-    if clause is not None:
-        stmt = stmt.where(clause)
-    rows = conn.execute(stmt.order_by(c.seq).limit(limit)).all()
+        skip, since, extra = _skip_params(start, after)
+        rows = conn.execute(bus_read_statement(pattern, skip, since), {**params, **extra}).all()
+        head = rows[0]
+        wm, nx, blocked, scanned = int(head[0]), int(head[1]), bool(head[2]), bool(head[3])
+        found = [((int(r.txid), int(r.seq)), row_to_event(r[4:]))
+                 for r in rows if r.id is not None]
+        end = found[-1][0] if len(found) >= limit else max(after, (wm - 1, MAX_SEQ))
+        return Batch(found, end, blocked=blocked, scanned=scanned, next_xid=nx)
+    rows = conn.execute(_read_statement_seq(conn.dialect.name, pattern), params).all()
     found = [((0, int(r.seq)), row_to_event(r)) for r in rows]
     if len(found) >= limit:
         return Batch(found, found[-1][0], scanned=True)
-    last = conn.execute(sa.select(sa.func.max(c.seq))).scalar()
+    last = conn.execute(_MAX_SEQ).scalar()
     end = max(after, (0, int(last or 0)))
     return Batch(found, end, scanned=end > after)
 
 
-def bus_read_statement(after: Position, limit: int,
-                       clause: sa.ColumnElement[bool] | None = None) -> sa.Select[Any]:
-    """PostgreSQL: one statement reads the watermark and, below it, up to ``limit`` rows after
-    ``after`` in ``(txid, seq)`` order (``ix_events_txid_seq``). Also says whether committed rows
-    wait above the watermark (``blocked``) and whether any row at all follows ``after`` below it
-    (``scanned``). The watermark and the rows come from the same statement snapshot."""
+_MAX_SEQ = sa.select(sa.func.max(c.seq))
+
+
+@functools.lru_cache(maxsize=512)
+def _read_statement_seq(dialect: str, pattern: str) -> sa.Select[Any]:
+    """Without transaction ids (SQLite): rows after ``:a_s`` in ``seq`` order."""
+    stmt = sa.select(*_COLUMNS).where(_after(c.txid, c.seq, False))
+    clause = type_clause(dialect, pattern)
+    if clause is not None:
+        stmt = stmt.where(clause)
+    return stmt.order_by(c.seq).limit(_bp("lim", sa.Integer()))
+
+
+@functools.lru_cache(maxsize=512)
+def bus_read_statement(pattern: str = "*", skip: bool = False,
+                       since: bool = False) -> sa.Select[Any]:
+    """PostgreSQL: one statement reads the watermark and, below it, up to ``:lim`` rows after
+    ``(:a_t, :a_s)`` in ``(txid, seq)`` order (``ix_events_txid_seq``). Also says whether
+    committed rows wait above the watermark (``blocked``) and whether any row at all follows the
+    position below it (``scanned``). The watermark and the rows come from the same statement
+    snapshot. Built once per pattern: positions are parameters."""
     x = sa.select(WATERMARK.label("wm"), NEXT_XID.label("nx")).subquery("x")
     e2 = events.alias("e2")
     e3 = events.alias("e3")
@@ -678,27 +724,20 @@ def bus_read_statement(after: Position, limit: int,
         x.c.nx,
         _any_row(e2, True, e2.c.txid >= x.c.wm).label("blocked"),
         _any_row(e3, True, e3.c.txid.is_not(None), e3.c.txid < x.c.wm,
-                 _pos_after(e3.c.txid, e3.c.seq, after, True)).label("scanned"),
+                 _after(e3.c.txid, e3.c.seq, True)).label("scanned"),
     ).cte("w")
     inner = sa.select(*_COLUMNS).where(
-        c.txid.is_not(None), c.txid < w.c.wm, _pos_after(c.txid, c.seq, after, True)
+        c.txid.is_not(None), c.txid < w.c.wm, _after(c.txid, c.seq, True)
     )
+    clause = type_clause("postgresql", pattern)
     if clause is not None:
         inner = inner.where(clause)
-    e = inner.order_by(c.txid, c.seq).limit(limit).lateral("e")
+    if skip:
+        inner = inner.where(_skip_clause(since))
+    e = inner.order_by(c.txid, c.seq).limit(_bp("lim", sa.Integer())).lateral("e")
     return sa.select(w.c.wm, w.c.nx, w.c.blocked, w.c.scanned, *e.c).select_from(
         w.outerjoin(e, sa.true())
     )
-
-
-def _read_after_pg(conn: Connection, after: Position, limit: int,
-                   clause: sa.ColumnElement[bool] | None) -> Batch:
-    rows = conn.execute(bus_read_statement(after, limit, clause)).all()
-    head = rows[0]
-    wm, nx, blocked, scanned = int(head[0]), int(head[1]), bool(head[2]), bool(head[3])
-    found = [((int(r.txid), int(r.seq)), row_to_event(r[4:])) for r in rows if r.id is not None]
-    end = found[-1][0] if len(found) >= limit else max(after, (wm - 1, MAX_SEQ))
-    return Batch(found, end, blocked=blocked, scanned=scanned, next_xid=nx)
 
 
 def read_range(conn: Connection, group: str, lo: Position, hi: Position, pattern: str,
@@ -706,21 +745,29 @@ def read_range(conn: Connection, group: str, lo: Position, hi: Position, pattern
     """Events in ``(lo, hi]`` matching ``pattern`` that ``group`` has not handled or parked
     (a taken-over claim: ids in the inbox or the dead letters are skipped)."""
     xids = has_xids(conn)
+    skip, since, extra = _skip_params(start, lo) if xids else (False, False, {})
+    stmt = _range_statement(conn.dialect.name, pattern, skip, since)
+    rows = conn.execute(stmt, {**_pos("a", lo), **_pos("h", hi), "grp": group, **extra}).all()
+    return [((int(r.txid) if xids else 0, int(r.seq)), row_to_event(r)) for r in rows]
+
+
+@functools.lru_cache(maxsize=512)
+def _range_statement(dialect: str, pattern: str, skip: bool, since: bool) -> sa.Select[Any]:
+    xids = dialect == "postgresql"
+    grp = _bp("grp", sa.String())
     stmt = sa.select(*_COLUMNS).where(
-        _pos_after(c.txid, c.seq, lo, xids), _pos_upto(c.txid, c.seq, hi, xids),
-        ~sa.exists().where(inbox.c.group_name == group, inbox.c.event_id == c.id),
-        ~sa.exists().where(dead.c.group_name == group, dead.c.event_id == c.id),
+        _after(c.txid, c.seq, xids), _upto(c.txid, c.seq, xids),
+        ~sa.exists().where(inbox.c.group_name == grp, inbox.c.event_id == c.id),
+        ~sa.exists().where(dead.c.group_name == grp, dead.c.event_id == c.id),
     )
     if xids:
         stmt = stmt.where(c.txid.is_not(None))
-        skip = None if start is None else _skip_clause(start.snapshot, start.since, lo)
-        if skip is not None:
-            stmt = stmt.where(skip)
-    clause = type_clause(conn, pattern)
+        if skip:
+            stmt = stmt.where(_skip_clause(since))
+    clause = type_clause(dialect, pattern)
     if clause is not None:
         stmt = stmt.where(clause)
-    rows = conn.execute(stmt.order_by(*_bus_order(xids))).all()
-    return [((int(r.txid) if xids else 0, int(r.seq)), row_to_event(r)) for r in rows]
+    return stmt.order_by(*_bus_order(xids))
 
 
 # --------------------------------------------------------------------------------------------
@@ -737,51 +784,76 @@ class ClaimRow:
     attempt: int
 
 
+_GROUP_START = (groups.c.claimed_txid, groups.c.claimed, groups.c.start_snapshot,
+                groups.c.start_time)
+
+
+@functools.cache
+def _lock_statement(dialect: str) -> Any:
+    g = groups.c
+    where = g.group_name == _bp("grp", sa.String())
+    if dialect == "sqlite":  # a write takes SQLite's single write lock first
+        return (sa.update(groups).where(where).values(updated_at=_bp("now", UTCDateTime()))
+                .returning(*_GROUP_START))
+    return sa.select(*_GROUP_START).where(where).with_for_update()
+
+
 def lock_group(conn: Connection, group: str) -> tuple[Position, Start] | None:
     """Lock the group row until commit (claimers of one group take turns); its claim frontier
     and how it started."""
-    g = groups.c
-    cols = (g.claimed_txid, g.claimed, g.start_snapshot, g.start_time)
-    if conn.dialect.name == "sqlite":  # a write takes SQLite's single write lock first
-        row = conn.execute(
-            sa.update(groups).where(g.group_name == group).values(updated_at=utcnow())
-            .returning(*cols)
-        ).first()
-    else:
-        row = conn.execute(sa.select(*cols).where(g.group_name == group).with_for_update()).first()
+    row = conn.execute(_lock_statement(conn.dialect.name), {"grp": group, "now": utcnow()}).first()
     if row is None:
         return None
     frontier = (int(row[0]), int(row[1]))
     return frontier, Start(frontier, row[2], row[3])
 
 
+_GROUP_START_SELECT = sa.select(*_GROUP_START).where(
+    groups.c.group_name == _bp("grp", sa.String()))
+
+
 def group_start(conn: Connection, group: str) -> Start | None:
-    g = groups.c
-    row = conn.execute(
-        sa.select(g.claimed_txid, g.claimed, g.start_snapshot, g.start_time)
-        .where(g.group_name == group)
-    ).first()
+    row = conn.execute(_GROUP_START_SELECT, {"grp": group}).first()
     return None if row is None else Start((int(row[0]), int(row[1])), row[2], row[3])
 
 
+_LOW_WATER = (
+    sa.select(claims.c.lo_txid, claims.c.lo_seq)
+    .where(claims.c.group_name == _bp("grp", sa.String()))
+    .order_by(claims.c.lo_txid, claims.c.lo_seq)
+    .limit(1)
+)
+
+
 def _low_water(conn: Connection, group: str, claimed: Position) -> Position:
-    row = conn.execute(
-        sa.select(claims.c.lo_txid, claims.c.lo_seq)
-        .where(claims.c.group_name == group)
-        .order_by(claims.c.lo_txid, claims.c.lo_seq)
-        .limit(1)
-    ).first()
+    row = conn.execute(_LOW_WATER, {"grp": group}).first()
     return claimed if row is None else (int(row[0]), int(row[1]))
+
+
+@functools.cache
+def _set_group_statement(claimed: bool, position: bool) -> sa.Update:
+    values: dict[str, Any] = {"updated_at": _bp("upd", UTCDateTime())}
+    if claimed:
+        values.update(claimed_txid=_bp("c_t"), claimed=_bp("c_s"))
+    if position:
+        values.update(position_txid=_bp("p_t"), position=_bp("p_s"))
+    return sa.update(groups).where(groups.c.group_name == _bp("grp", sa.String())).values(values)
 
 
 def _set_group(conn: Connection, group: str, *, claimed: Position | None = None,
                position: Position | None = None) -> None:
-    values: dict[str, Any] = {"updated_at": utcnow()}
+    params: dict[str, Any] = {"grp": group, "upd": utcnow()}
     if claimed is not None:
-        values.update(claimed_txid=claimed[0], claimed=claimed[1])
+        params.update(_pos("c", claimed))
     if position is not None:
-        values.update(position_txid=position[0], position=position[1])
-    conn.execute(sa.update(groups).where(groups.c.group_name == group).values(values))
+        params.update(_pos("p", position))
+    conn.execute(_set_group_statement(claimed is not None, position is not None), params)
+
+
+@functools.cache
+def _claim_insert(dialect: str) -> sa.Insert:
+    return sa.insert(claims).values(lease_expires_at=_later_expr(dialect),
+                                    claimed_at=_now_expr(dialect))
 
 
 def claim_next(conn: Connection, group: str, consumer: str, pattern: str, limit: int,
@@ -803,14 +875,32 @@ def claim_next(conn: Connection, group: str, consumer: str, pattern: str, limit:
             _set_group(conn, group, claimed=batch.end, position=position)
         return None, batch
     token = uuid.uuid4()
-    now = _now(conn)
-    conn.execute(sa.insert(claims).values(
-        group_name=group, hi_txid=batch.end[0], hi_seq=batch.end[1], lo_txid=frontier[0],
-        lo_seq=frontier[1], consumer=consumer, token=token, attempt=1,
-        lease_expires_at=_later(conn, lease), claimed_at=now,
-    ))
+    conn.execute(_claim_insert(conn.dialect.name), {
+        "group_name": group, "hi_txid": batch.end[0], "hi_seq": batch.end[1],
+        "lo_txid": frontier[0], "lo_seq": frontier[1], "consumer": consumer, "token": token,
+        "attempt": 1, **_time_params(conn, lease),
+    })
     _set_group(conn, group, claimed=batch.end)
     return ClaimRow(frontier, batch.end, token, 1), batch
+
+
+@functools.cache
+def _take_statement(dialect: str) -> sa.Update:
+    k = claims.c
+    pick = (
+        sa.select(k.group_name, k.hi_txid, k.hi_seq)
+        .where(k.group_name == _bp("grp", sa.String()), k.lease_expires_at < _now_expr(dialect))
+        .order_by(k.lo_txid, k.lo_seq)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        sa.update(claims)
+        .where(sa.tuple_(k.group_name, k.hi_txid, k.hi_seq).in_(pick))
+        .values(consumer=_bp("me", sa.String()), token=_bp("new_tok", sa.Uuid()),
+                attempt=k.attempt + 1, lease_expires_at=_later_expr(dialect))
+        .returning(k.lo_txid, k.lo_seq, k.hi_txid, k.hi_seq, k.attempt)
+    )
 
 
 def take_expired(conn: Connection, group: str, consumer: str, pattern: str,
@@ -820,22 +910,9 @@ def take_expired(conn: Connection, group: str, consumer: str, pattern: str,
     The range is handed out again with a new token (the old holder is fenced) and ``attempt``
     + 1. A range with nothing left to deliver is finished on the spot.
     """
-    k = claims.c
-    pick = (
-        sa.select(k.group_name, k.hi_txid, k.hi_seq)
-        .where(k.group_name == group, k.lease_expires_at < _now(conn))
-        .order_by(k.lo_txid, k.lo_seq)
-        .limit(1)
-        .with_for_update(skip_locked=True)
-    )
     token = uuid.uuid4()
-    row = conn.execute(
-        sa.update(claims)
-        .where(sa.tuple_(k.group_name, k.hi_txid, k.hi_seq).in_(pick))
-        .values(consumer=consumer, token=token, attempt=k.attempt + 1,
-                lease_expires_at=_later(conn, lease))
-        .returning(k.lo_txid, k.lo_seq, k.hi_txid, k.hi_seq, k.attempt)
-    ).first()
+    row = conn.execute(_take_statement(conn.dialect.name), {
+        "grp": group, "me": consumer, "new_tok": token, **_time_params(conn, lease)}).first()
     if row is None:
         return None
     claim = ClaimRow((int(row[0]), int(row[1])), (int(row[2]), int(row[3])), token, int(row[4]))
@@ -845,14 +922,22 @@ def take_expired(conn: Connection, group: str, consumer: str, pattern: str,
     return claim, found
 
 
+def _claim_where() -> list[sa.ColumnElement[bool]]:
+    k = claims.c
+    return [k.group_name == _bp("grp", sa.String()), k.hi_txid == _bp("h_t"),
+            k.hi_seq == _bp("h_s"), k.token == _bp("tok", sa.Uuid())]
+
+
+def _claim_params(group: str, hi: Position, token: uuid.UUID) -> dict[str, Any]:
+    return {"grp": group, **_pos("h", hi), "tok": token}
+
+
+_FINISH = sa.delete(claims).where(*_claim_where())
+
+
 def finish(conn: Connection, group: str, hi: Position, token: uuid.UUID) -> bool:
     """Drop a settled claim and move the group's low-water mark; False when fenced (lost)."""
-    k = claims.c
-    deleted = conn.execute(
-        sa.delete(claims).where(k.group_name == group, k.hi_txid == hi[0], k.hi_seq == hi[1],
-                                k.token == token)
-    ).rowcount
-    if not deleted:
+    if not conn.execute(_FINISH, _claim_params(group, hi, token)).rowcount:
         return False
     locked = lock_group(conn, group)
     if locked is not None:
@@ -860,10 +945,10 @@ def finish(conn: Connection, group: str, hi: Position, token: uuid.UUID) -> bool
     return True
 
 
-def _lo_values(lo: Position) -> dict[str, Any]:
+def _lo_values() -> dict[str, Any]:
+    """``lo := max(lo, (:l_t, :l_s))``: progress only moves forward."""
     k = claims.c
-    t = sa.literal(lo[0], sa.BigInteger)
-    s = sa.literal(lo[1], sa.BigInteger)
+    t, s = _bp("l_t"), _bp("l_s")
     behind = sa.tuple_(k.lo_txid, k.lo_seq) < sa.tuple_(t, s)
     return {
         "lo_txid": sa.case((behind, t), else_=k.lo_txid),
@@ -871,43 +956,46 @@ def _lo_values(lo: Position) -> dict[str, Any]:
     }
 
 
-def _claim_key(group: str, hi: Position, token: uuid.UUID) -> list[sa.ColumnElement[bool]]:
-    k = claims.c
-    return [k.group_name == group, k.hi_txid == hi[0], k.hi_seq == hi[1], k.token == token]
+_ADVANCE = sa.update(claims).where(*_claim_where()).values(_lo_values())
 
 
 def advance(conn: Connection, group: str, hi: Position, token: uuid.UUID, lo: Position) -> bool:
     """Move a claim's lower bound up to ``lo`` (never down); False when the claim is not ours."""
-    result = conn.execute(
-        sa.update(claims).where(*_claim_key(group, hi, token)).values(_lo_values(lo))
-    )
+    result = conn.execute(_ADVANCE, {**_claim_params(group, hi, token), **_pos("l", lo)})
     return bool(result.rowcount)
+
+
+_RENEW_LOCK = sa.select(claims.c.token).where(*_claim_where()).with_for_update(skip_locked=True)
+_CLAIM_EXISTS = sa.select(claims.c.token).where(*_claim_where())
+
+
+@functools.cache
+def _renew_statement(dialect: str) -> sa.Update:
+    values = _lo_values()
+    values["lease_expires_at"] = _later_expr(dialect)
+    return sa.update(claims).where(*_claim_where()).values(values)
 
 
 def renew(conn: Connection, group: str, hi: Position, token: uuid.UUID, lo: Position,
           lease: float) -> str:
     """Extend a lease (and record progress): ``"ok"``, ``"busy"`` (a handler's transaction holds
     the row right now; try again next time) or ``"lost"`` (taken over by another member)."""
-    key = _claim_key(group, hi, token)
-    if conn.dialect.name == "postgresql":
-        locked = conn.execute(
-            sa.select(claims.c.token).where(*key).with_for_update(skip_locked=True)
-        ).first()
-        if locked is None:
-            still = conn.execute(sa.select(claims.c.token).where(*key)).first()
-            return "busy" if still is not None else "lost"
-    values = _lo_values(lo)
-    values["lease_expires_at"] = _later(conn, lease)
-    result = conn.execute(sa.update(claims).where(*key).values(values))
+    key = _claim_params(group, hi, token)
+    if conn.dialect.name == "postgresql" and conn.execute(_RENEW_LOCK, key).first() is None:
+        return "busy" if conn.execute(_CLAIM_EXISTS, key).first() is not None else "lost"
+    result = conn.execute(_renew_statement(conn.dialect.name),
+                          {**key, **_pos("l", lo), **_time_params(conn, lease)})
     return "ok" if result.rowcount else "lost"
+
+
+_RELEASE = sa.update(claims).where(*_claim_where()).values(
+    {**_lo_values(), "lease_expires_at": _bp("expired", UTCDateTime())})
 
 
 def release(conn: Connection, group: str, hi: Position, token: uuid.UUID, lo: Position) -> None:
     """Give a claim back: recorded progress kept, lease expired so any member takes it now."""
-    values = _lo_values(lo)
-    values["lease_expires_at"] = sa.literal(dt.datetime(2000, 1, 1, tzinfo=dt.UTC),
-                                            UTCDateTime())
-    conn.execute(sa.update(claims).where(*_claim_key(group, hi, token)).values(values))
+    conn.execute(_RELEASE, {**_claim_params(group, hi, token), **_pos("l", lo),
+                            "expired": dt.datetime(2000, 1, 1, tzinfo=dt.UTC)})
 
 
 def park(conn: Connection, group: str, event_id: uuid.UUID, error: str, attempt: int) -> None:

@@ -1,0 +1,325 @@
+"""Database bus benchmark (issue 7), not a test: the events table as the bus between processes.
+
+(a) Drain. N committed events (default 100,000, seeded with one INSERT ... SELECT) are read by
+    new consumer groups started at the beginning: 1 group, then 3 groups at once, each group one
+    member in a process of its own (``DatabaseProvider.consume`` + ``ack`` per event). Reported:
+    events/s per group, next to a ceiling measured in the same run: ``bare keyset read``, the same
+    rows read in the same ``(txid, seq)`` order below the watermark with plain SELECTs of the same
+    batch size (no claims, no Event objects, no acks).
+(b) Latency. A producer process commits one event per transaction at ``--rate`` events/s; a
+    consumer process (one member of a group, LISTEN/NOTIFY wake-up) receives it. Latency =
+    delivery - commit returned (one machine, one clock). Baseline in the same run: a bare
+    ``LISTEN`` connection, commit → notification. Targets at 200 events/s: p50 ≤ 10 ms,
+    p99 ≤ 50 ms. Also measured with NOTIFY off (polling every ``--poll-interval``).
+
+    python bench/db_bus.py                               # everything, defaults
+    python bench/db_bus.py --only drain --events 20000 --batch-sizes 100,500
+    python bench/db_bus.py --only latency --rate 200 --seconds 15
+
+Needs PostgreSQL on 127.0.0.1 (``--admin-url``); creates a scratch database and drops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing as mp
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import outbox  # noqa: E402
+from outbox.providers.base import StartPosition  # noqa: E402
+from outbox.providers.database import DatabaseProvider  # noqa: E402
+from outbox.providers.database import sql as dbsql  # noqa: E402
+
+ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+# Bench-only SQL with constants: N committed row changes in 1,000-row transactions (so the bus
+# sees many transaction ids, as in production), payload about 150 bytes of JSON.
+SEED = (
+    "INSERT INTO events (id, source, type, status, payload, instance_id, schema_name, entity, "
+    "entity_id, operation, created_at, metadata, retry_count, next_attempt_at) "
+    "SELECT gen_random_uuid(), 'database', 'public.orders.update', 'completed', "
+    "jsonb_build_object('id', i, 'customer', 'c' || mod(i, 977), 'total', i * 1.5, "
+    "'status', 'paid', 'note', repeat('x', 60)), 'bench', 'public', 'orders', i::text, 'update', "
+    "now(), '{}'::jsonb, 0, now() FROM generate_series(%(lo)s::int, %(hi)s::int) AS i"
+)
+
+
+@contextlib.contextmanager
+def scratch_database(admin_url: str) -> Iterator[str]:
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
+    name = f"outbox_bench_bus_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    url = admin.url.set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+def seed(url: str, n: int) -> None:
+    engine = sa.create_engine(url)
+    for lo in range(1, n + 1, 1000):
+        with engine.begin() as conn:
+            conn.exec_driver_sql(SEED, {"lo": lo, "hi": min(n, lo + 999)})
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql("VACUUM ANALYZE events")
+    engine.dispose()
+
+
+# -- (a) drain -----------------------------------------------------------------------------------
+
+
+def bare_keyset_read(url: str, n: int, batch: int) -> float:
+    """Seconds to read ``n`` rows in bus order with plain keyset SELECTs of ``batch`` rows."""
+    engine = sa.create_engine(url)
+    c = dbsql.c
+    pos = (0, 0)
+    got = 0
+    started = time.perf_counter()
+    with engine.connect() as conn:
+        while got < n:
+            with conn.begin():
+                rows = conn.execute(
+                    sa.select(*dbsql._COLUMNS)
+                    .where(c.txid.is_not(None), c.txid < dbsql.WATERMARK,
+                           sa.tuple_(c.txid, c.seq) > sa.tuple_(*pos))
+                    .order_by(c.txid, c.seq).limit(batch)
+                ).all()
+            if not rows:
+                raise RuntimeError("bare read found fewer rows than seeded")
+            got += len(rows)
+            pos = (rows[-1].txid, rows[-1].seq)
+    elapsed = time.perf_counter() - started
+    engine.dispose()
+    return elapsed
+
+
+def drain_member(url: str, group: str, n: int, batch: int, out: Any) -> None:
+    """Child process: one member of ``group`` from the beginning until ``n`` events."""
+
+    async def run() -> float:
+        provider = DatabaseProvider(url, batch_size=batch, poll_interval=0.2)
+        got = 0
+        started = 0.0
+        async with provider.consume(group=group, start=StartPosition.BEGINNING) as deliveries:
+            async for delivery in deliveries:
+                if got == 0:
+                    started = time.perf_counter()
+                got += 1
+                await delivery.ack()
+                if got >= n:
+                    break
+        elapsed = time.perf_counter() - started
+        await provider.close()
+        return elapsed
+
+    out.put((group, anyio.run(run)))
+
+
+def drain(url: str, n: int, groups: int, batch: int) -> list[float]:
+    """events/s of each of ``groups`` groups draining ``n`` events at once (one process each)."""
+    ctx = mp.get_context("spawn")
+    out: Any = ctx.Queue()
+    tag = uuid.uuid4().hex[:6]
+    procs = [ctx.Process(target=drain_member, args=(url, f"drain-{tag}-{i}", n, batch, out))
+             for i in range(groups)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join(30)
+    return [n / elapsed for _group, elapsed in results]
+
+
+# -- (b) latency ---------------------------------------------------------------------------------
+
+
+def producer(url: str, rate: float, seconds: float, out: Any, go: Any) -> None:
+    """Child process: one event per transaction at ``rate``/s; sends (id, commit time)."""
+    engine = sa.create_engine(url)
+    go.wait()
+    interval = 1.0 / rate
+    next_at = time.perf_counter()
+    end = next_at + seconds
+    with engine.connect() as conn:
+        while time.perf_counter() < end:
+            event = outbox.new_event("system", "bench.latency", {"t": time.time()})
+            with conn.begin():
+                dbsql.insert_events(conn, [event], True)
+            out.put((str(event.id), time.time()))
+            next_at += interval
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+    out.put(None)
+    engine.dispose()
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    if not ordered:
+        return {"p50": float("nan"), "p99": float("nan"), "max": float("nan"), "n": 0}
+    q = statistics.quantiles(ordered, n=100, method="inclusive")
+    return {"p50": q[49] * 1e3, "p99": q[98] * 1e3, "max": ordered[-1] * 1e3, "n": len(ordered)}
+
+
+def _run_producer(url: str, rate: float, seconds: float) -> tuple[Any, Any, Any]:
+    ctx = mp.get_context("spawn")
+    out: Any = ctx.Queue()
+    go: Any = ctx.Event()
+    proc = ctx.Process(target=producer, args=(url, rate, seconds, out, go))
+    proc.start()
+    return proc, out, go
+
+
+def latency_bare_notify(url: str, rate: float, seconds: float) -> dict[str, float]:
+    """Commit → notification on a bare LISTEN connection (the floor of any wake-up)."""
+    import psycopg
+
+    engine = sa.create_engine(url)
+    kwargs = dict(engine.dialect.create_connect_args(engine.url)[1])
+    kwargs.pop("context", None)
+    engine.dispose()
+    arrivals: list[float] = []
+
+    async def listen(ready: anyio.Event, done: anyio.Event) -> None:
+        conn = await psycopg.AsyncConnection.connect(**kwargs, autocommit=True)
+        await conn.execute("LISTEN outbox_events")
+        ready.set()
+        while not done.is_set():
+            async for _note in conn.notifies(timeout=0.2):
+                arrivals.append(time.time())
+        await conn.close()
+
+    commits: list[float] = []
+
+    async def main() -> None:
+        ready, done = anyio.Event(), anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listen, ready, done)
+            await ready.wait()
+            proc, out, go = _run_producer(url, rate, seconds)
+            go.set()
+            while True:
+                item = await anyio.to_thread.run_sync(out.get)
+                if item is None:
+                    break
+                commits.append(item[1])
+            await anyio.sleep(0.5)
+            done.set()
+            proc.join(10)
+
+    anyio.run(main)
+    n = min(len(commits), len(arrivals))
+    return _percentiles([arrivals[i] - commits[i] for i in range(n)])
+
+
+def latency_provider(url: str, rate: float, seconds: float, notify: bool,
+                     poll_interval: float) -> dict[str, float]:
+    received: dict[str, float] = {}
+    commits: dict[str, float] = {}
+
+    async def main() -> None:
+        provider = DatabaseProvider(url, notify=notify, poll_interval=poll_interval)
+        deliveries = provider.consume(group=f"lat-{uuid.uuid4().hex[:6]}")
+
+        async def consume() -> None:
+            async for delivery in deliveries:
+                received[str(delivery.event.id)] = time.time()
+                await delivery.ack()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(consume)
+            await anyio.sleep(0.5)  # the listener is up
+            proc, out, go = _run_producer(url, rate, seconds)
+            go.set()
+            while True:
+                item = await anyio.to_thread.run_sync(out.get)
+                if item is None:
+                    break
+                commits[item[0]] = item[1]
+            with anyio.move_on_after(5 + 2 * poll_interval):
+                while len(received) < len(commits):  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+            proc.join(10)
+        await deliveries.aclose()
+        await provider.close()
+
+    anyio.run(main)
+    lost = set(commits) - set(received)
+    if lost:
+        raise RuntimeError(f"{len(lost)} events committed but not delivered")
+    return _percentiles([received[i] - commits[i] for i in commits])
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--admin-url", default=ADMIN)
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--batch-sizes", default="100,500")
+    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--poll-interval", type=float, default=1.0)
+    parser.add_argument("--only", choices=("drain", "latency"))
+    parser.add_argument("--json", action="store_true", help="print the results as JSON too")
+    args = parser.parse_args()
+    results: dict[str, Any] = {"events": args.events}
+    with scratch_database(args.admin_url) as url:
+        engine = sa.create_engine(url)
+        outbox.create_schema(engine)
+        engine.dispose()
+        if args.only != "latency":
+            print(f"seeding {args.events} events ...", flush=True)
+            seed(url, args.events)
+            for batch in (int(b) for b in args.batch_sizes.split(",")):
+                bare = args.events / bare_keyset_read(url, args.events, batch)
+                one = drain(url, args.events, 1, batch)
+                three = drain(url, args.events, 3, batch)
+                row = {"bare_keyset_read": bare, "one_group": one[0], "three_groups": three}
+                results[f"drain_batch_{batch}"] = row
+                print(f"drain, batch {batch}: bare keyset read {bare:,.0f} ev/s | 1 group "
+                      f"{one[0]:,.0f} ev/s ({one[0] / bare:.0%} of bare) | 3 groups "
+                      + ", ".join(f"{r:,.0f}" for r in three)
+                      + f" ev/s per group ({min(three) / bare:.0%}-{max(three) / bare:.0%})",
+                      flush=True)
+        if args.only != "drain":
+            bare = latency_bare_notify(url, args.rate, args.seconds)
+            with_notify = latency_provider(url, args.rate, args.seconds, True, args.poll_interval)
+            polling = latency_provider(url, args.rate, min(args.seconds, 10.0), False,
+                                       args.poll_interval)
+            results["latency"] = {"bare_notify": bare, "provider_notify": with_notify,
+                                  "provider_polling": polling}
+            for name, r in (("bare LISTEN", bare), ("provider + NOTIFY", with_notify),
+                            (f"provider, polling {args.poll_interval}s", polling)):
+                print(f"latency at {args.rate:.0f} ev/s, {name}: p50 {r['p50']:.2f} ms, "
+                      f"p99 {r['p99']:.2f} ms, max {r['max']:.1f} ms (n={r['n']})", flush=True)
+            print(f"provider + NOTIFY vs bare LISTEN: p50 x{with_notify['p50'] / bare['p50']:.1f},"
+                  f" p99 x{with_notify['p99'] / bare['p99']:.1f} (targets: p50 <= 10 ms, "
+                  "p99 <= 50 ms)", flush=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
