@@ -145,6 +145,37 @@ async def test_mariadb_happy_path_and_key_order(mariadb_engine: sa.Engine) -> No
     assert_key_order([(e.ordering_key, e.seq) for e in rec.seen])
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("dialect", ["postgresql", "mariadb"])
+async def test_two_relays_share_hot_keys_once_each_in_order(
+    dialect: str, request: pytest.FixtureRequest
+) -> None:
+    engine: sa.Engine = request.getfixturevalue(
+        "pg_engine" if dialect == "postgresql" else "mariadb_engine")
+    ids = add_events(engine, 400, key=lambda i: None if i % 10 == 0 else f"hot{i % 3}")
+    one, rec1, _ = make(engine, batch_size=25)
+    two, rec2, _ = make(engine, batch_size=25)
+    order: list[tuple[str | None, int]] = []
+
+    async def note(event: Event) -> None:
+        order.append((event.ordering_key, event.seq))
+        await anyio.sleep(0.001)  # let the other relay interleave
+
+    one._broker.subscribe("test.>", note, name="note")
+    two._broker.subscribe("test.>", note, name="note")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one.run)
+        tg.start_soon(two.run)
+        await wait_for(lambda: counts(engine) == {"completed": 400}, step=0.05)
+        one.stop()
+        two.stop()
+    handled = [e.id for e in rec1.seen + rec2.seen]
+    assert sorted(handled) == sorted(ids)  # each exactly once
+    assert rec1.seen and rec2.seen  # both did part of the work
+    assert_key_order(order)
+    assert one.stats.followers_claimed + two.stats.followers_claimed > 0
+
+
 def assert_key_order(pairs: list[tuple[str | None, int]]) -> None:
     last: dict[str, int] = {}
     for key, seq in pairs:
