@@ -77,7 +77,9 @@ WHERE t.id = picked.id
 RETURNING {_COLS}
 """  # noqa: S608
 
-_PG_PLAN = "SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off"
+_PG_PLAN = (
+    "SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off; SET LOCAL TimeZone = 'UTC'"
+)
 # The relay's own status updates need not wait for the WAL flush: if the database server
 # crashes, a lost claim or completion only means those events are delivered again
 # (at-least-once); the events themselves were committed durably by their writers.
@@ -267,7 +269,10 @@ class RelayStore:
         self._is_pg = self.dialect == "postgresql"
         self._is_sqlite = self.dialect == "sqlite"
         self._offset = 0.0  # database clock minus local clock, seconds
-        self._claim = _stmt(_PG_CLAIM if self._is_pg else _SQLITE_CLAIM, returning=True)
+        # PostgreSQL: psycopg already returns uuid, parsed jsonb and aware datetimes (UTC, see
+        # _PG_PLAN), so the rows skip SQLAlchemy's result processing.
+        self._claim = _stmt(_PG_CLAIM if self._is_pg else _SQLITE_CLAIM,
+                            returning=not self._is_pg)
         self._mysql_pick = _stmt(_MYSQL_PICK)
         self._key_runs = _stmt(_KEY_RUNS, expanding=("keys",)).columns(
             sa.column("id", sa.Uuid()), sa.column("ordering_key", sa.Text()),
