@@ -148,19 +148,21 @@ def raw_loop(url: str, batch: int) -> float:
     complete = _psycopg_sql(relay_sql._COMPLETE.replace("id IN :ids", "id = ANY(:ids)"))
     n = 0
     with psycopg.connect(libpq(url)) as conn:
+        # the session settings the relay uses on its own connections
+        settings = [*relay_sql._PG_PLAN_SETTINGS, relay_sql._PG_ASYNC_COMMIT_SETTING]
+        conn.execute("; ".join(f"SET {x}" for x in settings))
+        conn.commit()
         started = time.perf_counter()
         while True:
             token = uuid.uuid4()
             now = dt.datetime.now(dt.UTC)
             with conn.transaction():
-                conn.execute(f"{relay_sql._PG_PLAN}; {relay_sql._PG_ASYNC_COMMIT}")
                 rows = conn.execute(claim, {  # type: ignore[call-overload]
                     "now": now, "expires": now + dt.timedelta(seconds=30), "owner": "raw",
                     "token": token, "limit": batch, "floor": 0}).fetchall()
             if not rows:
                 break
             with conn.transaction():
-                conn.execute(relay_sql._PG_ASYNC_COMMIT)
                 conn.execute(complete, {"ids": [r[0] for r in rows], "token": token,  # type: ignore[call-overload]
                                         "now": dt.datetime.now(dt.UTC)})
             n += len(rows)

@@ -85,7 +85,7 @@ class Relay:
         self.engine = database if isinstance(database, Engine) else _make_engine(database)
         self.url = self.engine.url
         self.owner = owner or f"{get_instance_id()}-{uuid.uuid4().hex[:6]}"
-        self.store = RelayStore(self.engine, owner=self.owner)
+        self.store = RelayStore(self.engine, owner=self.owner, own_engine=self._own_engine)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.lease = lease

@@ -27,6 +27,7 @@ and whose events were taken over cannot overwrite the new owner's result.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
 import time
 import uuid
@@ -77,13 +78,16 @@ WHERE t.id = picked.id
 RETURNING {_COLS}
 """  # noqa: S608
 
-_PG_PLAN = (
-    "SET LOCAL enable_sort = off; SET LOCAL enable_bitmapscan = off; SET LOCAL TimeZone = 'UTC'"
-)
+# Walk ix_events_pending in seq order and stop at LIMIT: with stale statistics (a freshly filled
+# table) the planner otherwise picks a bitmap scan + sort that tests the head-of-key rule on every
+# pending row, 100x slower. UTC: claimed rows come back as UTC datetimes without conversion.
+_PG_PLAN_SETTINGS = ("enable_sort = off", "enable_bitmapscan = off", "TimeZone = 'UTC'")
 # The relay's own status updates need not wait for the WAL flush: if the database server
 # crashes, a lost claim or completion only means those events are delivered again
 # (at-least-once); the events themselves were committed durably by their writers.
-_PG_ASYNC_COMMIT = "SET LOCAL synchronous_commit = off"
+_PG_ASYNC_COMMIT_SETTING = "synchronous_commit = off"
+_PG_PLAN = "; ".join(f"SET LOCAL {x}" for x in _PG_PLAN_SETTINGS)
+_PG_ASYNC_COMMIT = f"SET LOCAL {_PG_ASYNC_COMMIT_SETTING}"
 
 _SQLITE_CLAIM = f"""
 UPDATE events AS t
@@ -259,7 +263,14 @@ class RelayStore:
     estimated from this process's clock, so relays on hosts with skewed clocks agree on leases.
     """
 
-    def __init__(self, engine: Engine, *, owner: str, synchronous_commit: bool = False) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        owner: str,
+        synchronous_commit: bool = False,
+        own_engine: bool = False,
+    ) -> None:
         self.engine = engine
         self.owner = owner
         self.synchronous_commit = synchronous_commit
@@ -268,6 +279,21 @@ class RelayStore:
             raise ValueError(f"the relay does not support the {self.dialect!r} dialect")
         self._is_pg = self.dialect == "postgresql"
         self._is_sqlite = self.dialect == "sqlite"
+        # PostgreSQL session settings: on an engine of our own, once per connection; on an
+        # engine we were given (its connections are shared), per transaction with SET LOCAL.
+        self._claim_prefix: str | None = None
+        self._settle_prefix: str | None = None
+        if self._is_pg:
+            settings = [*_PG_PLAN_SETTINGS]
+            if not synchronous_commit:
+                settings.append(_PG_ASYNC_COMMIT_SETTING)
+            if own_engine:
+                session = "; ".join(f"SET {x}" for x in settings)
+                sa.event.listen(engine, "connect", functools.partial(_run_on_connect, session))
+            else:
+                self._claim_prefix = "; ".join(f"SET LOCAL {x}" for x in settings)
+                if not synchronous_commit:
+                    self._settle_prefix = f"SET LOCAL {_PG_ASYNC_COMMIT_SETTING}"
         self._offset = 0.0  # database clock minus local clock, seconds
         # PostgreSQL: psycopg already returns uuid, parsed jsonb and aware datetimes (UTC, see
         # _PG_PLAN), so the rows skip SQLAlchemy's result processing.
@@ -322,13 +348,8 @@ class RelayStore:
         params = {"now": now, "expires": expires, "owner": self.owner, "token": token,
                   "limit": limit, "floor": floor}
         with self._begin() as conn:
-            if self._is_pg:
-                # Walk ix_events_pending in seq order and stop at LIMIT. With stale statistics
-                # (a freshly filled table) the planner otherwise picks a bitmap scan + sort
-                # that tests the head-of-key rule on every pending row: 100x slower.
-                conn.exec_driver_sql(
-                    _PG_PLAN if self.synchronous_commit else f"{_PG_PLAN}; {_PG_ASYNC_COMMIT}"
-                )
+            if self._claim_prefix:
+                conn.exec_driver_sql(self._claim_prefix)
             q0 = time.perf_counter()
             if self._is_pg or self._is_sqlite:
                 result = conn.execute(self._claim, params)
@@ -421,8 +442,8 @@ class RelayStore:
         done = [o.event.id for o in outcomes if o.status == COMPLETED]
         others = [o for o in outcomes if o.status != COMPLETED]
         with self._begin() as conn:
-            if self._is_pg and not self.synchronous_commit:
-                conn.exec_driver_sql(_PG_ASYNC_COMMIT)
+            if self._settle_prefix:
+                conn.exec_driver_sql(self._settle_prefix)
             if done:
                 result.completed = conn.execute(
                     self._complete, {"ids": done, "token": token, "now": now}
@@ -513,6 +534,15 @@ class RelayStore:
 
     def _begin(self) -> Any:
         return self.engine.begin()
+
+
+def _run_on_connect(sql: str, dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(sql)
+    finally:
+        cursor.close()
+    dbapi_connection.commit()
 
 
 def _to_event(row: Any) -> Event:
