@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 
 from outbox.events import get_instance_id
-from outbox.exceptions import OutboxError, SchemaMissing
+from outbox.exceptions import OutboxError, ProviderUnavailable, SchemaMissing
 from outbox.relay.dispatch import BatchResult, Dispatcher
 from outbox.relay.listener import PgListener
 from outbox.relay.stats import RelayHooks, RelayStats
@@ -193,6 +193,10 @@ class Relay:
                     await self._loop(once)
                 finally:
                     tg.cancel_scope.cancel()
+            if once and self._outage_backoff:
+                raise ProviderUnavailable(
+                    f"{self.stats.last_error}; the events it could not take wait in the table"
+                )
         finally:
             self.stats.healthy = False
             self._set_ready(False)
@@ -235,6 +239,8 @@ class Relay:
         async with send:
             while not self._stopping:
                 probe = bool(self._outage_backoff)
+                if probe and once:
+                    return  # --once does not wait for the provider: run() reports the outage
                 if probe:  # provider down: wait, then try one batch to see if it is back
                     await self._sleep(self._outage_backoff)
                     if self._stopping:

@@ -331,6 +331,22 @@ async def test_provider_outage_holds_events_without_using_retries(engine: sa.Eng
 
 
 @pytest.mark.anyio
+async def test_once_reports_an_outage_instead_of_waiting(engine: sa.Engine) -> None:
+    add_events(engine, 5)
+    relay, rec, provider = make(engine)
+    provider.fail_with = ProviderUnavailable("down (test)")
+    with pytest.raises(ProviderUnavailable, match="down"):
+        await relay.drain()
+    assert counts(engine) == {"pending": 5}
+    assert all(e.retry_count == 0 and e.lease_token is None for e in rows(engine))
+    provider.fail_with = None
+    relay2, rec2, _ = make(engine)
+    await relay2.drain()
+    assert counts(engine) == {"completed": 5}
+    assert len(rec.seen) == 5 and rec2.seen == []  # handlers were recorded as done
+
+
+@pytest.mark.anyio
 async def test_provider_error_about_one_event_is_a_retry_and_keeps_key_order(
     engine: sa.Engine,
 ) -> None:
