@@ -488,7 +488,8 @@ class RedisProvider:
     async def _dead_letter(self, entry_id: str, fields: Mapping[bytes, bytes], *, group: str,
                            error: str, deliveries: int) -> None:
         """Copy the entry to ``{stream}:dead`` with the error and ack it, atomically."""
-        record: dict[Any, Any] = dict(fields)
+        # Field names as text, so ours replace an entry's own "error"/"group" fields.
+        record: dict[str, Any] = {_text(k): v for k, v in fields.items()}
         record.update({
             "error": error[:4000], "group": group, "entry": entry_id,
             "deliveries": str(deliveries), "dead_at": utcnow().isoformat(),
