@@ -250,9 +250,15 @@ class _GroupReader:
                     with anyio.CancelScope(shield=True):
                         if not self.group_ready:
                             await self._open()
+                        elif not self.p._cluster_known:  # look again after an outage
+                            await self.p._cluster()
                         fetched = await self.p._call(self._fetch)
-                        if fetched.claim is not None and fetched.events and not self.closed:
-                            self._accept(fetched.claim, fetched.events)
+                        if fetched.claim is not None and fetched.events:
+                            if self.closed:  # closed meanwhile: give it back at once
+                                await self.p._tx(sql.release, self.group, fetched.claim.hi,
+                                                 fetched.claim.token, fetched.claim.lo)
+                            else:
+                                self._accept(fetched.claim, fetched.events)
                 except ProviderUnavailable as exc:
                     self.outage.down(exc)
                     self.p._forget_cluster()
