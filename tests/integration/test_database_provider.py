@@ -133,9 +133,11 @@ async def test_publish_many_and_bad_input(provider_factory: Any) -> None:
 
 TYPES = ["public.users.create", "public.users.update", "public.order_items.create",
          "public.orderXitems.create", "public.users.x.create", "main.users.create", "a", "a.b",
-         "a.b.c", "a%b.c", "a_b.c", "public.users", "Public.users.create", "public/x.y"]
+         "a.b.c", "a%b.c", "a_b.c", "public.users", "Public.users.create", "public/x.y",
+         "x.users.create", "x.y.users.create", "a.", "a..b"]
 PATTERNS = ["*", "public.users.create", "public.*.create", "public.>", "*.users.create", "a.>",
-            "a_b.c", "public.order_items.*", "*.*", ">", "public.users.*", "nothing.>"]
+            "a_b.c", "public.order_items.*", "*.*", ">", "public.users.*", "nothing.>",
+            "*.users.>", "a.*.>", "*.*.>", "*.>"]
 
 
 async def test_list_type_patterns_match_the_python_matcher(provider_factory: Any) -> None:
@@ -599,6 +601,10 @@ async def test_mariadb_stores_but_has_no_bus(mariadb_url: str) -> None:
     assert (await p.get(e.id)).type == "public.users.create"
     assert [x.id for x in await p.list(EventFilter(type="public.*.create"))] == [e.id]
     assert await p.list(EventFilter(type="Public.users.create")) == []  # case-sensitive
+    other = ev("x.y.users.create")
+    await p.store(other)
+    assert [x.id for x in await p.list(EventFilter(type="*.users.>"))] == [e.id]
+    assert [x.id for x in await p.list(EventFilter(type="*.y.>"))] == [other.id]
     with pytest.raises(outbox.ProviderError, match="PostgreSQL"):
         p.consume(group="g")
     await p.close()

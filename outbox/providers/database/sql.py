@@ -267,6 +267,18 @@ def type_clause(conn_or_dialect: Connection | str, pattern: str) -> sa.ColumnEle
             clauses.append(column >= prefix)
             clauses.append(column < prefix[:-1] + "/")
     clauses += [like, count]
+    if parsed.tail and "*" in parsed.segments:
+        # With a trailing '>' the number of dots is not pinned, so a '%' standing for '*' could
+        # span segments ('*.users.>' would reach 'x.y.users.create'): anchor the segments before
+        # the tail with a regular expression (segments are [A-Za-z0-9_-]: nothing to escape).
+        lead = r"\.".join("[^.]*" if seg == "*" else seg for seg in parsed.segments)
+        regex = f"^{lead}\\..*$"
+        if binary:
+            clauses.append(exact_col.op("REGEXP")(regex))
+        elif dialect == "postgresql":
+            clauses.append(column.op("~")(regex))
+        else:  # SQLite: the REGEXP function SQLAlchemy's pysqlite dialect registers
+            clauses.append(column.regexp_match(regex))
     return sa.and_(*clauses)
 
 
