@@ -37,6 +37,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -170,6 +171,31 @@ def raw_loop(url: str, batch: int) -> float:
     return n / elapsed
 
 
+AUDIT_INDEXES = (
+    "ix_events_type_created_at", "ix_events_entity_entity_id", "ix_events_user_id",
+    "ix_events_created_at", "ix_events_status_created_at", "ix_events_instance_id_created_at",
+    "ix_events_session_id", "ix_events_txid_seq",
+)
+
+
+def raw_loop_lean(url: str, batch: int) -> float:
+    """The raw loop on a table with only the relay's own indexes (audit indexes dropped)."""
+    import psycopg
+
+    with psycopg.connect(libpq(url), autocommit=True) as conn:
+        for name in AUDIT_INDEXES:
+            conn.execute(f"DROP INDEX IF EXISTS {name}")  # bench-only constant names
+    try:
+        return raw_loop(url, batch)
+    finally:
+        engine = sa.create_engine(url, poolclass=sa.NullPool)
+        for index in outbox.Event.__table__.indexes:
+            if index.name in AUDIT_INDEXES:
+                with engine.begin() as c:
+                    index.create(c, checkfirst=True)
+        engine.dispose()
+
+
 def make_relay(url: str, batch: int, **kw: Any) -> Relay:
     broker = outbox.Broker(MemoryProvider())
 
@@ -285,10 +311,14 @@ def part_a(args: argparse.Namespace, out: dict[str, Any]) -> None:
                          "ratio": rate / raw})
             print(f"(a) batch {batch}: raw loop {raw:,.0f}/s, relay {rate:,.0f}/s "
                   f"({rate / raw:.0%} of raw), relay x2 {two:,.0f}/s", flush=True)
+        seed(url, n)
+        lean = raw_loop_lean(url, 500)
+        print(f"(a) raw loop, batch 500, without the audit indexes: {lean:,.0f}/s "
+              "(what the audit indexes cost every status update)", flush=True)
         pgq = pgqueuer_drain(url, n)
         print(f"(a) pgqueuer 2 workers x batch 500: "
               f"{pgq if isinstance(pgq, str) else f'{pgq:,.0f}/s'}", flush=True)
-    out["a"] = {"events": n, "rows": rows, "pgqueuer": pgq}
+    out["a"] = {"events": n, "rows": rows, "pgqueuer": pgq, "raw_lean_500": lean}
 
 
 def part_b(args: argparse.Namespace, out: dict[str, Any]) -> None:
@@ -338,17 +368,22 @@ def part_c(args: argparse.Namespace, out: dict[str, Any]) -> None:
 
 
 def part_d(args: argparse.Namespace, out: dict[str, Any]) -> None:
-    rates = {}
+    """Alternate on/off rounds (the machine's load drifts); compare the sums."""
+    totals = {True: 0.0, False: 0.0}
+    rounds: list[tuple[bool, float]] = []
     with scratch_database() as url:
-        for notify in (True, False):
-            procs = [child("writer-max", url, "1" if notify else "0", str(args.seconds))
+        for notify in (True, False, False, True):
+            procs = [child("writer-max", url, "1" if notify else "0", str(args.seconds / 2))
                      for _ in range(4)]
-            total = sum(int(p.communicate()[0]) for p in procs)
-            rates[notify] = total / args.seconds
-    ratio = rates[True] / rates[False]
-    print(f"(d) 4 writers, one event per transaction: NOTIFY on {rates[True]:,.0f} tx/s, off "
-          f"{rates[False]:,.0f} tx/s (on/off {ratio:.2f})", flush=True)
-    out["d"] = {"notify_on": rates[True], "notify_off": rates[False], "ratio": ratio}
+            rate = sum(int(p.communicate()[0]) for p in procs) / (args.seconds / 2)
+            totals[notify] += rate / 2
+            rounds.append((notify, rate))
+    ratio = totals[True] / totals[False]
+    print(f"(d) 4 writers, one event per transaction: NOTIFY on {totals[True]:,.0f} tx/s, off "
+          f"{totals[False]:,.0f} tx/s (on/off {ratio:.2f}; rounds "
+          + ", ".join(f"{'on' if n else 'off'} {r:,.0f}" for n, r in rounds) + ")", flush=True)
+    out["d"] = {"notify_on": totals[True], "notify_off": totals[False], "ratio": ratio,
+                "rounds": rounds}
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,15 +407,47 @@ def part_ef(args: argparse.Namespace, out: dict[str, Any]) -> None:
     allq = res["bounded"] + res["full"]
     print(f"(f) all claims: p99 {pct(allq, 99):.2f} ms; drain {res['rate']:,.0f} events/s",
           flush=True)
+    for name in ("from_floor", "from_start"):
+        q = res[name]
+        print(f"(f) claim scan alone, {name.replace('_', ' ')} ({len(q)} samples): "
+              f"p50 {pct(q, 50):.2f} ms, p99 {pct(q, 99):.2f} ms, max {max(q, default=0):.1f} ms",
+              flush=True)
     out["e"] = {"rss_mb": rss}
     out["f"] = {kind: {"p50_ms": pct(res[kind], 50), "p99_ms": pct(res[kind], 99),
                        "max_ms": max(res[kind], default=0.0), "n": len(res[kind])}
                 for kind in ("bounded", "full")}
     out["f"]["all_p99_ms"] = pct(allq, 99)
+    for name in ("from_floor", "from_start"):
+        out["f"][f"scan_{name}"] = {"p50_ms": pct(res[name], 50), "p99_ms": pct(res[name], 99),
+                                    "max_ms": max(res[name], default=0.0)}
 
 
 # --------------------------------------------------------------------------------------------
 # child processes
+
+
+def _scan_sampler(url: str, relay: Relay, batch: int, scans: dict[str, list[float]],
+                  stop: threading.Event) -> None:
+    """Time the claim's scan alone (no lock, no update) every 50 ms on a side connection: from
+    the relay's current floor (what its bounded claims walk) and from the start (a naive claim
+    walking the dead index entries that completed rows leave until vacuum)."""
+    import datetime as dt
+
+    import psycopg
+
+    scan = _psycopg_sql(
+        f"SELECT e.id FROM events AS e WHERE {relay_sql._DUE} AND {relay_sql._IS_HEAD} "  # noqa: S608
+        "ORDER BY e.seq LIMIT :limit"
+    )
+    with psycopg.connect(libpq(url), autocommit=True) as conn:
+        conn.execute("; ".join(f"SET {x}" for x in relay_sql._PG_PLAN_SETTINGS))
+        while not stop.wait(0.05):
+            for name, floor in (("from_floor", relay._floor), ("from_start", 0)):
+                now = dt.datetime.now(dt.UTC)
+                t0 = time.perf_counter()
+                conn.execute(scan, {"now": now, "floor": floor,  # type: ignore[call-overload]
+                                    "limit": batch}).fetchall()
+                scans[name].append((time.perf_counter() - t0) * 1000)
 
 
 def _rss_mb() -> float:
@@ -478,11 +545,20 @@ def run_child(argv: list[str]) -> None:
                     self.next_mark += step
 
         relay.hooks.append(Hooks())
+        scans: dict[str, list[float]] = {"from_floor": [], "from_start": []}
+        stop = threading.Event()
+        sampler = threading.Thread(target=_scan_sampler, args=(url, relay, batch, scans, stop))
+        sampler.start()
         started = time.perf_counter()
-        anyio.run(relay.drain)
+        try:
+            anyio.run(relay.drain)
+        finally:
+            stop.set()
+            sampler.join()
         rate = relay.stats.completed / (time.perf_counter() - started)
         samples.append(_rss_mb())
-        print(json.dumps({"rss_mb": samples, "bounded": bounded, "full": full, "rate": rate}))
+        print(json.dumps({"rss_mb": samples, "bounded": bounded, "full": full, "rate": rate,
+                          **scans}))
     else:
         raise SystemExit(f"unknown child {kind}")
 

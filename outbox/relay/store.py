@@ -66,7 +66,7 @@ _PG_CLAIM = f"""
 WITH picked AS (
     SELECT e.id FROM events AS e
     WHERE {_DUE} AND {_IS_HEAD}
-    ORDER BY e.seq
+    ORDER BY e.seq, e.next_attempt_at
     LIMIT :limit
     FOR UPDATE OF e SKIP LOCKED
 )
@@ -78,15 +78,20 @@ WHERE t.id = picked.id
 RETURNING {_COLS}
 """  # noqa: S608
 
-# Walk ix_events_pending in seq order and stop at LIMIT: with stale statistics (a freshly filled
-# table) the planner otherwise picks a bitmap scan + sort that tests the head-of-key rule on every
-# pending row, 100x slower. UTC: claimed rows come back as UTC datetimes without conversion.
-_PG_PLAN_SETTINGS = ("enable_sort = off", "enable_bitmapscan = off", "TimeZone = 'UTC'")
+# Walk ix_events_pending in order and stop at LIMIT. The claim orders by (seq, next_attempt_at),
+# the partial index's own order, and sorting is disabled, so that index is the only plan without a
+# sort: otherwise, depending on statistics, PostgreSQL picks a bitmap scan + sort that tests the
+# head-of-key rule on every pending row (100x slower with a fresh table), or walks uq_events_seq
+# through every finished row.
+_PG_PLAN_SETTINGS = ("enable_sort = off", "enable_incremental_sort = off",
+                     "enable_bitmapscan = off")
+# Claimed rows come back as UTC datetimes without conversion.
+_PG_UTC_SETTING = "TimeZone = 'UTC'"
 # The relay's own status updates need not wait for the WAL flush: if the database server
 # crashes, a lost claim or completion only means those events are delivered again
 # (at-least-once); the events themselves were committed durably by their writers.
 _PG_ASYNC_COMMIT_SETTING = "synchronous_commit = off"
-_PG_PLAN = "; ".join(f"SET LOCAL {x}" for x in _PG_PLAN_SETTINGS)
+_PG_PLAN = "; ".join(f"SET LOCAL {x}" for x in (*_PG_PLAN_SETTINGS, _PG_UTC_SETTING))
 _PG_ASYNC_COMMIT = f"SET LOCAL {_PG_ASYNC_COMMIT_SETTING}"
 
 _SQLITE_CLAIM = f"""
@@ -96,7 +101,7 @@ SET status = 'processing', processed_at = :now, lease_owner = :owner,
 WHERE t.id IN (
     SELECT e.id FROM events AS e
     WHERE {_DUE} AND {_IS_HEAD}
-    ORDER BY e.seq
+    ORDER BY e.seq, e.next_attempt_at
     LIMIT :limit
 )
 RETURNING {_BARE_COLS}
@@ -105,7 +110,7 @@ RETURNING {_BARE_COLS}
 _MYSQL_PICK = f"""
 SELECT e.id FROM events AS e
 WHERE {_DUE} AND {_IS_HEAD}
-ORDER BY e.seq
+ORDER BY e.seq, e.next_attempt_at
 LIMIT :limit
 FOR UPDATE SKIP LOCKED
 """  # noqa: S608
@@ -115,7 +120,6 @@ _KEY_RUNS = """
 SELECT e.id, e.ordering_key, e.seq, e.status, e.next_attempt_at, e.lease_token
 FROM events AS e
 WHERE e.ordering_key IN :keys AND e.status <> 'completed'
-ORDER BY e.seq
 """
 
 _MARK_CLAIMED = """
@@ -196,8 +200,18 @@ _DB_NOW = {
 }
 
 
-def _stmt(sql: str, *, returning: bool = False, expanding: Iterable[str] = ()) -> sa.TextClause:
-    """A text statement with typed parameters (and typed result columns when it returns rows)."""
+def _stmt(
+    sql: str, *, returning: bool = False, expanding: Iterable[str] = (), pg: bool = False
+) -> sa.TextClause:
+    """A text statement with typed parameters (and typed result columns when it returns rows).
+
+    ``expanding`` parameters take a list: ``IN :ids`` becomes one placeholder per item, except on
+    PostgreSQL (``pg``), where it becomes ``= ANY(:ids)`` with one array parameter — the same
+    statement text for every batch size, so the server reuses its prepared plan.
+    """
+    if pg:
+        sql = re.sub(r"IN :(\w+)\b", r"= ANY(:\1)", sql)
+        expanding = ()
     binds: list[sa.BindParameter[Any]] = [
         sa.bindparam("now", type_=UTCDateTime()),
         sa.bindparam("expires", type_=UTCDateTime()),
@@ -279,42 +293,48 @@ class RelayStore:
             raise ValueError(f"the relay does not support the {self.dialect!r} dialect")
         self._is_pg = self.dialect == "postgresql"
         self._is_sqlite = self.dialect == "sqlite"
-        # PostgreSQL session settings: on an engine of our own, once per connection; on an
-        # engine we were given (its connections are shared), per transaction with SET LOCAL.
+        # PostgreSQL settings. The planner settings only for the claim (SET LOCAL: they must not
+        # leak into other queries on these connections, e.g. a metrics sampler's). TimeZone and
+        # synchronous_commit: once per connection on an engine of our own; per transaction on
+        # an engine we were given (its connections are shared with the application).
         self._claim_prefix: str | None = None
         self._settle_prefix: str | None = None
         if self._is_pg:
-            settings = [*_PG_PLAN_SETTINGS]
+            session = [_PG_UTC_SETTING]
             if not synchronous_commit:
-                settings.append(_PG_ASYNC_COMMIT_SETTING)
+                session.append(_PG_ASYNC_COMMIT_SETTING)
+            claim = list(_PG_PLAN_SETTINGS)
             if own_engine:
-                session = "; ".join(f"SET {x}" for x in settings)
-                sa.event.listen(engine, "connect", functools.partial(_run_on_connect, session))
+                sql = "; ".join(f"SET {x}" for x in session)
+                sa.event.listen(engine, "connect", functools.partial(_run_on_connect, sql))
             else:
-                self._claim_prefix = "; ".join(f"SET LOCAL {x}" for x in settings)
+                claim += session
                 if not synchronous_commit:
                     self._settle_prefix = f"SET LOCAL {_PG_ASYNC_COMMIT_SETTING}"
+            self._claim_prefix = "; ".join(f"SET LOCAL {x}" for x in claim)
         self._offset = 0.0  # database clock minus local clock, seconds
         # PostgreSQL: psycopg already returns uuid, parsed jsonb and aware datetimes (UTC, see
         # _PG_PLAN), so the rows skip SQLAlchemy's result processing.
         self._claim = _stmt(_PG_CLAIM if self._is_pg else _SQLITE_CLAIM,
                             returning=not self._is_pg)
         self._mysql_pick = _stmt(_MYSQL_PICK)
-        self._key_runs = _stmt(_KEY_RUNS, expanding=("keys",)).columns(
+        self._key_runs = _stmt(_KEY_RUNS, expanding=("keys",), pg=self._is_pg).columns(
             sa.column("id", sa.Uuid()), sa.column("ordering_key", sa.Text()),
             sa.column("seq", sa.BigInteger()), sa.column("status", sa.Text()),
             sa.column("next_attempt_at", UTCDateTime()), sa.column("lease_token", sa.Uuid()),
         )
-        self._mark_claimed = _stmt(_MARK_CLAIMED, expanding=("ids",))
-        self._select_by_token = _stmt(_SELECT_BY_TOKEN, returning=True, expanding=("ids",))
-        self._complete = _stmt(_COMPLETE, expanding=("ids",))
+        self._mark_claimed = _stmt(_MARK_CLAIMED, expanding=("ids",), pg=self._is_pg)
+        self._select_by_token = _stmt(
+            _SELECT_BY_TOKEN, returning=True, expanding=("ids",), pg=self._is_pg
+        )
+        self._complete = _stmt(_COMPLETE, expanding=("ids",), pg=self._is_pg)
         self._settle = _stmt(_SETTLE)
-        self._renew = _stmt(_RENEW, expanding=("ids",))
+        self._renew = _stmt(_RENEW, expanding=("ids",), pg=self._is_pg)
         self._pg_recover = _stmt(_PG_RECOVER)
         self._expired = _stmt(_GENERIC_EXPIRED).columns(
             sa.column("id", sa.Uuid()), sa.column("seq", sa.BigInteger())
         )
-        self._recover = _stmt(_GENERIC_RECOVER, expanding=("ids",))
+        self._recover = _stmt(_GENERIC_RECOVER, expanding=("ids",), pg=self._is_pg)
 
     # -- clock ------------------------------------------------------------------------------
 
@@ -387,7 +407,8 @@ class RelayStore:
         that is not pending and due.
         """
         token, now = params["token"], params["now"]
-        runs = conn.execute(self._key_runs, {"keys": sorted(keys)}).all()
+        runs = sorted(conn.execute(self._key_runs, {"keys": sorted(keys)}).all(),
+                      key=lambda r: r[2])  # by seq (sorted here: no sort in the claim's session)
         broken: set[str] = set()
         picked: list[tuple[int, Any]] = []
         for row_id, key, seq, status, next_at, row_token in runs:
@@ -423,7 +444,7 @@ class RelayStore:
         conn.execute(
             _stmt("UPDATE events SET status = 'pending', lease_owner = NULL, lease_token = NULL, "
                   "lease_expires_at = NULL WHERE id IN :ids AND lease_token = :token",
-                  expanding=("ids",)),
+                  expanding=("ids",), pg=self._is_pg),
             {"ids": ids, "token": token},
         )
 
@@ -478,7 +499,7 @@ class RelayStore:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 _stmt("SELECT id, lease_token FROM events WHERE id IN :ids",
-                      expanding=("ids",)).columns(
+                      expanding=("ids",), pg=self._is_pg).columns(
                     sa.column("id", sa.Uuid()), sa.column("lease_token", sa.Uuid())),
                 {"ids": ids},
             ).all()
