@@ -10,6 +10,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+# Imported eagerly: a lazy import would let ``import outbox.capture`` (the module) shadow the
+# ``outbox.capture`` function on the package.
+from outbox.capture import Capture, capture
 from outbox.context import context
 from outbox.events import (
     Event,
@@ -54,7 +57,6 @@ if TYPE_CHECKING:  # names resolved lazily below, spelled out for type checkers
         set_default_broker,
         subscribe,
     )
-    from outbox.capture import capture
     from outbox.config import Config, provider_from_config
     from outbox.providers.database import DatabaseProvider
     from outbox.providers.memory import MemoryProvider
@@ -67,7 +69,6 @@ __version__ = "0.1.0"
 # name -> module that defines it. Imported on first access so that optional drivers (redis,
 # nats, psycopg) are only needed by the code that uses them.
 _LAZY: dict[str, str] = {
-    "capture": "outbox.capture",
     "Broker": "outbox.broker",
     "BrokerStats": "outbox.broker",
     "initialize": "outbox.broker",
@@ -106,6 +107,7 @@ __all__ = [
     "BrokerClosed",
     "BrokerNotStarted",
     "BrokerStats",
+    "Capture",
     "CaptureError",
     "Config",
     "ConfigError",

@@ -101,7 +101,14 @@ def get_instance_id() -> str:
     env = os.environ.get("OUTBOX_INSTANCE_ID")
     if env:
         return env
-    return f"{socket.gethostname()}-{os.getpid()}"
+    global _default_id
+    pid = os.getpid()
+    if _default_id is None or _default_id[0] != pid:  # gethostname is a syscall: once per pid
+        _default_id = (pid, f"{socket.gethostname()}-{pid}")
+    return _default_id[1]
+
+
+_default_id: tuple[int, str] | None = None
 
 
 def set_instance_id(value: str | None) -> None:

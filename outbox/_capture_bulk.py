@@ -1,0 +1,248 @@
+"""Capture for statements that bypass the unit of work: ORM bulk ``insert()``, ``update()``,
+``delete()`` (and Core DML on a captured table) executed through a captured session.
+
+Each affected row gets its event, written right after the statement on the same connection:
+
+- INSERT / DELETE: ``RETURNING`` every column of the table gives the new / the deleted rows.
+- UPDATE with a WHERE clause: the rows' old values are read first (``SELECT ... FOR UPDATE``; on
+  SQLite after taking the write lock, so nothing can change in between), the statement runs with
+  ``RETURNING``; a row returned without an old image (a concurrent insert slipped between the two
+  statements) makes the transaction uncommittable instead of losing the event.
+- UPDATE by primary key (a list of parameter dicts): old and new images by primary key.
+
+What cannot be captured is refused with :class:`outbox.UnsupportedOperation` (no RETURNING on the
+dialect, upserts, joined-table inheritance, ...) — never silently run. Pass
+``execution_options={"outbox_capture": False}`` to run such a statement without events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, CursorResult, Result
+from sqlalchemy.orm import Mapper
+
+from outbox._capture_flush import poison
+from outbox._capture_plan import MapperPlan
+from outbox._capture_rows import RowFactory, changes_of
+from outbox.events import Event
+from outbox.exceptions import CaptureError, UnsupportedOperation
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import ORMExecuteState
+
+    from outbox.capture import Capture
+
+__all__ = ["capture_bulk"]
+
+_EVENTS: sa.Table = Event.__table__  # type: ignore[assignment]
+_OPT_OUT = "outbox_capture"
+
+
+def capture_bulk(capture: Capture, orm_state: ORMExecuteState) -> Result[Any] | None:
+    """``do_orm_execute`` hook: run a captured DML statement with its events, or refuse it."""
+    if orm_state.execution_options.get(_OPT_OUT, True) is False:
+        return None
+    op = 0 if orm_state.is_insert else 1 if orm_state.is_update else 2
+    if not (capture.create, capture.update, capture.delete)[op]:
+        return None
+    stmt: Any = orm_state.statement
+    mapper = _target_mapper(capture, stmt)
+    if mapper is None:
+        return None
+    plan = capture.plan(mapper)
+    if plan is None:
+        return None
+    session = orm_state.session
+    conn = session.connection(bind_arguments=orm_state.bind_arguments)
+    verb = ("INSERT", "UPDATE", "DELETE")[op]
+    dialect = conn.dialect
+
+    def refuse(why: str) -> UnsupportedOperation:
+        return UnsupportedOperation(
+            f"bulk {verb} on {plan.model} cannot be captured: {why}. Change the rows through "
+            "the session (session.add / attribute changes / session.delete), or run the "
+            "statement without events: execution_options={'outbox_capture': False}"
+        )
+
+    if not plan.bulk_ok:
+        raise refuse("its columns span several tables (joined-table inheritance)")
+    if getattr(stmt, "_return_defaults", False):
+        raise refuse("return_defaults() cannot be combined with capture's RETURNING")
+    if session.autoflush:
+        session.flush()  # the old images below must see this session's pending changes
+
+    if op == 0:
+        post = getattr(stmt, "_post_values_clause", None)
+        if post is not None and not _is_do_nothing(post):
+            raise refuse("an upsert cannot tell inserted rows from updated ones")
+        if not dialect.insert_returning or (
+            orm_state.is_executemany and not dialect.insert_executemany_returning
+        ):
+            raise refuse(f"{dialect.name} has no INSERT ... RETURNING")
+        rows, result = _run_returning(orm_state, stmt, plan)
+        _emit(conn, plan, [(0, row, None) for row in rows])
+        return result
+
+    if op == 2:
+        if orm_state.is_executemany:
+            raise refuse("a DELETE with several parameter sets")
+        if not dialect.delete_returning:
+            raise refuse(f"{dialect.name} has no DELETE ... RETURNING")
+        rows, result = _run_returning(orm_state, stmt, plan)
+        _emit(conn, plan, [(2, row, None) for row in rows])
+        return result
+
+    # UPDATE
+    keys = [k for k, _ in plan.bulk_columns]
+    if orm_state.is_executemany:
+        return _update_by_primary_key(orm_state, conn, plan, refuse)
+    if not dialect.update_returning:
+        raise refuse(f"{dialect.name} has no UPDATE ... RETURNING")
+    _take_write_lock(conn)
+    old = _old_images(conn, plan, stmt, orm_state.parameters)
+    rows, result = _run_returning(orm_state, stmt, plan)
+    items = []
+    for row in rows:
+        before = old.get(_ident(plan, row))
+        if before is None:
+            reason = (
+                f"bulk UPDATE on {plan.model} changed a row (primary key "
+                f"{plan.entity_id(_ident(plan, row))}) that another transaction committed "
+                "after outbox read the old values; its event cannot be written exactly"
+            )
+            poison(session, reason)
+            raise CaptureError(reason + "; roll back and retry")
+        items.append((1, row, before))
+    _emit(conn, plan, items, keys)
+    return result
+
+
+def _target_mapper(capture: Capture, stmt: Any) -> Mapper[Any] | None:
+    table = stmt.table
+    entity = getattr(table, "_annotations", {}).get("parententity")
+    if entity is not None:
+        mapper: Mapper[Any] = entity.mapper
+        return mapper
+    return capture.mapper_for_table(table)
+
+
+def _is_do_nothing(clause: Any) -> bool:
+    from sqlalchemy.dialects.postgresql.dml import OnConflictDoNothing as PgDoNothing
+    from sqlalchemy.dialects.sqlite.dml import OnConflictDoNothing as SqliteDoNothing
+
+    return isinstance(clause, PgDoNothing | SqliteDoNothing)
+
+
+def _take_write_lock(conn: Connection) -> None:
+    """SQLite: start the write transaction now, so the old images stay true until the UPDATE.
+
+    (The pysqlite driver only begins a transaction at the first DML statement; a write that
+    matches no row takes SQLite's single write lock without changing anything.)
+    """
+    if conn.dialect.name == "sqlite":
+        conn.execute(sa.update(_EVENTS).where(sa.false()).values(seq=_EVENTS.c.seq))
+
+
+def _old_images(
+    conn: Connection, plan: MapperPlan, stmt: Any, params: Any
+) -> dict[tuple[Any, ...], dict[str, Any]]:
+    keys = [k for k, _ in plan.bulk_columns]
+    select = sa.select(*[c for _, c in plan.bulk_columns])
+    if stmt.whereclause is not None:
+        select = select.where(stmt.whereclause)
+    if conn.dialect.name != "sqlite":
+        select = select.with_for_update()
+    found: dict[tuple[Any, ...], dict[str, Any]] = {}
+    bind = params if isinstance(params, Mapping) else None
+    for row in conn.execute(select, bind):
+        values = dict(zip(keys, row, strict=True))
+        found[_ident(plan, values)] = values
+    return found
+
+
+def _run_returning(
+    orm_state: ORMExecuteState, stmt: Any, plan: MapperPlan
+) -> tuple[list[dict[str, Any]], Result[Any]]:
+    """Run ``stmt`` with RETURNING of the table's columns; give the caller its own result back."""
+    keys = [k for k, _ in plan.bulk_columns]
+    n_user = len(getattr(stmt, "_returning", ()) or ())
+    result = orm_state.invoke_statement(
+        statement=stmt.returning(*[c for _, c in plan.bulk_columns])
+    )
+    if n_user == 0:
+        rows = [dict(zip(keys, tuple(r), strict=True)) for r in result.all()]
+        # The caller expects the statement's CursorResult (rowcount); ORM wraps it when the
+        # statement has RETURNING.
+        raw = result if isinstance(result, CursorResult) else getattr(result, "raw", None)
+        if not isinstance(raw, CursorResult):
+            return rows, result
+        if not orm_state.is_insert and raw.rowcount != len(rows):
+            # pysqlite reports rowcount 0 for UPDATE/DELETE ... RETURNING until fetched; the
+            # rows returned are exactly the rows affected.
+            raw.context._rowcount = len(rows)
+            raw.__dict__.pop("rowcount", None)
+        return rows, raw
+    frozen = result.freeze()
+    rows = [dict(zip(keys, tuple(r)[n_user:], strict=True)) for r in frozen().all()]
+    return rows, frozen().columns(*range(n_user))
+
+
+def _update_by_primary_key(
+    orm_state: ORMExecuteState, conn: Connection, plan: MapperPlan, refuse: Any
+) -> Result[Any]:
+    """``session.execute(update(Model), [{"id": 1, ...}, ...])``: images by primary key."""
+    stmt: Any = orm_state.statement
+    params = orm_state.parameters
+    if stmt.whereclause is not None or not isinstance(params, Sequence):
+        raise refuse("an UPDATE with both a WHERE clause and several parameter sets")
+    try:
+        idents = [tuple(p[k] for k in plan.pk_keys) for p in params]
+    except KeyError:
+        raise refuse("a parameter set lacks the primary key") from None
+    keys = [k for k, _ in plan.bulk_columns]
+    _take_write_lock(conn)
+    old = plan.fetch(conn, idents, keys, lock=True)
+    result = orm_state.invoke_statement()
+    new = plan.fetch(conn, idents, keys)
+    items = []
+    seen = set()
+    for ident in idents:
+        if ident in seen or ident not in new or ident not in old:
+            continue
+        seen.add(ident)
+        items.append((1, new[ident], old[ident]))
+    _emit(conn, plan, items, keys)
+    return result
+
+
+def _ident(plan: MapperPlan, values: Mapping[str, Any]) -> tuple[Any, ...]:
+    return tuple(values.get(k) for k in plan.pk_keys)
+
+
+def _emit(
+    conn: Connection,
+    plan: MapperPlan,
+    items: Sequence[tuple[int, dict[str, Any], dict[str, Any] | None]],
+    keys: Sequence[str] = (),
+) -> None:
+    factory = RowFactory()
+    default_schema = conn.dialect.default_schema_name
+    captured = [k for k in keys if k in plan.keyset]
+    excluded = [k for k in keys if k in plan.excluded_keys]
+    rows = []
+    for op, values, before in items:
+        changes = None
+        if op == 1:
+            assert before is not None
+            changes = changes_of(plan, before, values, captured)
+            if not changes and all(
+                plan.compare[k](before.get(k), values.get(k)) for k in excluded
+            ):
+                continue  # SET x = x: nothing changed, no event
+        entity_id = plan.entity_id(_ident(plan, values))
+        rows.append(factory.row(plan, default_schema, op, entity_id, plan.payload(values),
+                                changes))
+    factory.write(conn, rows)
