@@ -148,3 +148,17 @@ def test_flags_override_environment(flag: str, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     shown = f"batch {value}" if flag == "--batch-size" else f"lease {value}s"
     assert shown in res.stderr
+
+
+def test_readme_quickstart_shows_commit_to_handler(tmp_path: Path) -> None:
+    """The README's first command: commit → events table → relay → handler, embedded default."""
+    script = Path(__file__).resolve().parents[2] / "examples" / "quickstart.py"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert [line.split()[1] for line in lines if line.startswith("handler:")] == [
+        "main.users.create", "main.users.update"]
+    assert lines[-1] == "events now: {'completed': 2}"
+    assert "s3cret" not in res.stdout
