@@ -510,3 +510,13 @@ def test_each_database_of_a_multi_bind_session_gets_its_own_events(tmp_path: Pat
         with Session(eng) as s:
             assert [e.entity for e in s.scalars(sa.select(Event))] == [entity]
         eng.dispose()
+
+
+def test_awkward_text_survives_the_trip(db: Db) -> None:
+    name = "100% 'quoted' \"double\" \\ é ✓ %(rows)s"
+    with db.Session() as s:
+        s.add_all([User(name=name), User(name="second")])  # one- and multi-row statements
+        s.commit()
+        s.add(User(name=name))
+        s.commit()
+    assert [e.payload["name"] for e in db.events()] == [name, "second", name]
