@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection
 from outbox._capture_plan import MapperPlan, jsonable
 from outbox.context import current_context
 from outbox.events import Event, get_instance_id, utcnow
+from outbox.tracing import current_trace_context
 
 __all__ = ["RowFactory", "changes_of"]
 
@@ -44,6 +45,9 @@ class RowFactory:
         self.meta: dict[str, Any] = (
             jsonable("outbox.context", "metadata", dict(ctx.metadata)) if ctx.metadata else {}
         )
+        trace = current_trace_context()  # the span active at flush (OpenTelemetry), if any
+        if trace:
+            self.meta = {**self.meta, **trace}
         self.now = utcnow()
         self.instance_id = get_instance_id()
 

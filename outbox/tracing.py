@@ -29,6 +29,7 @@ __all__ = [
     "available",
     "continue_trace",
     "current_trace_context",
+    "refresh",
     "set_error",
     "trace_context_of",
 ]
@@ -83,6 +84,12 @@ def _recording(otel: Any) -> bool:
     provider = otel.trace.get_tracer_provider()
     _sdk_seen = not isinstance(provider, otel.noop_providers)
     return _sdk_seen
+
+
+def refresh() -> None:
+    """Look for an SDK tracer provider again at the next call (else: at most once a second)."""
+    global _sdk_seen, _next_look
+    _sdk_seen, _next_look = False, 0.0
 
 
 def current_trace_context() -> dict[str, str]:

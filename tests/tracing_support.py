@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from outbox import tracing
+
 
 @contextmanager
 def memory_spans() -> Iterator[Any]:
@@ -23,6 +25,7 @@ def memory_spans() -> Iterator[Any]:
     if not isinstance(provider, TracerProvider):
         provider = TracerProvider()
         trace.set_tracer_provider(provider)
+    tracing.refresh()  # outbox notices the new provider now, not within the second
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     try:

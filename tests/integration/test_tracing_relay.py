@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -97,3 +98,46 @@ async def test_failing_handler_marks_the_span(pg_engine: sa.Engine, spans: Any) 
     span = next(s for s in spans.get_finished_spans() if s.name == "app.order.placed process")
     assert not span.status.is_ok and "boom" in (span.status.description or "")
     assert span.parent is None  # written outside any span: a trace of its own
+
+
+@pytest.mark.anyio
+async def test_captured_change_carries_the_request_span_to_the_handler(
+    db_url: str, spans: Any
+) -> None:
+    """capture at flush → events.metadata.traceparent → relay → handler span of the same trace."""
+    from opentelemetry import trace
+
+    from tests.integration.capture_models import User, make_db
+
+    with contextlib.contextmanager(make_db)(db_url, models=[User]) as db:
+        tracer = trace.get_tracer("app")
+        with tracer.start_as_current_span("PUT /users/1") as request, db.Session() as session:
+            session.add(User(id=1, name="Ann"))
+            session.commit()
+        (written,) = db.events()
+        request_ctx = request.get_span_context()
+        assert written.meta["traceparent"].split("-")[1:3] == [
+            f"{request_ctx.trace_id:032x}", f"{request_ctx.span_id:016x}"]
+        # outside any span nothing is added
+        with db.Session() as session:
+            session.get(User, 1).name = "Anne"  # type: ignore[union-attr]
+            session.commit()
+        assert "traceparent" not in db.events()[1].meta
+
+        broker = outbox.Broker(MemoryProvider())
+        seen: list[Any] = []
+
+        @broker.subscribe("*.cap_users.*")
+        async def handler(ev: outbox.Event) -> None:
+            seen.append((ev.operation, trace.get_current_span().get_span_context()))
+
+        relay = Relay(db.engine, broker=broker, provider=broker.provider, notify=False)
+        with anyio.fail_after(30):
+            await relay.run(once=True)
+        created = dict(seen)["create"]
+        assert created.trace_id == request_ctx.trace_id
+        handler_span = next(s for s in spans.get_finished_spans()
+                            if s.context.span_id == created.span_id)
+        assert handler_span.parent is not None
+        assert handler_span.parent.span_id == request_ctx.span_id
+        assert dict(seen)["update"].trace_id != request_ctx.trace_id

@@ -124,13 +124,17 @@ def test_without_opentelemetry_everything_is_a_no_op(monkeypatch: pytest.MonkeyP
     assert tracing.available()
 
 
-def test_without_sdk_no_span_is_started(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_sdk_no_span_is_started(monkeypatch: pytest.MonkeyPatch,
+                                        spans: InMemorySpanExporter) -> None:
     monkeypatch.setattr(otel_trace, "get_tracer_provider",
                         lambda: otel_trace.NoOpTracerProvider())
-    monkeypatch.setattr(tracing, "_sdk_seen", False)
-    monkeypatch.setattr(tracing, "_next_look", 0.0)
+    tracing.refresh()
     with tracing.continue_trace(outbox.new_event("system", "a.b")) as span:
         assert span is None
+    monkeypatch.undo()
+    tracing.refresh()
+    with tracing.continue_trace(outbox.new_event("system", "a.b")) as span:
+        assert span is not None
 
 
 def test_new_event_picks_up_the_active_span(spans: InMemorySpanExporter) -> None:
