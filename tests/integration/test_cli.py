@@ -276,3 +276,21 @@ def test_database_url_from_config_file(engine: sa.Engine, url: str, tmp_path: An
     assert cli.main(["--config", str(bad), "stats"], out=io.StringIO()) == 1
     assert cli.main(["--config", str(tmp_path / "missing.yaml"), "stats"],
                     out=io.StringIO()) == 1
+
+
+def test_commands_on_mariadb(mariadb_url: str) -> None:
+    """MariaDB is a further target: its own cleanup path (no LIMIT in an IN subquery)."""
+    engine = sa.create_engine(mariadb_url)
+    outbox.create_schema(engine)
+    try:
+        failed = add(engine, [event("public.users.create", status="failed") for _ in range(3)])
+        add(engine, [event("t.x", status="completed", age=40 * DAY) for _ in range(7)])
+        assert len(run_json(mariadb_url, "events", "list", "--type", "public.users.*")) == 3
+        assert run_json(mariadb_url, "replay", "--status", "failed")["replayed"] == 3
+        doc = run_json(mariadb_url, "cleanup", "--older-than", "30d", "--batch", "3")
+        assert (doc["deleted"], doc["batches"]) == (7, 4)
+        stats = run_json(mariadb_url, "stats")
+        assert stats["by_status"] == {"pending": 3} and stats["backlog"]["pending"] == 3
+        assert set(statuses(engine)) == {e.id for e in failed}
+    finally:
+        engine.dispose()
