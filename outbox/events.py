@@ -243,7 +243,8 @@ class Event(OutboxBase):
     lease_token: Mapped[uuid.UUID | None] = mapped_column(sa.Uuid())
     lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     # PostgreSQL: pg_current_xact_id() of the inserting transaction (database provider watermark).
-    txid: Mapped[int | None] = mapped_column(sa.BigInteger())
+    # FetchedValue: the ORM leaves the column out of INSERTs so the PostgreSQL default applies.
+    txid: Mapped[int | None] = mapped_column(sa.BigInteger(), server_default=sa.FetchedValue())
 
     __table_args__ = (
         sa.UniqueConstraint("seq"),
