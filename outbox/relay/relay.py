@@ -103,6 +103,8 @@ class Relay:
             create_schema if create_schema is not None else self.store.dialect == "sqlite"
         )
         self.hooks = list(hooks)
+        #: claim the next batch while the current one is dispatched and settled
+        self.prefetch = True
         self.stats = RelayStats(owner=self.owner)
         self._broker = broker
         self._provider = provider
@@ -245,6 +247,8 @@ class Relay:
                     await self._sleep(self._outage_backoff)
                     if self._stopping:
                         break
+                if not self.prefetch and self._processing:
+                    await self._batch_done.wait()
                 full = self._full_due()
                 self._wake = anyio.Event()
                 # A batch settled while we claim may hand back or unblock events our snapshot
