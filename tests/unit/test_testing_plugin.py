@@ -34,6 +34,9 @@ def app(pytester: pytest.Pytester) -> Iterator[pytest.Pytester]:
     pytester.makepyfile(shopapp=APP)
     pytester.syspathinsert()
     saved = default._snapshot()  # the inner run shares this process's default broker
+    # Start the inner suite as a fresh application process would: no default broker and no
+    # handlers registered by modules other tests of this run imported.
+    default._restore((None, {}))
     yield pytester
     default._restore(saved)
 
