@@ -55,6 +55,10 @@ class Relay:
 
     Use ``await relay.run()`` until ``relay.stop()``, or ``await relay.run(once=True)`` to process
     what is due and return.
+
+    ``synchronous_commit=False`` (default, PostgreSQL): the relay's own status updates do not wait
+    for the WAL flush; a database *server* crash can then only cause repeats of recently settled
+    events, never a loss. ``create_schema`` defaults to True for SQLite only.
     """
 
     def __init__(
@@ -73,6 +77,7 @@ class Relay:
         shutdown_timeout: float | None = None,
         rescan_interval: float | None = None,
         create_schema: bool | None = None,
+        synchronous_commit: bool = False,
         hooks: Iterable[RelayHooks] = (),
     ) -> None:
         if batch_size < 1:
@@ -85,7 +90,8 @@ class Relay:
         self.engine = database if isinstance(database, Engine) else _make_engine(database)
         self.url = self.engine.url
         self.owner = owner or f"{get_instance_id()}-{uuid.uuid4().hex[:6]}"
-        self.store = RelayStore(self.engine, owner=self.owner, own_engine=self._own_engine)
+        self.store = RelayStore(self.engine, owner=self.owner, own_engine=self._own_engine,
+                                synchronous_commit=synchronous_commit)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.lease = lease
