@@ -1,12 +1,15 @@
 """The SQL of the operator's jobs over the ``events`` table, in one place (SPEC §10).
 
-- :func:`filter_clauses` — an :class:`~outbox.EventFilter` as SQL conditions (type patterns
-  from the database provider's SQL), for ``replay`` and anything else that filters by SQL;
+- :func:`filter_clauses` — an :class:`~outbox.EventFilter` as SQL conditions (the database
+  provider's :func:`~outbox.providers.database.sql.where_clauses`), for ``replay`` and anything
+  else that filters by SQL;
 - :func:`list_events` / :func:`get_event` — the CLI's read path (the database provider's SQL);
 - :func:`replay` — ``failed`` → ``pending`` with a fresh retry budget;
 - :func:`cleanup` — delete finished events older than a cutoff, in small batches, one short
   transaction per batch, so writers and relays never wait behind it;
-- :func:`stats` / :func:`backlog` — counts by status and type, and the outbox lag.
+- :func:`stats` / :func:`backlog` / :func:`blocked_keys` — counts by status and type, the
+  outbox lag, the ordering keys a failed event holds back (the relay's metrics and inspection
+  use these too).
 
 Every value reaches the database as a bound parameter. The functions take an ``Engine`` when they
 manage their own (short) transactions, or a ``Connection`` when they only read.
@@ -26,7 +29,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from outbox.events import NOTIFY_CHANNEL, Event, EventStatus, utcnow
 from outbox.patterns import compile_pattern
-from outbox.providers.base import EventFilter
+from outbox.providers.base import EventFilter, as_event_id
 from outbox.providers.database import sql as dbsql
 
 __all__ = [
@@ -36,6 +39,7 @@ __all__ = [
     "OutboxStats",
     "ReplayResult",
     "backlog",
+    "blocked_keys",
     "cleanup",
     "filter_clauses",
     "get_event",
@@ -55,23 +59,10 @@ FINISHED: tuple[str, ...] = (EventStatus.COMPLETED.value, EventStatus.FAILED.val
 # filters
 
 
-def filter_clauses(f: EventFilter, dialect: str) -> list[sa.ColumnElement[bool]]:
-    """The conditions of ``f`` (without limit/offset/order) on ``dialect``'s ``events``.
-
-    Type patterns use the database provider's :func:`~outbox.providers.database.sql.type_clause`
-    (index-served, exact on every dialect), so ``events list`` and ``replay`` select exactly what
-    ``DatabaseProvider.list`` returns.
-    """
-    out: list[sa.ColumnElement[bool]] = [c[name] == value for name, value in f.equality_items()]
-    if f.type is not None:
-        clause = dbsql.type_clause(dialect, f.type)
-        if clause is not None:
-            out.append(clause)
-    if f.start_time is not None:
-        out.append(c.created_at >= f.start_time)
-    if f.end_time is not None:
-        out.append(c.created_at < f.end_time)
-    return out
+#: The conditions of an EventFilter (without limit/offset/order) on a dialect's ``events``: the
+#: database provider's, so ``events list`` and ``replay`` select exactly what
+#: ``DatabaseProvider.list`` returns.
+filter_clauses = dbsql.where_clauses
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,7 +76,7 @@ def list_events(conn: Connection, f: EventFilter | None = None) -> list[Event]:
 
 def get_event(conn: Connection, event_id: uuid.UUID | str) -> Event | None:
     """The event with that id, or ``None`` (``ValueError`` for text that is not a UUID)."""
-    return dbsql.get_event(conn, dbsql.as_id(event_id))
+    return dbsql.get_event(conn, as_event_id(event_id))
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,6 +114,19 @@ def _notify(conn: Connection) -> None:
     """Wake PostgreSQL relays at commit (replayed rows fire no INSERT trigger)."""
     if conn.dialect.name == "postgresql":
         conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, "")))
+
+
+def _replay_rows(conn: Connection, ids: list[uuid.UUID]) -> int:
+    """Reset the rows of ``ids`` that are (still) failed; how many were."""
+    if not ids:
+        return 0
+    res = conn.execute(
+        sa.update(events)
+        .where(c.id.in_(ids), c.status == EventStatus.FAILED.value)
+        .values(_reset_values())
+    )
+    _notify(conn)
+    return int(res.rowcount)
 
 
 def _parse_ids(ids: Iterable[uuid.UUID | str]) -> list[uuid.UUID]:
@@ -165,16 +169,7 @@ def replay(
                 result.missing.extend(i for i in chunk if i not in found)
                 result.skipped.update({i: s for i, s in found.items() if s != failed})
                 todo = [i for i in chunk if found.get(i) == failed]
-                if dry_run:
-                    result.replayed += len(todo)
-                elif todo:
-                    res = conn.execute(
-                        sa.update(events)
-                        .where(c.id.in_(todo), c.status == failed)
-                        .values(_reset_values())
-                    )
-                    result.replayed += res.rowcount
-                    _notify(conn)
+                result.replayed += len(todo) if dry_run else _replay_rows(conn, todo)
         return result
 
     assert filter is not None
@@ -201,17 +196,7 @@ def replay(
                 break
             after = rows[-1][1]
             todo = [r[0] for r in rows if matches is None or matches(r[2])]
-            if dry_run:
-                result.replayed += len(todo)
-                continue
-            if todo:
-                res = conn.execute(
-                    sa.update(events)
-                    .where(c.id.in_(todo), c.status == failed)
-                    .values(_reset_values())
-                )
-                result.replayed += res.rowcount
-                _notify(conn)
+            result.replayed += len(todo) if dry_run else _replay_rows(conn, todo)
     return result
 
 
@@ -349,6 +334,8 @@ class Backlog:
     blocked_keys: int = 0
     #: ``created_at`` of the oldest undelivered (pending or processing) event.
     oldest_created_at: dt.datetime | None = None
+    #: ``created_at`` of the oldest pending event (not claimed yet).
+    oldest_pending_at: dt.datetime | None = None
 
     def lag_seconds(self, now: dt.datetime | None = None) -> float:
         """Age of the oldest undelivered event in seconds (0 when nothing waits)."""
@@ -407,7 +394,25 @@ def backlog(conn: Connection) -> Backlog:
         failed=row.failed,
         blocked_keys=row.blocked_keys,
         oldest_created_at=min(oldest) if oldest else None,
+        oldest_pending_at=row.oldest_pending,
     )
+
+
+_BLOCKED = (
+    sa.select(c.ordering_key, sa.func.min(c.seq), sa.func.count())
+    .where(c.status == EventStatus.FAILED.value, c.ordering_key.is_not(None))
+    .group_by(c.ordering_key)
+    .order_by(sa.func.min(c.seq))
+    .limit(sa.bindparam("limit", type_=sa.Integer()))
+)
+
+
+def blocked_keys(conn: Connection, limit: int = 100) -> list[tuple[str, int, int]]:
+    """Ordering keys held back by a ``failed`` event, oldest first: ``(key, seq of the oldest
+    failed event, failed events)``. Their later events wait until the failed ones are replayed
+    (or deleted)."""
+    rows = conn.execute(_BLOCKED, {"limit": limit}).all()
+    return [(str(r[0]), int(r[1]), int(r[2])) for r in rows]
 
 
 @dataclass

@@ -1,29 +1,49 @@
-"""Pieces shared by the message-bus providers (Redis Streams, NATS JetStream).
+"""Pieces shared by the consumer-group providers (Redis Streams, NATS JetStream, the database).
 
-Kept out of ``redis.py``/``nats.py`` so both behave the same: group-name rules, the one-pattern-
-per-group rule inside a process, reconnect backoff, outage logging and URL redaction.
+Kept out of ``redis.py``/``nats.py`` so they behave the same: group-name rules, the one-pattern-
+per-group rule inside a process, reconnect backoff, outage logging, URL redaction, the life cycle
+of a group member (:class:`GroupReader`), the dead-letter rule for exhausted deliveries, and the
+JSON records the buses keep for ``store``/``update_status``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime as dt
 import logging
 import random
 import re
 import time
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from outbox.exceptions import ProviderError
-from outbox.patterns import compile_pattern
+from outbox import _json, wire
+from outbox.events import Event
+from outbox.exceptions import MalformedMessage, ProviderError
+from outbox.patterns import Pattern, compile_pattern
 
 __all__ = [
     "Backoff",
+    "BusDelivery",
+    "GroupReader",
     "GroupRegistry",
     "OutageLog",
     "SettleOnce",
+    "config_section",
+    "decode_or_none",
+    "exhausted",
+    "from_record",
     "redact_url",
+    "to_record",
     "validate_group",
 ]
+
+log = logging.getLogger("outbox.providers")
 
 _GROUP = re.compile(r"[A-Za-z0-9_-]{1,200}")
 
@@ -152,3 +172,228 @@ class SettleOnce:
     @property
     def settled(self) -> bool:
         return self._settled is not None
+
+
+class BusDelivery(SettleOnce):
+    """What the Redis and NATS deliveries share: the event, the attempt, the last error."""
+
+    def __init__(self, event: Event, attempt: int, reader: Any) -> None:
+        self.event = event
+        self.attempt = attempt
+        self.last_error: str | None = None
+        self._reader = reader
+
+
+def exhausted(attempt: int, max_deliveries: int, last_error: str | None) -> str | None:
+    """The dead-letter reason of delivery number ``attempt``, or ``None`` while it may still be
+    handed to a handler (at most ``max_deliveries`` times)."""
+    if attempt <= max_deliveries:
+        return None
+    error = f"delivered {attempt - 1} times without success (max_deliveries={max_deliveries})"
+    return f"{error}; last error: {last_error}" if last_error else error
+
+
+D = TypeVar("D", bound=BusDelivery)
+
+#: Patterns of the groups consumed in this process, by server/stream/group (see GroupRegistry).
+GROUPS = GroupRegistry()
+
+
+class GroupReader(Generic[D]):
+    """One member of one consumer group: the life cycle the Redis and NATS readers share.
+
+    The async iterator ``consume()`` returns; ``aclose()`` (or ``async with``) stops it. The first
+    iteration (or :meth:`open`) registers it (one pattern per group and process, see
+    :class:`GroupRegistry`) and starts a heartbeat that keeps what it holds alive
+    (:meth:`_keep_alive` every third of ``claim_idle``). :meth:`next` repeats :meth:`_fill` until
+    a delivery is buffered, riding out outages with backoff; subclasses say which errors are
+    outages (:meth:`_refusal`) and which they repair on the spot (:meth:`_recovered`).
+    """
+
+    #: Exceptions of the client library :meth:`_run` handles (anything else propagates).
+    client_errors: ClassVar[tuple[type[BaseException], ...]] = ()
+
+    def __init__(self, provider: Any, pattern: Pattern, group: str, consumer: str,
+                 start: Any, *, stream: str, what: str, logger: logging.Logger) -> None:
+        self.p = provider
+        self.pattern = pattern
+        self.group = group
+        self.consumer = consumer
+        self.start_position = start
+        self.buffer: deque[D] = deque()
+        self.backoff = Backoff()
+        self.outage = OutageLog(logger, f"{what} (group {group!r})")
+        self.heartbeat: asyncio.Task[None] | None = None
+        self.registry_key = f"{provider._display}/{stream}/{group}"
+        self.started = False
+        self.closed = False
+
+    # -- what a subclass provides ---------------------------------------------------------------
+
+    async def _join(self) -> None:
+        """Create the group (durable) if needed and bind to it."""
+        raise NotImplementedError
+
+    def _joined(self) -> bool:
+        raise NotImplementedError
+
+    async def _fill(self) -> None:
+        """Fetch: append deliveries to ``buffer`` (or return with none when nothing came)."""
+        raise NotImplementedError
+
+    async def _keep_alive(self) -> None:
+        """Heartbeat: keep the deliveries this member holds from being handed to others."""
+
+    async def _give_back(self) -> None:
+        """On close: make what this member holds and has not settled available to the group."""
+
+    def _recovered(self, exc: BaseException) -> bool:
+        """True when ``exc`` was repaired here (e.g. the group vanished): try again at once."""
+        return False
+
+    def _refusal(self, exc: BaseException) -> ProviderError | None:
+        """The error to raise when ``exc`` is not an outage (``None``: back off and retry)."""
+        return None
+
+    def _handing_out(self, delivery: D) -> None:
+        """``delivery`` leaves the buffer for a handler."""
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    def __aiter__(self) -> GroupReader[D]:
+        return self
+
+    async def __anext__(self) -> D:
+        if self.closed:
+            raise StopAsyncIteration
+        if not self.started:
+            self._start()
+        return await self.next()
+
+    async def __aenter__(self) -> GroupReader[D]:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def _start(self) -> None:
+        self.p._check_open()
+        GROUPS.acquire(self.registry_key, self.pattern.text)  # raises for a second pattern
+        self.started = True
+        self.p._readers.add(self)
+        self.heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
+
+    async def open(self) -> None:
+        """Create the group now (it starts at the end of the stream *now*, not at the first
+        pull); waits with backoff while the server is unreachable."""
+        if self.closed:
+            return
+        if not self.started:
+            self._start()
+        with contextlib.suppress(StopAsyncIteration):  # closed meanwhile
+            await self._run(self._join, until=self._joined)
+
+    async def aclose(self) -> None:
+        """Stop: what this member holds and has not settled (buffered, waiting for a retry,
+        handed out) becomes available to the rest of the group at once. Close only when no
+        handler still works on a delivery (``outbox.Consumer`` waits for them)."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self.started:
+            return
+        self.p._readers.discard(self)
+        GROUPS.release(self.registry_key)
+        if self.heartbeat is not None:
+            self.heartbeat.cancel()
+            with contextlib.suppress(BaseException):
+                await self.heartbeat
+        await self._give_back()
+
+    # -- fetching --------------------------------------------------------------------------------
+
+    async def next(self) -> D:
+        """The next delivery; waits for one, riding out outages."""
+        await self._run(self._fill, until=lambda: bool(self.buffer))
+        delivery = self.buffer.popleft()
+        self._handing_out(delivery)
+        return delivery
+
+    async def _run(self, step: Callable[[], Awaitable[None]], until: Callable[[], bool]) -> None:
+        """Repeat ``step`` until ``until()``; outages are logged once and waited out."""
+        while True:
+            if self.closed:
+                raise StopAsyncIteration
+            if until():
+                return
+            try:
+                await step()
+            except self.client_errors as exc:
+                if self._recovered(exc):
+                    continue
+                refusal = self._refusal(exc)
+                if refusal is not None:
+                    raise refusal from exc
+                self.outage.down(exc)
+                await asyncio.sleep(self.backoff.next())
+                continue
+            self.outage.up()
+            self.backoff.reset()
+
+    async def _heartbeat(self) -> None:
+        interval = max(self.p.claim_idle / 3, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            await self._keep_alive()
+
+
+# ------------------------------------------------------------------------------------------------
+# values
+
+
+def config_section(config: Any, name: str) -> dict[str, Any]:
+    """The ``name`` section of an outbox Config (attribute or mapping) as a plain dict."""
+    section = getattr(config, name, None)
+    if section is None and isinstance(config, Mapping):
+        section = config.get(name)
+    if section is None:
+        return {}
+    if isinstance(section, Mapping):
+        return dict(section)
+    if hasattr(section, "__dataclass_fields__"):
+        return {f: getattr(section, f) for f in section.__dataclass_fields__}
+    return dict(vars(section))
+
+
+def decode_or_none(raw: bytes | None, where: str | None = None) -> Event | None:
+    """The event of a wire document; ``None`` for a missing or malformed one (logged with
+    ``where`` when given)."""
+    if raw is None:
+        return None
+    try:
+        return wire.decode(raw)
+    except MalformedMessage as exc:
+        if where is not None:
+            log.warning("skipping malformed %s: %s", where, exc)
+        return None
+
+
+_RECORD_TIMES = ("created_at", "processed_at", "completed_at", "next_attempt_at",
+                 "lease_expires_at")
+
+
+def to_record(event: Event) -> str:
+    """Every field of ``event`` as JSON (what ``store`` keeps; the wire document has no status)."""
+    return _json.dumps(event.to_dict())
+
+
+def from_record(record: bytes | str) -> Event:
+    """The event of a :func:`to_record` document."""
+    data = _json.loads(record)
+    for name in _RECORD_TIMES:
+        if data.get(name) is not None:
+            data[name] = dt.datetime.fromisoformat(data[name])
+    for name in ("id", "lease_token"):
+        if data.get(name) is not None:
+            data[name] = uuid.UUID(data[name])
+    return Event.from_dict(data)

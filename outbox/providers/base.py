@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from collections.abc import AsyncIterator, Sequence
+import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from outbox.events import Event, EventSource, EventStatus
 from outbox.exceptions import ProviderError, ProviderUnavailable
 from outbox.patterns import compile_pattern
-
-if TYPE_CHECKING:
-    import uuid
 
 __all__ = [
     "Capabilities",
@@ -43,6 +41,11 @@ __all__ = [
     "ProviderStats",
     "StartPosition",
     "SupportsConsume",
+    "SupportsPing",
+    "apply_status",
+    "as_event_id",
+    "order_key",
+    "publish_each",
     "publish_many",
 ]
 
@@ -127,9 +130,58 @@ class EventFilter:
             return False
         return not (self.end_time is not None and created >= _aware(self.end_time))
 
+    def select(self, events: Iterable[Event]) -> list[Event]:
+        """The events that match, in the stable order, paged by ``offset``/``limit`` (what
+        ``list`` returns for providers that filter in Python)."""
+        rows = sorted((e for e in events if self.matches(e)), key=order_key)
+        end = None if self.limit is None else self.offset + self.limit
+        return rows[self.offset:end]
+
 
 def _aware(value: dt.datetime) -> dt.datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+def order_key(event: Event) -> tuple[dt.datetime, bool, int, str]:
+    """``created_at``, then ``seq`` (events without one after those with one), then ``id``."""
+    seq = event.__dict__.get("seq")
+    return (event.created_at, seq is None, seq or 0, str(event.id))
+
+
+def as_event_id(event_id: uuid.UUID | str) -> uuid.UUID:
+    """``event_id`` as a UUID (``ValueError`` naming the bad value otherwise)."""
+    if isinstance(event_id, uuid.UUID):
+        return event_id
+    try:
+        return uuid.UUID(str(event_id))
+    except ValueError:
+        raise ValueError(f"not a valid event id: {event_id!r}") from None
+
+
+_PROCESSING = EventStatus.PROCESSING.value
+_FINISHED = frozenset({EventStatus.COMPLETED.value, EventStatus.FAILED.value})
+
+
+def apply_status(state: dict[str, Any], status: str, error: str | None,
+                 now: dt.datetime) -> None:
+    """Set ``status`` (its text), ``error`` and the timestamps the status implies in ``state``
+    (an event's ``__dict__``, or a row's values): the ``update_status`` contract.
+
+    ``processing`` stamps ``processed_at`` and clears ``completed_at``; ``completed``/``failed``
+    stamp ``completed_at`` and keep ``processed_at`` (``now`` when it was never set);
+    ``pending`` clears ``completed_at``.
+    """
+    state["status"] = status
+    state["error"] = error
+    if status == _PROCESSING:
+        state["processed_at"] = now
+        state["completed_at"] = None
+    elif status in _FINISHED:
+        if state.get("processed_at") is None:
+            state["processed_at"] = now
+        state["completed_at"] = now
+    else:
+        state["completed_at"] = None
 
 
 @dataclass(slots=True)
@@ -219,6 +271,15 @@ class Provider(Protocol):
 
 
 @runtime_checkable
+class SupportsPing(Protocol):
+    """Providers that can tell cheaply whether their backend answers (relay outage probe,
+    ``/readyz``)."""
+
+    async def ping(self) -> None:
+        """Return when the backend answers; raise :class:`outbox.ProviderUnavailable` if not."""
+
+
+@runtime_checkable
 class SupportsConsume(Protocol):
     """Providers that carry events to other processes through consumer groups."""
 
@@ -249,6 +310,13 @@ async def publish_many(provider: Provider, events: Sequence[Event]) -> list[Base
     if own is not None:
         results: list[BaseException | None] = await own(events)
         return results
+    return await publish_each(provider, events)
+
+
+async def publish_each(provider: Provider,
+                       events: Sequence[Event]) -> list[BaseException | None]:
+    """:func:`publish_many` one ``provider.publish`` at a time (also what a provider's own
+    ``publish_many`` falls back to, to find the event a failed batch stumbled on)."""
     out: list[BaseException | None] = []
     for event in events:
         try:

@@ -12,9 +12,9 @@ seconds are removed every ``cleanup_interval`` seconds (checked on writes, no ba
 ``publish`` is idempotent by id: an event already delivered to the streams is not delivered again.
 
 Simulating an outage (for relay tests): set :attr:`MemoryProvider.fail_with` to an exception (for
-example ``ProviderUnavailable("down")``) and every ``store``/``publish`` raises it until it is set
-back to ``None``; set :attr:`MemoryProvider.fail_when` to a callable ``event -> exception | None``
-to fail only some events.
+example ``ProviderUnavailable("down")``) and every ``store``/``publish``/``ping`` raises it until
+it is set back to ``None``; set :attr:`MemoryProvider.fail_when` to a callable
+``event -> exception | None`` to fail only some events.
 
 Single event loop, like every provider; not persistent, not shared between processes.
 """
@@ -38,7 +38,14 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from outbox.events import _ATTR_TO_COLUMN, _MANAGER, Event, EventStatus, utcnow
 from outbox.exceptions import ProviderError, ProviderFull
 from outbox.patterns import SubscriptionIndex, compile_pattern
-from outbox.providers.base import Capabilities, EventFilter, EventNotFound, ProviderStats
+from outbox.providers.base import (
+    Capabilities,
+    EventFilter,
+    EventNotFound,
+    ProviderStats,
+    apply_status,
+    as_event_id,
+)
 
 __all__ = ["MemoryProvider", "MemoryStream", "copy_event"]
 
@@ -84,18 +91,9 @@ _STATE_ATTR = "_sa_instance_state"
 _DEFAULTS: dict[str, Any] = {a: None for a in _ATTRS} | {"status": "pending", "retry_count": 0}
 
 
-def _as_id(event_id: uuid.UUID | str) -> uuid.UUID:
-    if isinstance(event_id, uuid.UUID):
-        return event_id
-    try:
-        return uuid.UUID(str(event_id))
-    except ValueError:
-        raise ValueError(f"not a valid event id: {event_id!r}") from None
-
-
 def _key(event_id: uuid.UUID | str) -> int:
     # Keyed by the id's integer: hashing a UUID object runs Python code, an int's does not.
-    return _as_id(event_id).int
+    return as_event_id(event_id).int
 
 
 #: Status -> index of its bucket (pending, processing, finished).
@@ -108,11 +106,6 @@ _STATUS_TEXT.update({s: s.value for s in EventStatus})
 def _status_text(status: EventStatus | str) -> str:
     text = _STATUS_TEXT.get(status)
     return text if text is not None else EventStatus(status).value
-
-
-def _order_key(event: Event) -> tuple[dt.datetime, bool, int, str]:
-    seq = event.__dict__.get("seq")
-    return (event.created_at, seq is None, seq or 0, str(event.id))
 
 
 class MemoryProvider:
@@ -182,11 +175,7 @@ class MemoryProvider:
 
     async def list(self, filter: EventFilter | None = None) -> list[Event]:
         self._check_open()
-        flt = filter or EventFilter()
-        rows = [e for e in self._events.values() if flt.matches(e)]
-        rows.sort(key=_order_key)
-        end = None if flt.limit is None else flt.offset + flt.limit
-        return [copy_event(e) for e in rows[flt.offset:end]]
+        return [copy_event(e) for e in (filter or EventFilter()).select(self._events.values())]
 
     async def update_status(
         self, event_id: uuid.UUID | str, status: EventStatus | str, error: str | None = None
@@ -198,21 +187,9 @@ class MemoryProvider:
             raise EventNotFound(f"no event with id {event_id}")
         new = _status_text(status)
         state = event.__dict__
-        now = utcnow()
-        bucket = _BUCKET[new]
-        if bucket == 1:  # processing
-            state["processed_at"] = now
-            state["completed_at"] = None
-        elif bucket == 2:  # completed or failed
-            if state.get("processed_at") is None:
-                state["processed_at"] = now
-            state["completed_at"] = now
-        else:  # back to pending (retry, replay)
-            state["completed_at"] = None
         del self._buckets[_BUCKET[state["status"]]][key]
-        state["status"] = new
-        state["error"] = error
-        self._buckets[bucket][key] = None
+        apply_status(state, new, error, utcnow())
+        self._buckets[_BUCKET[new]][key] = None
         self._maybe_cleanup()
 
     async def delete(self, event_id: uuid.UUID | str) -> None:
@@ -252,6 +229,12 @@ class MemoryProvider:
                 await send.send(copy_event(event))
         if key in self._events:
             self._delivered.add(key)
+
+    async def ping(self) -> None:
+        """Answers at once, unless :attr:`fail_with` simulates an outage (then raises it)."""
+        self._check_open()
+        if self.fail_with is not None:
+            raise self.fail_with
 
     async def close(self) -> None:
         """End every stream; later calls raise :class:`ProviderError`. Idempotent."""
@@ -322,7 +305,7 @@ class MemoryProvider:
                 raise exc
 
     def _store(self, event: Event) -> int:
-        event_id = _as_id(event.__dict__.get("id") or event.id)
+        event_id = as_event_id(event.__dict__.get("id") or event.id)
         key = event_id.int
         if key in self._events:
             return key

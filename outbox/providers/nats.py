@@ -47,7 +47,7 @@ import logging
 import re
 import ssl
 import uuid
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, ClassVar
 
@@ -60,13 +60,25 @@ from outbox.exceptions import (
     ProviderUnavailable,
 )
 from outbox.patterns import Pattern, compile_pattern
-from outbox.providers._bus import GroupRegistry, SettleOnce, redact_url, validate_group
+from outbox.providers._bus import (
+    BusDelivery,
+    GroupReader,
+    config_section,
+    decode_or_none,
+    exhausted,
+    from_record,
+    redact_url,
+    to_record,
+    validate_group,
+)
 from outbox.providers.base import (
     Capabilities,
     EventFilter,
     EventNotFound,
     ProviderStats,
     StartPosition,
+    apply_status,
+    as_event_id,
 )
 
 try:
@@ -85,7 +97,6 @@ log = logging.getLogger(__name__)
 DEFAULT_URL = "nats://127.0.0.1:4222"
 MSG_ID_HEADER = "Nats-Msg-Id"
 _TOKEN = re.compile(r"[^\s.*>]+")
-_GROUPS = GroupRegistry()
 
 
 def filter_subject(subject_prefix: str, pattern: str) -> str:
@@ -121,12 +132,6 @@ def _is_outage(exc: BaseException) -> bool:
 def _unavailable(exc: BaseException | str, what: str) -> ProviderUnavailable:
     detail = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
     return ProviderUnavailable(f"nats unavailable ({what}): {detail}")
-
-
-def _section(config: Any, name: str) -> dict[str, Any]:
-    from outbox.providers.redis import _section as section  # same helper, no redis needed
-
-    return section(config, name)
 
 
 class NATSProvider:
@@ -232,7 +237,7 @@ class NATSProvider:
     @classmethod
     def from_config(cls, config: Any) -> NATSProvider:
         """Build from an outbox :class:`~outbox.Config` (its ``nats`` section)."""
-        section = _section(config, "nats")
+        section = config_section(config, "nats")
         known = {
             "url", "stream_name", "subject_prefix", "max_age", "duplicate_window", "durable",
             "user", "password", "token", "tls", "ca_file", "cert_file", "key_file",
@@ -590,36 +595,32 @@ class NATSProvider:
 
     async def store(self, event: Event) -> None:
         """Keep ``event`` (all fields) without publishing it; storing an id again replaces it."""
-        from outbox import _json
-
         try:
             kv = await self._bucket()
-            await kv.put(str(event.id), _json.dumps(event.to_dict()).encode())
+            await kv.put(str(event.id), to_record(event).encode())
         except (TimeoutError, nats_errors.Error, OSError) as exc:
             raise _unavailable(exc, "store") from exc
 
     async def _stored(self, key: uuid.UUID) -> Event | None:
-        from outbox.providers.redis import _from_record
-
         kv = await self._bucket()
         try:
             entry = await kv.get(str(key))
         except (js_errors.KeyNotFoundError, js_errors.KeyDeletedError):
             return None
-        return None if entry.value is None else _from_record(entry.value)
+        return None if entry.value is None else from_record(entry.value)
 
     async def _find_published(self, key: uuid.UUID) -> tuple[int, Event] | None:
         wanted = str(key)
         async for msg in self._scan(self.stream_name, f"{self.subject_prefix}.>"):
             if (msg.headers or {}).get(MSG_ID_HEADER) == wanted:
-                event = _decode_or_none(msg.data)
+                event = decode_or_none(msg.data)
                 if event is not None:
                     return msg.metadata.sequence.stream, event
         return None
 
     async def get(self, event_id: uuid.UUID | str) -> Event | None:
         """A stored record, else the published copy (a scan of the stream: for inspection)."""
-        key = _as_id(event_id)
+        key = as_event_id(event_id)
         await self._connection_or_unavailable("get")
         try:
             stored = await self._stored(key)
@@ -632,14 +633,12 @@ class NATSProvider:
 
     async def list(self, filter: EventFilter | None = None) -> list[Event]:
         """Stored and published events matching ``filter`` (a full scan; for inspection)."""
-        from outbox.providers.redis import _from_record, _order_key
-
         flt = filter or EventFilter()
         await self._connection_or_unavailable("list")
         found: dict[uuid.UUID, Event] = {}
         try:
             async for msg in self._scan(self.stream_name, f"{self.subject_prefix}.>"):
-                event = _decode_or_none(msg.data)
+                event = decode_or_none(msg.data)
                 if event is not None:
                     found.setdefault(event.id, event)
             kv = await self._bucket()
@@ -651,33 +650,22 @@ class NATSProvider:
                 with contextlib.suppress(js_errors.KeyNotFoundError, js_errors.KeyDeletedError):
                     entry = await kv.get(key)
                     if entry.value:
-                        event = _from_record(entry.value)
+                        event = from_record(entry.value)
                         found[event.id] = event
         except (TimeoutError, nats_errors.Error, OSError) as exc:
             raise _unavailable(exc, "list") from exc
-        events = sorted((e for e in found.values() if flt.matches(e)), key=_order_key)
-        end = None if flt.limit is None else flt.offset + flt.limit
-        return events[flt.offset:end]
+        return flt.select(found.values())
 
     async def update_status(self, event_id: uuid.UUID | str, status: EventStatus | str,
                             error: str | None = None) -> None:
         event = await self.get(event_id)
         if event is None:
             raise EventNotFound(f"no event {event_id} in JetStream stream {self.stream_name!r}")
-        new = EventStatus(status)
-        now = utcnow()
-        event.status, event.error = new.value, error
-        if new is EventStatus.PROCESSING:
-            event.processed_at = now
-        elif new.finished:
-            event.completed_at = now
-            event.processed_at = event.processed_at or now
-        else:
-            event.completed_at = None
+        apply_status(event.__dict__, EventStatus(status).value, error, utcnow())
         await self.store(event)
 
     async def delete(self, event_id: uuid.UUID | str) -> None:
-        key = _as_id(event_id)
+        key = as_event_id(event_id)
         await self._connection_or_unavailable("delete")
         removed = False
         try:
@@ -714,7 +702,7 @@ class NATSProvider:
                 except TimeoutError:  # nats-py raises its own or asyncio's
                     continue
                 for msg in batch:
-                    event = _decode_or_none(msg.data, log_subject=msg.subject)
+                    event = decode_or_none(msg.data, f"message on {msg.subject}")
                     if event is not None and pattern.matches(event.type):
                         yield event
         finally:
@@ -775,15 +763,14 @@ class NATSProvider:
 # consumer side
 
 
-class NATSDelivery(SettleOnce):
+class NATSDelivery(BusDelivery):
     """One JetStream message handed to a consumer; settle it with ack, nack or park once."""
 
+    _reader: NATSGroupReader
+
     def __init__(self, event: Event, attempt: int, msg: Msg, reader: NATSGroupReader) -> None:
-        self.event = event
-        self.attempt = attempt
+        super().__init__(event, attempt, reader)
         self.msg = msg
-        self.last_error: str | None = None
-        self._reader = reader
 
     def __repr__(self) -> str:
         return f"<NATSDelivery {self.msg.subject} attempt={self.attempt} id={self.event.id}>"
@@ -817,61 +804,57 @@ class NATSDelivery(SettleOnce):
         self._reader.settled(self)
 
 
-class NATSGroupReader:
+class NATSGroupReader(GroupReader[NATSDelivery]):
     """A member of one group: fetches from the group's durable and keeps slow handlers alive.
 
     The async iterator :meth:`NATSProvider.consume` returns; ``aclose()`` (or ``async with``)
     stops it.
     """
 
+    client_errors = (TimeoutError, nats_errors.Error, OSError, ProviderUnavailable)
+    p: NATSProvider
+
     def __init__(self, provider: NATSProvider, pattern: Pattern, group: str, consumer: str,
                  start: StartPosition | dt.datetime) -> None:
-        self.p = provider
-        self.pattern = pattern
-        self.group = group
-        self.consumer = consumer
-        self.start_position = start
-        self.buffer: deque[NATSDelivery] = deque()
+        super().__init__(provider, pattern, group, consumer, start, stream=provider.stream_name,
+                         what=f"nats {provider._display}", logger=log)
         self.in_flight: set[NATSDelivery] = set()
         #: Last error per event id, for the dead letter of a message that ran out of deliveries.
         self.errors: OrderedDict[str, str] = OrderedDict()
         self.sub: Any = None
-        self.heartbeat: asyncio.Task[None] | None = None
-        self.registry_key = f"{provider._display}/{provider.stream_name}/{group}"
-        self.started = False
-        self.closed = False
 
-    def __aiter__(self) -> NATSGroupReader:
-        return self
+    # -- GroupReader hooks ---------------------------------------------------------------------
 
-    async def __anext__(self) -> NATSDelivery:
-        if self.closed:
-            raise StopAsyncIteration
-        if not self.started:
-            self._start()
-        return await self._next()
+    async def _join(self) -> None:
+        _nc, js = await self.p._connection()
+        await self.p._ensure_consumer(self.group, self.pattern, self.start_position)
+        self.sub = await js.pull_subscribe_bind(durable=self.group, stream=self.p.stream_name)
 
-    async def __aenter__(self) -> NATSGroupReader:
-        return self
+    def _joined(self) -> bool:
+        return self.sub is not None
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
+    def _recovered(self, exc: BaseException) -> bool:
+        if not isinstance(exc, js_errors.NotFoundError):
+            return False
+        # The stream or the durable vanished (deleted by an operator, server lost its storage):
+        # create them again.
+        log.warning("JetStream durable %r or its stream is gone (%s); recreating", self.group,
+                    exc.description)
+        self.p._stream_ready = False
+        self.sub = None
+        return True
 
-    async def aclose(self) -> None:
-        """Stop: messages this member holds and has not settled (buffered or handed out) are
-        nak'ed so the group gets them at once. Close only when no handler still works on a
-        delivery (``outbox.Consumer`` waits for them)."""
-        if self.closed:
-            return
-        self.closed = True
-        if not self.started:
-            return
-        self.p._readers.discard(self)
-        _GROUPS.release(self.registry_key)
-        if self.heartbeat is not None:
-            self.heartbeat.cancel()
-            with contextlib.suppress(BaseException):
-                await self.heartbeat
+    def _refusal(self, exc: BaseException) -> ProviderError | None:
+        if isinstance(exc, js_errors.APIError) and (exc.code or 0) < 500:
+            return ProviderError(f"JetStream refused the consumer of group {self.group!r}: "
+                                 f"{exc}")
+        return None
+
+    def _handing_out(self, delivery: NATSDelivery) -> None:
+        self.in_flight.add(delivery)
+
+    async def _give_back(self) -> None:
+        # Nak what this member holds, so the group gets it at once.
         for delivery in [*self.buffer, *self.in_flight]:
             if not delivery.settled:
                 with contextlib.suppress(Exception):
@@ -882,82 +865,35 @@ class NATSGroupReader:
             with contextlib.suppress(Exception):
                 await self.sub.unsubscribe()
 
-    async def open(self) -> None:
-        """Create the durable now (a new group starts at the end of the stream *now*, not at
-        the first pull); waits with backoff while the server is unreachable."""
-        if self.closed:
-            return
-        if not self.started:
-            self._start()
-        delay = 0.1
-        while self.sub is None and not self.closed:
-            try:
-                await self._subscribe()
-            except (TimeoutError, nats_errors.Error, OSError, ProviderUnavailable) as exc:
-                if isinstance(exc, js_errors.APIError) and (exc.code or 0) < 500:
-                    raise ProviderError(f"JetStream refused the consumer of group "
-                                        f"{self.group!r}: {exc}") from exc
-                log.debug("nats consumer of group %r: %s; retrying in %.1f s", self.group,
-                          exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+    async def _keep_alive(self) -> None:
+        """``in_progress()`` for the messages held (every third of ack_wait)."""
+        for delivery in list(self.in_flight) + list(self.buffer):
+            if not delivery.settled:
+                with contextlib.suppress(Exception):
+                    await delivery.msg.in_progress()
 
-    def _start(self) -> None:
-        self.p._check_open()
-        _GROUPS.acquire(self.registry_key, self.pattern.text)
-        self.started = True
-        self.p._readers.add(self)
-        self.heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
+    # -- fetching --------------------------------------------------------------------------------
 
-    async def _subscribe(self) -> None:
-        _nc, js = await self.p._connection()
-        await self.p._ensure_consumer(self.group, self.pattern, self.start_position)
-        self.sub = await js.pull_subscribe_bind(durable=self.group, stream=self.p.stream_name)
-
-    async def _next(self) -> NATSDelivery:
-        delay = 0.1
-        while True:
-            if self.closed:
-                raise StopAsyncIteration
-            if self.buffer:
-                delivery = self.buffer.popleft()
-                self.in_flight.add(delivery)
-                return delivery
-            try:
-                if self.sub is None:
-                    await self._subscribe()
-                try:
-                    batch = await self.sub.fetch(self.p.prefetch, timeout=self.p.block)
-                except TimeoutError:  # nats-py raises its own or asyncio's
-                    continue  # nothing new (or the client is reconnecting)
-                for msg in batch:
-                    await self._accept(msg)
-                delay = 0.1
-            except js_errors.NotFoundError as exc:
-                # The stream or the durable vanished (deleted by an operator, server lost its
-                # storage): create them again.
-                log.warning("JetStream durable %r or its stream is gone (%s); recreating",
-                            self.group, exc.description)
-                self.p._stream_ready = False
-                self.sub = None
-            except (TimeoutError, nats_errors.Error, OSError, ProviderUnavailable) as exc:
-                if isinstance(exc, js_errors.APIError) and (exc.code or 0) < 500:
-                    raise ProviderError(f"JetStream refused the consumer of group "
-                                        f"{self.group!r}: {exc}") from exc
-                log.debug("nats consumer of group %r: %s; retrying in %.1f s", self.group,
-                          exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+    async def _fill(self) -> None:
+        if self.sub is None:
+            await self._join()
+        try:
+            batch = await self.sub.fetch(self.p.prefetch, timeout=self.p.block)
+        except TimeoutError:  # nats-py raises its own or asyncio's
+            if not self.p._nc.is_connected:
+                raise _unavailable("client is reconnecting", "fetch") from None
+            return  # nothing new
+        for msg in batch:
+            await self._accept(msg)
 
     async def _accept(self, msg: Msg) -> None:
         attempt = msg.metadata.num_delivered
         msg_id = (msg.headers or {}).get(MSG_ID_HEADER)
-        if attempt > self.p.max_deliveries:
-            error = (f"delivered {attempt - 1} times without success "
-                     f"(max_deliveries={self.p.max_deliveries})")
-            last = self.errors.pop(msg_id, None) if msg_id else None
-            if last:
-                error += f"; last error: {last}"
+        last = self.errors.get(msg_id) if msg_id else None
+        error = exhausted(attempt, self.p.max_deliveries, last)
+        if error is not None:
+            if msg_id:
+                self.errors.pop(msg_id, None)
             await self.park(msg, error, attempt - 1, msg_id)
             return
         try:
@@ -994,31 +930,3 @@ class NATSGroupReader:
             self.errors[key] = error
             while len(self.errors) > 10000:
                 self.errors.popitem(last=False)
-
-    async def _heartbeat(self) -> None:
-        """``in_progress()`` for messages held longer than a third of ack_wait."""
-        interval = max(self.p.claim_idle / 3, 0.05)
-        while True:
-            await asyncio.sleep(interval)
-            for delivery in list(self.in_flight) + list(self.buffer):
-                if not delivery.settled:
-                    with contextlib.suppress(Exception):
-                        await delivery.msg.in_progress()
-
-
-def _decode_or_none(data: bytes, log_subject: str | None = None) -> Event | None:
-    try:
-        return wire.decode(data)
-    except MalformedMessage as exc:
-        if log_subject is not None:
-            log.warning("skipping malformed message on %s: %s", log_subject, exc)
-        return None
-
-
-def _as_id(event_id: uuid.UUID | str) -> uuid.UUID:
-    if isinstance(event_id, uuid.UUID):
-        return event_id
-    try:
-        return uuid.UUID(str(event_id))
-    except ValueError:
-        raise ValueError(f"not a valid event id: {event_id!r}") from None

@@ -48,7 +48,6 @@ import logging
 import ssl
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -64,10 +63,15 @@ from outbox.exceptions import (
 from outbox.patterns import Pattern, compile_pattern
 from outbox.providers._bus import (
     Backoff,
-    GroupRegistry,
+    BusDelivery,
+    GroupReader,
     OutageLog,
-    SettleOnce,
+    config_section,
+    decode_or_none,
+    exhausted,
+    from_record,
     redact_url,
+    to_record,
     validate_group,
 )
 from outbox.providers.base import (
@@ -76,6 +80,8 @@ from outbox.providers.base import (
     EventNotFound,
     ProviderStats,
     StartPosition,
+    apply_status,
+    as_event_id,
 )
 
 try:
@@ -91,9 +97,6 @@ __all__ = ["RedisDelivery", "RedisGroupReader", "RedisProvider"]
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
-
-#: Patterns of the groups consumed in this process, by server/stream/group (see GroupRegistry).
-_GROUPS = GroupRegistry()
 
 # KEYS[1] stream, KEYS[2..] dedupe keys; ARGV[1] maxlen ('0' = no trim), ARGV[2] ttl ms, then
 # four values per event: id, type, source, document. Returns one reply per event: the new entry
@@ -206,20 +209,6 @@ def _text(value: Any) -> str:
 
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def _section(config: Any, name: str) -> dict[str, Any]:
-    """The ``name`` section of an outbox Config (attribute or mapping) as a plain dict."""
-    section = getattr(config, name, None)
-    if section is None and isinstance(config, Mapping):
-        section = config.get(name)
-    if section is None:
-        return {}
-    if isinstance(section, Mapping):
-        return dict(section)
-    if hasattr(section, "__dataclass_fields__"):
-        return {f: getattr(section, f) for f in section.__dataclass_fields__}
-    return dict(vars(section))
 
 
 class RedisProvider:
@@ -343,7 +332,7 @@ class RedisProvider:
     @classmethod
     def from_config(cls, config: Any) -> RedisProvider:
         """Build from an outbox :class:`~outbox.Config` (its ``redis`` section)."""
-        section = _section(config, "redis")
+        section = config_section(config, "redis")
         known = {
             "url", "host", "port", "db", "username", "password", "stream_name", "consumer_group",
             "max_len", "tls", "ca_file", "cert_file", "key_file", "socket_timeout",
@@ -525,20 +514,18 @@ class RedisProvider:
         await self._hset(event)
 
     async def _hset(self, event: Event) -> None:
-        from outbox import _json
-
         try:
-            await self._client.hset(self._stored_key, str(event.id), _json.dumps(event.to_dict()))
+            await self._client.hset(self._stored_key, str(event.id), to_record(event))
         except (redis_errors.RedisError, OSError) as exc:
             raise _unavailable(exc, "store") from exc
 
     async def get(self, event_id: uuid.UUID | str) -> Event | None:
         self._check_open()
-        key = _as_id(event_id)
+        key = as_event_id(event_id)
         try:
             record = await self._client.hget(self._stored_key, str(key))
             if record is not None:
-                return _from_record(record)
+                return from_record(record)
             entry = await self._find_entry(key)
         except (redis_errors.RedisError, OSError) as exc:
             raise _unavailable(exc, "get") from exc
@@ -550,13 +537,13 @@ class RedisProvider:
         if entry_id is not None:
             found = await self._client.xrange(self.stream_name, min=entry_id, max=entry_id)
             if found:
-                event = _decode_or_none(found[0][1])
+                event = decode_or_none(found[0][1].get(b"event"))
                 if event is not None and event.id == key:
                     return _text(found[0][0]), event
         wanted = str(key).encode()
         async for entry_id, fields in self._scan_stream():
             if fields.get(b"id") == wanted:
-                event = _decode_or_none(fields)
+                event = decode_or_none(fields.get(b"event"))
                 if event is not None:
                     return entry_id, event
         return None
@@ -581,18 +568,16 @@ class RedisProvider:
         found: dict[uuid.UUID, Event] = {}
         try:
             async for _entry_id, fields in self._scan_stream():
-                event = _decode_or_none(fields)
+                event = decode_or_none(fields.get(b"event"))
                 if event is not None:
                     found.setdefault(event.id, event)
             records = await self._client.hgetall(self._stored_key)
         except (redis_errors.RedisError, OSError) as exc:
             raise _unavailable(exc, "list") from exc
         for record in records.values():
-            event = _from_record(record)
+            event = from_record(record)
             found[event.id] = event
-        events = sorted((e for e in found.values() if flt.matches(e)), key=_order_key)
-        end = None if flt.limit is None else flt.offset + flt.limit
-        return events[flt.offset:end]
+        return flt.select(found.values())
 
     async def update_status(self, event_id: uuid.UUID | str, status: EventStatus | str,
                             error: str | None = None) -> None:
@@ -600,23 +585,12 @@ class RedisProvider:
         event = await self.get(event_id)
         if event is None:
             raise EventNotFound(f"no event {event_id} in redis stream {self.stream_name!r}")
-        new = EventStatus(status)
-        now = utcnow()
-        event.status = new.value
-        event.error = error
-        if new is EventStatus.PROCESSING:
-            event.processed_at = now
-        elif new.finished:
-            event.completed_at = now
-            if event.processed_at is None:
-                event.processed_at = now
-        else:
-            event.completed_at = None
+        apply_status(event.__dict__, EventStatus(status).value, error, utcnow())
         await self._hset(event)
 
     async def delete(self, event_id: uuid.UUID | str) -> None:
         self._check_open()
-        key = _as_id(event_id)
+        key = as_event_id(event_id)
         try:
             removed = await self._client.hdel(self._stored_key, str(key))
             entry = await self._find_entry(key)
@@ -656,7 +630,7 @@ class RedisProvider:
             for _stream, entries in reply or ():
                 for entry_id, fields in entries:
                     last = _text(entry_id)
-                    event = _decode_or_none(fields, log_entry=last)
+                    event = decode_or_none(fields.get(b"event"), f"entry {last}")
                     if event is not None and pattern.matches(event.type):
                         yield event
 
@@ -718,15 +692,14 @@ class RedisProvider:
 # consumer side
 
 
-class RedisDelivery(SettleOnce):
+class RedisDelivery(BusDelivery):
     """One stream entry handed to a consumer; settle it with ack, nack or park exactly once."""
 
+    _reader: RedisGroupReader
+
     def __init__(self, event: Event, attempt: int, entry_id: str, reader: RedisGroupReader) -> None:
-        self.event = event
-        self.attempt = attempt
+        super().__init__(event, attempt, reader)
         self.entry_id = entry_id
-        self.last_error: str | None = None
-        self._reader = reader
 
     def __repr__(self) -> str:
         return f"<RedisDelivery {self.entry_id} attempt={self.attempt} {self.event.type}>"
@@ -759,25 +732,23 @@ class _Due:
     error: str
 
 
-class RedisGroupReader:
+class RedisGroupReader(GroupReader[RedisDelivery]):
     """One consumer of one group: fetches, reclaims, redelivers and keeps its entries alive.
 
     The async iterator :meth:`RedisProvider.consume` returns; ``aclose()`` (or ``async with``)
     releases it.
     """
 
+    client_errors = (redis_errors.RedisError, OSError)
+    p: RedisProvider
     _order = itertools.count()
 
     def __init__(self, provider: RedisProvider, pattern: Pattern, group: str, consumer: str,
                  start: StartPosition | dt.datetime) -> None:
-        self.p = provider
+        super().__init__(provider, pattern, group, consumer, start, stream=provider.stream_name,
+                         what=f"redis {provider._display}", logger=log)
         self.client = provider._client
         self.stream = provider.stream_name
-        self.pattern = pattern
-        self.group = group
-        self.consumer = consumer
-        self.start_position = start
-        self.buffer: deque[RedisDelivery] = deque()
         #: Entry ids this consumer holds (buffered, handed out, or waiting for redelivery).
         self.owned: set[str] = set()
         self.delayed: list[_Due] = []
@@ -787,53 +758,31 @@ class RedisGroupReader:
         self.own_pending_from = "-"
         self.autoclaim_cursor = "0-0"
         self.next_autoclaim = 0.0
-        self.backoff = Backoff()
-        self.outage = OutageLog(log, f"redis {provider._display} (group {group!r})")
-        self.heartbeat: asyncio.Task[None] | None = None
-        self.registry_key = f"{provider._display}/{self.stream}/{group}"
-        self.started = False
-        self.closed = False
 
-    # -- life cycle ----------------------------------------------------------------------------
+    # -- GroupReader hooks ---------------------------------------------------------------------
 
-    def __aiter__(self) -> RedisGroupReader:
-        return self
+    async def _join(self) -> None:
+        if not self.group_ready:
+            await self.p._ensure_group(self.group, self.start_position)
+            self.group_ready = True
 
-    async def __anext__(self) -> RedisDelivery:
-        if self.closed:
-            raise StopAsyncIteration
-        if not self.started:
-            self._start()
-        return await self.next()
+    def _joined(self) -> bool:
+        return self.group_ready
 
-    async def __aenter__(self) -> RedisGroupReader:
-        return self
+    def _recovered(self, exc: BaseException) -> bool:
+        if isinstance(exc, redis_errors.ResponseError) and "NOGROUP" in str(exc):
+            log.warning("consumer group %r vanished from %r; creating it again", self.group,
+                        self.stream)
+            self.group_ready = False
+            return True
+        return False
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
+    def _refusal(self, exc: BaseException) -> ProviderError | None:
+        if _is_outage(exc):
+            return None
+        return ProviderError(f"redis consumer for group {self.group!r} failed: {exc}")
 
-    def _start(self) -> None:
-        self.p._check_open()
-        _GROUPS.acquire(self.registry_key, self.pattern.text)  # raises for a second pattern
-        self.started = True
-        self.p._readers.add(self)
-        self.heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
-
-    async def aclose(self) -> None:
-        """Stop: entries this member holds and has not settled (buffered, waiting for a retry,
-        handed out) become reclaimable by the rest of the group at once. Close only when no
-        handler still works on a delivery (``outbox.Consumer`` waits for them)."""
-        if self.closed:
-            return
-        self.closed = True
-        if not self.started:
-            return
-        self.p._readers.discard(self)
-        _GROUPS.release(self.registry_key)
-        if self.heartbeat is not None:
-            self.heartbeat.cancel()
-            with contextlib.suppress(BaseException):
-                await self.heartbeat
+    async def _give_back(self) -> None:
         # Whatever this member still holds (buffered, waiting for a retry, or handed out and
         # never settled) becomes reclaimable by the rest of the group at once.
         ids = list(self.owned)
@@ -849,50 +798,8 @@ class RedisGroupReader:
 
     # -- the fetch loop ----------------------------------------------------------------------
 
-    async def open(self) -> None:
-        """Create the group now (it starts at the end of the stream *now*, not at the first
-        pull); waits with backoff while Redis is unreachable."""
-        if self.closed:
-            return
-        if not self.started:
-            self._start()
-        await self._run(self._ensure_ready, until=lambda: self.group_ready or self.closed)
-
-    async def _ensure_ready(self) -> None:
-        if not self.group_ready:
-            await self.p._ensure_group(self.group, self.start_position)
-            self.group_ready = True
-
-    async def next(self) -> RedisDelivery:
-        await self._run(self._fill, until=lambda: bool(self.buffer))
-        return self.buffer.popleft()
-
-    async def _run(self, step: Any, until: Any) -> None:
-        """Repeat ``step`` until ``until()``, riding out outages with backoff."""
-        while True:
-            if self.closed:
-                raise StopAsyncIteration
-            if until():
-                return
-            try:
-                await step()
-            except (redis_errors.RedisError, OSError) as exc:
-                if isinstance(exc, redis_errors.ResponseError) and "NOGROUP" in str(exc):
-                    log.warning("consumer group %r vanished from %r; creating it again",
-                                self.group, self.stream)
-                    self.group_ready = False
-                    continue
-                if not _is_outage(exc):
-                    raise ProviderError(f"redis consumer for group {self.group!r} failed: "
-                                        f"{exc}") from exc
-                self.outage.down(exc)
-                await asyncio.sleep(self.backoff.next())
-                continue
-            self.outage.up()
-            self.backoff.reset()
-
     async def _fill(self) -> None:
-        await self._ensure_ready()
+        await self._join()
         if self.to_ack:
             await self.client.xack(self.stream, self.group, *self.to_ack)
             self.to_ack.clear()
@@ -979,11 +886,8 @@ class RedisGroupReader:
                 and not self.pattern.matches(_text(type_field))):
             self.to_ack.append(entry_id)  # not for this group's pattern
             return
-        if attempt > self.p.max_deliveries:
-            error = (f"delivered {attempt - 1} times without success "
-                     f"(max_deliveries={self.p.max_deliveries})")
-            if last_error:
-                error += f"; last error: {last_error}"
+        error = exhausted(attempt, self.p.max_deliveries, last_error)
+        if error is not None:
             await self._park_entry(entry_id, fields, error, attempt - 1)
             return
         raw = fields.get(b"event")
@@ -1040,34 +944,31 @@ class RedisGroupReader:
 
     # -- keeping owned entries alive ----------------------------------------------------------
 
-    async def _heartbeat(self) -> None:
-        interval = max(self.p.claim_idle / 3, 0.05)
-        while True:
-            await asyncio.sleep(interval)
-            ids = list(self.owned)
-            if not ids:
-                continue
-            try:
-                still: set[str] = set()
-                for chunk in _chunks(ids, 500):
-                    reply = await self.p._owned_script(
-                        keys=[self.stream], args=[self.group, self.consumer, "touch", *chunk])
-                    still.update(_text(r) for r in reply)
-            except redis_errors.NoScriptError:
-                with contextlib.suppress(Exception):
-                    await self.p._load_scripts()
-                continue
-            except (redis_errors.RedisError, OSError) as exc:
-                log.debug("heartbeat of group %r failed: %s", self.group, exc)
-                continue
-            lost = [i for i in ids if i not in still and i in self.owned]
-            if lost:
-                log.warning("%d entries of group %r were reclaimed by another consumer or "
-                            "trimmed while this one held them", len(lost), self.group)
-                for entry in lost:
-                    self.owned.discard(entry)
-                self.delayed = [d for d in self.delayed if d.entry_id in self.owned]
-                heapq.heapify(self.delayed)
+    async def _keep_alive(self) -> None:
+        ids = list(self.owned)
+        if not ids:
+            return
+        try:
+            still: set[str] = set()
+            for chunk in _chunks(ids, 500):
+                reply = await self.p._owned_script(
+                    keys=[self.stream], args=[self.group, self.consumer, "touch", *chunk])
+                still.update(_text(r) for r in reply)
+        except redis_errors.NoScriptError:
+            with contextlib.suppress(Exception):
+                await self.p._load_scripts()
+            return
+        except (redis_errors.RedisError, OSError) as exc:
+            log.debug("heartbeat of group %r failed: %s", self.group, exc)
+            return
+        lost = [i for i in ids if i not in still and i in self.owned]
+        if lost:
+            log.warning("%d entries of group %r were reclaimed by another consumer or "
+                        "trimmed while this one held them", len(lost), self.group)
+            for entry in lost:
+                self.owned.discard(entry)
+            self.delayed = [d for d in self.delayed if d.entry_id in self.owned]
+            heapq.heapify(self.delayed)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1078,42 +979,3 @@ def _pairs(flat: Sequence[Any]) -> dict[bytes, bytes]:
     """Lua returns entry fields as a flat [k1, v1, k2, v2, …] list."""
     it = iter(flat)
     return {bytes(k): bytes(v) for k, v in zip(it, it, strict=False)}
-
-
-def _decode_or_none(fields: Mapping[bytes, bytes], log_entry: str | None = None) -> Event | None:
-    raw = fields.get(b"event")
-    if raw is None:
-        return None
-    try:
-        return wire.decode(raw)
-    except MalformedMessage as exc:
-        if log_entry is not None:
-            log.warning("skipping malformed entry %s: %s", log_entry, exc)
-        return None
-
-
-def _from_record(record: bytes | str) -> Event:
-    from outbox import _json
-
-    data = _json.loads(record)
-    for name in ("created_at", "processed_at", "completed_at", "next_attempt_at",
-                 "lease_expires_at"):
-        if data.get(name) is not None:
-            data[name] = dt.datetime.fromisoformat(data[name])
-    for name in ("id", "lease_token"):
-        if data.get(name) is not None:
-            data[name] = uuid.UUID(data[name])
-    return Event.from_dict(data)
-
-
-def _as_id(event_id: uuid.UUID | str) -> uuid.UUID:
-    if isinstance(event_id, uuid.UUID):
-        return event_id
-    try:
-        return uuid.UUID(str(event_id))
-    except ValueError:
-        raise ValueError(f"not a valid event id: {event_id!r}") from None
-
-
-def _order_key(event: Event) -> tuple[dt.datetime, int, str]:
-    return (event.created_at, event.seq if event.seq is not None else -1, str(event.id))

@@ -183,16 +183,6 @@ SET status = 'pending', lease_owner = NULL, lease_token = NULL, lease_expires_at
 WHERE id IN :ids AND status = 'processing' AND lease_expires_at < :now
 """
 
-_BACKLOG = """
-SELECT count(*), min(created_at) FROM events WHERE status = 'pending'
-"""
-
-_BLOCKED = """
-SELECT ordering_key, min(seq), count(*) FROM events
-WHERE status = 'failed' AND ordering_key IS NOT NULL
-GROUP BY ordering_key ORDER BY min(seq) LIMIT :limit
-"""
-
 _DB_NOW = {
     "postgresql": "SELECT clock_timestamp()",
     "mysql": "SELECT UTC_TIMESTAMP(6)",
@@ -539,17 +529,20 @@ class RelayStore:
     # -- inspection (metrics, CLI) ----------------------------------------------------------
 
     def backlog(self) -> tuple[int, dt.datetime | None]:
-        """Pending events and the ``created_at`` of the oldest one."""
+        """Pending events and the ``created_at`` of the oldest one (:func:`outbox.ops.backlog`)."""
+        from outbox import ops
+
         with self.engine.connect() as conn:
-            count, oldest = conn.execute(sa.text(_BACKLOG)).one()
-        return int(count), (UTCDateTime().process_result_value(oldest, self.engine.dialect)
-                            if oldest is not None else None)
+            found = ops.backlog(conn)
+        return found.pending, found.oldest_pending_at
 
     def blocked_keys(self, limit: int = 100) -> list[tuple[str, int, int]]:
-        """Keys held back by a ``failed`` event: (key, oldest failed seq, failed count)."""
+        """Keys held back by a ``failed`` event: (key, oldest failed seq, failed count)
+        (:func:`outbox.ops.blocked_keys`)."""
+        from outbox import ops
+
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.text(_BLOCKED), {"limit": limit}).all()
-        return [(r[0], int(r[1]), int(r[2])) for r in rows]
+            return ops.blocked_keys(conn, limit)
 
     # -- plumbing ---------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from outbox import ops
 from outbox.events import Event, utcnow
 from outbox.providers.base import EventFilter
+from outbox.relay.store import RelayStore
 from tests.integration.ops_seed import add, count, event, statuses
 
 DAY = dt.timedelta(days=1)
@@ -129,9 +130,17 @@ def test_backlog_counts_and_lag(engine: sa.Engine) -> None:
                  event("t.x", status="completed", age=dt.timedelta(hours=1))])
     with engine.connect() as conn:
         b = ops.backlog(conn)
+        keys = ops.blocked_keys(conn)
+        assert ops.blocked_keys(conn, limit=1) == keys[:1]
     assert (b.pending, b.processing, b.failed, b.blocked_keys) == (2, 1, 4, 2)
-    assert b.oldest_created_at == oldest.created_at
+    assert b.oldest_created_at == b.oldest_pending_at == oldest.created_at
     assert 9 * 60 < b.lag_seconds() < 3600
+    assert [(k, n) for k, _seq, n in keys] == [("users:1", 2), ("users:2", 1)]
+    assert keys[0][1] < keys[1][1]  # oldest failed head first
+    # The relay's inspection methods are these queries (one implementation).
+    store = RelayStore(engine, owner="test")
+    assert store.blocked_keys() == keys
+    assert store.backlog() == (2, oldest.created_at)
     # a processing event older than every pending one is the lag
     add(engine, [event("t.x", status="processing", age=dt.timedelta(minutes=20))])
     with engine.connect() as conn:

@@ -20,7 +20,7 @@ import contextlib
 import datetime as dt
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
 
@@ -31,13 +31,15 @@ from sqlalchemy.engine import Engine
 from outbox.events import Event, EventStatus, get_instance_id
 from outbox.exceptions import ConfigError, ProviderError, ProviderUnavailable, SchemaMissing
 from outbox.patterns import compile_pattern
-from outbox.providers._bus import GroupRegistry, validate_group
+from outbox.providers._bus import GroupRegistry, config_section, validate_group
 from outbox.providers.base import (
     Capabilities,
     EventFilter,
     EventNotFound,
     ProviderStats,
     StartPosition,
+    as_event_id,
+    publish_each,
 )
 from outbox.providers.database import sql
 from outbox.providers.database.consumer import DatabaseDelivery, _GroupReader, _Tail
@@ -98,19 +100,6 @@ def _translate(exc: BaseException) -> BaseException:
     if isinstance(exc, sa.exc.TimeoutError | OSError):
         return ProviderUnavailable(f"database unavailable: {exc}")
     return exc
-
-
-def _section(config: Any, name: str) -> dict[str, Any]:
-    section = getattr(config, name, None)
-    if section is None and isinstance(config, Mapping):
-        section = config.get(name)
-    if section is None:
-        return {}
-    if isinstance(section, Mapping):
-        return dict(section)
-    if hasattr(section, "__dataclass_fields__"):
-        return {f: getattr(section, f) for f in section.__dataclass_fields__}
-    return dict(vars(section))
 
 
 class DatabaseProvider:
@@ -194,7 +183,7 @@ class DatabaseProvider:
     def from_config(cls, config: Any) -> DatabaseProvider:
         """Build from an outbox Config's ``database`` section (``url``, ``poll_interval``,
         ``batch_size``, ``lease``, ``notify``)."""
-        section = _section(config, "database")
+        section = config_section(config, "database")
         url = section.get("url")
         if not url:
             raise ConfigError("event_broker.database.url", "is required by the database provider")
@@ -219,18 +208,14 @@ class DatabaseProvider:
             raise ProviderError("DatabaseProvider is closed")
 
     def _tx_sync(self, fn: Callable[..., T], *args: Any) -> T:
-        try:
-            with self.engine.begin() as conn:
-                return fn(conn, *args)
-        except Exception as exc:
-            translated = _translate(exc)
-            if translated is exc:
-                raise
-            raise translated from exc
+        """``fn(conn, *args)`` in one transaction, errors as the provider contract's."""
+        return self._call_sync(fn, *args, transaction=True)
 
-    def _call_sync(self, fn: Callable[..., T], *args: Any) -> T:
+    def _call_sync(self, fn: Callable[..., T], *args: Any, transaction: bool = False) -> T:
+        """``fn(conn, *args)`` on a connection (in a transaction of its own with
+        ``transaction``), errors as the provider contract's."""
         try:
-            with self.engine.connect() as conn:
+            with self.engine.begin() if transaction else self.engine.connect() as conn:
                 return fn(conn, *args)
         except Exception as exc:
             translated = _translate(exc)
@@ -294,23 +279,13 @@ class DatabaseProvider:
         except ProviderUnavailable:
             raise
         except Exception:
-            out: builtins.list[BaseException | None] = []
-            for event in batch:
-                try:
-                    await self.publish(event)
-                except ProviderUnavailable:
-                    raise
-                except Exception as exc:
-                    out.append(exc)
-                else:
-                    out.append(None)
-            return out
+            return await publish_each(self, batch)
         self._published += len(batch)
         return [None] * len(batch)
 
     async def get(self, event_id: uuid.UUID | str) -> Event | None:
         self._check_open()
-        return await self._tx(sql.get_event, sql.as_id(event_id))
+        return await self._tx(sql.get_event, as_event_id(event_id))
 
     async def list(self, filter: EventFilter | None = None) -> list[Event]:
         """Events matching ``filter`` ordered by ``created_at``, ``seq``, ``id`` (indexes: see
@@ -322,13 +297,13 @@ class DatabaseProvider:
         self, event_id: uuid.UUID | str, status: EventStatus | str, error: str | None = None
     ) -> None:
         self._check_open()
-        key = sql.as_id(event_id)
+        key = as_event_id(event_id)
         if not await self._tx(sql.update_status, key, EventStatus(status), error):
             raise EventNotFound(f"no event with id {key}")
 
     async def delete(self, event_id: uuid.UUID | str) -> None:
         self._check_open()
-        key = sql.as_id(event_id)
+        key = as_event_id(event_id)
         if not await self._tx(sql.delete_event, key):
             raise EventNotFound(f"no event with id {key}")
 

@@ -35,7 +35,7 @@ from outbox.events import (
 )
 from outbox.exceptions import ProviderError
 from outbox.patterns import compile_pattern
-from outbox.providers.base import EventFilter, StartPosition
+from outbox.providers.base import EventFilter, StartPosition, as_event_id
 from outbox.schema import consumer_claims_table, consumers_table, dead_letters_table, inbox_table
 
 __all__ = [
@@ -295,7 +295,7 @@ def _insert_values(event: Event, *, stored_only: bool, xids: bool) -> dict[str, 
     if values["id"] is None:
         raise ValueError("event has no id (build events with outbox.new_event)")
     if not isinstance(values["id"], uuid.UUID):
-        values["id"] = as_id(values["id"])
+        values["id"] = as_event_id(values["id"])
     if values["created_at"] is None:
         values["created_at"] = now
     if values["next_attempt_at"] is None:
@@ -314,16 +314,6 @@ def _insert_values(event: Event, *, stored_only: bool, xids: bool) -> dict[str, 
     if xids and stored_only:
         values["txid"] = None  # not on the bus: only rows with a txid are delivered
     return values
-
-
-def as_id(event_id: uuid.UUID | str) -> uuid.UUID:
-    """``event_id`` as a UUID (``ValueError`` naming the bad value otherwise)."""
-    if isinstance(event_id, uuid.UUID):
-        return event_id
-    try:
-        return uuid.UUID(str(event_id))
-    except ValueError:
-        raise ValueError(f"not a valid event id: {event_id!r}") from None
 
 
 def _insert_statement(dialect: str, on_bus: bool) -> Any:
@@ -376,8 +366,10 @@ def get_event(conn: Connection, event_id: uuid.UUID) -> Event | None:
     return None if row is None else row_to_event(row)
 
 
-def list_statement(dialect: str, f: EventFilter) -> sa.Select[Any]:
-    """The ``list`` query: every filter field as a bound condition, stable order."""
+def where_clauses(f: EventFilter, dialect: str) -> list[sa.ColumnElement[bool]]:
+    """The conditions of ``f`` (without limit/offset/order) on ``dialect``'s ``events``, as bound
+    conditions; type patterns exact on every dialect and served by the type index
+    (:func:`type_clause`). ``list`` and the CLI's ``events list``/``replay`` use them."""
     where: list[sa.ColumnElement[bool]] = [c[name] == value for name, value in f.equality_items()]
     if f.type is not None:
         clause = type_clause(dialect, f.type)
@@ -387,7 +379,13 @@ def list_statement(dialect: str, f: EventFilter) -> sa.Select[Any]:
         where.append(c.created_at >= f.start_time)
     if f.end_time is not None:
         where.append(c.created_at < f.end_time)
-    stmt = sa.select(*_COLUMNS).where(*where).order_by(c.created_at, c.seq, c.id)
+    return where
+
+
+def list_statement(dialect: str, f: EventFilter) -> sa.Select[Any]:
+    """The ``list`` query: every filter field as a bound condition, stable order."""
+    stmt = sa.select(*_COLUMNS).where(*where_clauses(f, dialect))
+    stmt = stmt.order_by(c.created_at, c.seq, c.id)
     if f.limit is not None:
         stmt = stmt.limit(f.limit)
     if f.offset:
