@@ -168,6 +168,11 @@ async def test_update_status_sets_status_timestamps_and_error(provider: Provider
     await provider.update_status(event.id, EventStatus.COMPLETED)
     done = await provider.get(event.id)
     assert done is not None and done.status == "completed" and done.completed_at is not None
+    assert done.processed_at is not None and done.processed_at <= done.completed_at
+
+    await provider.update_status(event.id, EventStatus.PROCESSING)  # taken up again
+    again = await provider.get(event.id)
+    assert again is not None and again.status == "processing" and again.completed_at is None
 
 
 async def test_update_status_of_unknown_id_or_status(provider: Provider) -> None:

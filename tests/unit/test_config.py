@@ -269,3 +269,28 @@ def test_provider_validation_errors_become_config_errors() -> None:
     c = Config.from_dict({"provider": "nats", "nats": {"stream_name": "a.b"}})
     with pytest.raises(ConfigError, match=r"event_broker\.nats\.stream_name"):
         provider_from_config(c)
+
+
+def test_nats_provider_works_without_the_redis_driver() -> None:
+    """The ``nats`` extra alone is enough: the NATS provider needs nothing of redis-py."""
+    pytest.importorskip("nats")
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['redis'] = None\n"  # `import redis` now fails
+        "from outbox import Config\n"
+        "from outbox.config import provider_from_config\n"
+        "from outbox.providers._bus import from_record, to_record\n"
+        "from outbox.events import new_event\n"
+        "p = provider_from_config(Config.from_dict({'provider': 'nats', 'nats': "
+        "{'stream_name': 'S1', 'durable': 'g1'}}))\n"
+        "e = new_event('system', 'a.b', {'x': 1})\n"
+        "assert from_record(to_record(e)).payload == {'x': 1}\n"
+        "assert 'outbox.providers.redis' not in sys.modules\n"
+        "print(type(p).__name__, p.stream_name, p.consumer_group)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["NATSProvider", "S1", "g1"]
