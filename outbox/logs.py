@@ -208,11 +208,14 @@ def configure_logging(
     return handler
 
 
-def add_logging_arguments(parser: argparse.ArgumentParser, *, default_level: str = "INFO") -> None:
-    """``--log-level`` and ``--log-format`` for a sidecar's argument parser."""
+def add_logging_arguments(parser: argparse.ArgumentParser, *,
+                          default_level: str | None = "INFO") -> None:
+    """``--log-level`` and ``--log-format`` for a sidecar's argument parser (``default_level``
+    ``None``: the config's ``log_level`` decides)."""
     parser.add_argument(
         "--log-level", default=default_level, type=str.upper, choices=LOG_LEVELS,
-        help=f"minimum level of log records (default {default_level})",
+        help="minimum level of log records (default "
+             f"{default_level or 'the config log_level, INFO'})",
     )
     parser.add_argument(
         "--log-format", default="text", choices=LOG_FORMATS,

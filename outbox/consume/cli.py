@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib
 import logging
 import os
 import signal
@@ -31,19 +30,16 @@ from typing import Any
 
 import anyio
 
+from outbox._cli import Failure, import_apps, leaves, load_config
 from outbox.exceptions import OutboxError
 from outbox.logs import add_logging_arguments, configure_logging, redact
-from outbox.providers.base import StartPosition
+from outbox.providers.base import StartPosition, parse_start
 
 __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("outbox.consume")
 
 PROVIDERS = ("redis", "nats", "database")
-
-
-class Failure(Exception):
-    """A startup error: one line on stderr, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="event types this group takes (repeatable; default every type)")
     parser.add_argument("--from", dest="start", default="now", metavar="WHERE",
                         help="where a new group starts: now (default), beginning, or an ISO "
-                             "8601 time with offset")
+                             "8601 time (UTC when it has no offset)")
     parser.add_argument("--consumer", metavar="NAME",
                         help="this member's name in the group (default: the instance id)")
     parser.add_argument("--config", metavar="PATH",
@@ -81,38 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="serve /metrics, /healthz, /readyz on this port")
     parser.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
                         help="address for --metrics-port (default 127.0.0.1)")
-    add_logging_arguments(parser)
+    add_logging_arguments(parser, default_level=None)
     return parser
 
 
-def parse_start(text: str) -> StartPosition | dt.datetime:
-    """``now`` / ``beginning`` / an ISO 8601 time with a UTC offset."""
-    lowered = text.strip().lower()
-    if lowered in ("now", "beginning"):
-        return StartPosition(lowered)
+def _start(text: str) -> StartPosition | dt.datetime:
     try:
-        value = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        return parse_start(text)
     except ValueError:
-        raise Failure(f"--from {text!r}: use now, beginning or an ISO 8601 time") from None
-    if value.tzinfo is None:
-        raise Failure(f"--from {text!r}: the time needs a UTC offset (e.g. +00:00)")
-    return value
+        raise Failure(f"--from {text!r}: use now, beginning or an ISO 8601 time such as "
+                      "2026-01-01T00:00Z") from None
 
 
 # --------------------------------------------------------------------------------------------
 # configuration
-
-
-def load_config(path: str | None, env: Mapping[str, str]) -> Any:
-    """The outbox Config (``--config``/``OUTBOX_CONFIG`` + environment)."""
-    from outbox.config import Config
-
-    try:
-        return Config.load(path or env.get("OUTBOX_CONFIG") or None, env=env)
-    except OutboxError as exc:
-        raise Failure(f"config: {exc}") from None
-    except OSError as exc:
-        raise Failure(f"cannot read config {path}: {exc.strerror or exc}") from None
 
 
 def build_provider(config: Any) -> Any:
@@ -128,17 +106,6 @@ def build_provider(config: Any) -> Any:
         return provider_from_config(config)
     except (ValueError, TypeError) as exc:
         raise Failure(f"{config.provider} provider: {exc}") from None
-
-
-def import_apps(modules: Sequence[str]) -> None:
-    if os.getcwd() not in sys.path:  # like `python -m`: apps next to the working directory
-        sys.path.insert(0, os.getcwd())
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except Exception as exc:
-            raise Failure(f"--app {module}: cannot import: {type(exc).__name__}: {exc}") \
-                from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,21 +158,19 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from outbox.events import set_instance_id
     from outbox.inbox import Inbox
 
-    start = parse_start(args.start)
+    start = _start(args.start)
     if args.concurrency is not None and args.concurrency < 1:
         raise Failure("--concurrency must be >= 1")
-    config = load_config(args.config, env)
-    try:
-        config = config.with_overrides({"provider": args.provider,
-                                        "database.url": args.database_url})
-    except OutboxError as exc:
-        raise Failure(f"config: {exc}") from None
+    config = load_config(args.config, env, {"provider": args.provider,
+                                            "database.url": args.database_url,
+                                            "log_level": args.log_level})
+    configure_logging(config.log_level, args.log_format)
     if config.instance_id:
         set_instance_id(config.instance_id)
     if config.provider not in PROVIDERS:
         raise Failure(f"no bus to consume from: pass --provider {{{','.join(PROVIDERS)}}} (the "
                       f"config says {config.provider!r})")
-    import_apps(args.app)
+    import_apps([*config.apps, *args.app])
     broker = get_default_broker()
     if not broker.subscriptions():
         raise Failure("no handlers are subscribed: pass --app MODULE with @outbox.subscribe "
@@ -245,23 +210,16 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     try:
         anyio.run(main)
     except BaseExceptionGroup as group_error:  # from the task group: report the cause, briefly
-        leaves = _leaves(group_error)
-        if leaves and all(isinstance(e, OutboxError | ValueError) for e in leaves):
-            raise leaves[0] from None
+        causes = leaves(group_error)
+        if causes and all(isinstance(e, OutboxError | ValueError) for e in causes):
+            raise causes[0] from None
         raise
     return 0
-
-
-def _leaves(error: BaseException) -> list[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for sub in error.exceptions for leaf in _leaves(sub)]
-    return [error]
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.log_level, args.log_format)
     try:
         return run(args, os.environ if env is None else env)
     except Failure as exc:

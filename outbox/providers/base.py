@@ -45,6 +45,7 @@ __all__ = [
     "apply_status",
     "as_event_id",
     "order_key",
+    "parse_start",
     "publish_each",
     "publish_many",
 ]
@@ -205,6 +206,27 @@ class StartPosition(enum.StrEnum):
 
     BEGINNING = "beginning"
     NOW = "now"
+
+
+def parse_start(text: str | StartPosition | dt.datetime) -> StartPosition | dt.datetime:
+    """A ``--from`` value: ``beginning``, ``now`` or an ISO 8601 time (naive means UTC)."""
+    if isinstance(text, dt.datetime):
+        return text if text.tzinfo else text.replace(tzinfo=dt.UTC)
+    if isinstance(text, StartPosition):
+        return text
+    value = text.strip()
+    try:
+        return StartPosition(value.lower())
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(
+            f"invalid start position {text!r}: use 'beginning', 'now' or an ISO 8601 time such "
+            "as 2026-01-01T00:00Z"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
 @runtime_checkable

@@ -21,7 +21,6 @@ hand, hand back the rest, exit 0; a second signal stops the batch in hand too.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import signal
@@ -31,20 +30,17 @@ from typing import Any
 
 import anyio
 
+from outbox._cli import Failure, import_apps, leaves
+from outbox._cli import load_config as _load_config
 from outbox.exceptions import OutboxError
+from outbox.logs import add_logging_arguments
 
 __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("outbox.relay")
 
 
-class Failure(Exception):
-    """A startup error: one line on stderr, exit code 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from outbox.logs import LOG_FORMATS, LOG_LEVELS
-
     p = argparse.ArgumentParser(
         prog="python -m outbox.relay",
         description="Deliver committed events from the events table to handlers and a provider.",
@@ -71,47 +67,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 127.0.0.1)")
     p.add_argument("--once", action="store_true",
                    help="process every event that is due, then exit 0")
-    p.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS,
-                   help="minimum level of log records (default: config log_level, INFO)")
-    p.add_argument("--log-format", default="text", choices=LOG_FORMATS,
-                   help="text (default) or json: one JSON object per line")
+    add_logging_arguments(p, default_level=None)
     return p
 
 
 def load_config(args: argparse.Namespace, env: Mapping[str, str]) -> Any:
     """Defaults < config file < ``OUTBOX_*`` environment < flags."""
-    from outbox.config import Config
-
-    try:
-        config = Config.load(args.config or env.get("OUTBOX_CONFIG") or None, env=env)
-        overrides: dict[str, Any] = {
-            "database.url": args.database_url,
-            "provider": args.provider,
-            "database.batch_size": args.batch_size,
-            "database.poll_interval": args.poll_interval,
-            "database.lease": args.lease,
-            "metrics.port": args.metrics_port,
-            "metrics.host": args.metrics_host,
-            "log_level": args.log_level,
-        }
-        if args.no_notify:
-            overrides["database.notify"] = False
-        return config.with_overrides(overrides)
-    except OutboxError as exc:
-        raise Failure(f"config: {exc}") from None
-    except OSError as exc:
-        raise Failure(f"cannot read config {args.config}: {exc.strerror or exc}") from None
-
-
-def import_apps(modules: Sequence[str]) -> None:
-    if os.getcwd() not in sys.path:  # like `python -m`: app modules next to the working dir
-        sys.path.insert(0, os.getcwd())
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except Exception as exc:
-            raise Failure(f"--app {module}: cannot import: {type(exc).__name__}: {exc}") \
-                from None
+    overrides: dict[str, Any] = {
+        "database.url": args.database_url,
+        "provider": args.provider,
+        "database.batch_size": args.batch_size,
+        "database.poll_interval": args.poll_interval,
+        "database.lease": args.lease,
+        "metrics.port": args.metrics_port,
+        "metrics.host": args.metrics_host,
+        "log_level": args.log_level,
+    }
+    if args.no_notify:
+        overrides["database.notify"] = False
+    return _load_config(args.config, env, overrides)
 
 
 def build_relay(config: Any) -> Any:
@@ -204,8 +178,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         try:
             anyio.run(_run, relay, config, args.once)
         except BaseExceptionGroup as group:  # from a task group: report the cause, briefly
-            leaves = _leaves(group)
-            failures = [e for e in leaves if isinstance(e, Failure | OutboxError)]
+            failures = [e for e in leaves(group) if isinstance(e, Failure | OutboxError)]
             if failures:
                 raise Failure(str(failures[0])) from None
             raise
@@ -215,9 +188,3 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     except KeyboardInterrupt:  # a signal before the loop installed its handlers
         return 0
     return 0
-
-
-def _leaves(error: BaseException) -> list[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for sub in error.exceptions for leaf in _leaves(sub)]
-    return [error]

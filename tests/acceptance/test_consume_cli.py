@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -234,6 +235,27 @@ def test_startup_errors_are_one_line(tmp_path: Path, redis_url: str, pg_url: str
         lines = [line for line in result.stderr.splitlines() if "error" in line]
         assert len(lines) == 1 and message in lines[0], (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+def test_startup_reads_the_config_like_the_relay(tmp_path: Path, redis_url: str) -> None:
+    """The config's ``apps`` are imported and its ``log_level`` applies (as for the relay); a
+    ``--from`` time without an offset is UTC (as for every other outbox command)."""
+    (tmp_path / "config_app.py").write_text(textwrap.dedent("""
+        import logging
+        import outbox
+        logging.getLogger("config_app").debug("config_app imported")
+        outbox.subscribe("*", lambda event: None)
+    """))
+    config = tmp_path / "outbox.yaml"
+    config.write_text("event_broker:\n  provider: redis\n  apps: [config_app]\n"
+                      "  log_level: DEBUG\n")
+    # The group name is refused after the handlers were found and the start time was parsed.
+    result = _run_cli(["--config", str(config), "--group", "bad group",
+                       "--from", "2026-01-01T00:00"], tmp_path, {"OUTBOX_REDIS_URL": redis_url})
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "invalid consumer group" in errors[0], result.stderr
+    assert "config_app imported" in result.stderr  # the config's level, no --log-level
 
 
 def test_secrets_are_not_printed(tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ from outbox.providers.base import (
     ProviderStats,
     StartPosition,
     as_event_id,
+    parse_start,
     publish_each,
 )
 from outbox.providers.database import sql
@@ -62,25 +63,6 @@ _ASYNC_DRIVERS = {
     "mariadb+asyncmy": "mariadb+pymysql",
     "mariadb+aiomysql": "mariadb+pymysql",
 }
-
-
-def parse_start(text: str | StartPosition | dt.datetime) -> StartPosition | dt.datetime:
-    """``--from`` value: ``beginning``, ``now`` or an ISO 8601 timestamp (naive means UTC)."""
-    if isinstance(text, dt.datetime):
-        return text if text.tzinfo else text.replace(tzinfo=dt.UTC)
-    if isinstance(text, StartPosition):
-        return text
-    value = text.strip()
-    with contextlib.suppress(ValueError):
-        return StartPosition(value.lower())
-    try:
-        when = dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError(
-            f"invalid start position {text!r}: use 'beginning', 'now' or an ISO 8601 time such "
-            "as 2026-01-01T00:00Z"
-        ) from None
-    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
 def _translate(exc: BaseException) -> BaseException:
