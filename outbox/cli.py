@@ -119,24 +119,23 @@ def _pattern(text: str) -> str:
     return text
 
 
-def _positive(text: str) -> int:
+def _integer(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise ValueError(f"invalid number {text!r}") from None
-    if value < 1:
-        raise ValueError(f"must be at least 1, got {value}")
+    if value < minimum:
+        raise ValueError(f"must be at least 1, got {value}" if minimum else
+                         f"must not be negative, got {value}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _integer(text, 1)
 
 
 def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"invalid number {text!r}") from None
-    if value < 0:
-        raise ValueError(f"must not be negative, got {value}")
-    return value
+    return _integer(text, 0)
 
 
 def _pause(text: str) -> float:

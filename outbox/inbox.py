@@ -46,8 +46,8 @@ from __future__ import annotations
 import contextvars
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +59,7 @@ from sqlalchemy.orm import Session
 
 from outbox.events import utcnow
 from outbox.exceptions import OutboxError
-from outbox.schema import check_schema, create_schema, inbox_table
+from outbox.schema import check_schema, create_schema, inbox_table, insert_missing
 
 __all__ = [
     "Inbox",
@@ -91,10 +91,28 @@ class InboxTransaction:
         """Roll back instead of committing when the block ends (a handler failed)."""
         self.rollback_only = True
 
+    @property
+    def commits(self) -> bool:
+        """True when the block's end commits (not a duplicate, no rollback asked for)."""
+        return not (self.duplicate or self.rollback_only)
+
 
 _current: contextvars.ContextVar[InboxTransaction | None] = contextvars.ContextVar(
     "outbox_inbox_transaction", default=None
 )
+
+
+@contextmanager
+def _made_current(tx: InboxTransaction) -> Iterator[InboxTransaction]:
+    """``tx`` is :func:`current_session`'s inside the block; an error in it means rollback."""
+    token = _current.set(tx)
+    try:
+        yield tx
+    except BaseException:
+        tx.rollback_only = True
+        raise
+    finally:
+        _current.reset(token)
 
 
 def current_session() -> Session | AsyncSession:
@@ -117,21 +135,6 @@ def current_connection() -> Connection | AsyncConnection:
     return session.connection()
 
 
-def _insert(dialect_name: str, group: str, event_id: uuid.UUID) -> sa.Insert:
-    values = {"group_name": group, "event_id": event_id, "handled_at": utcnow()}
-    if dialect_name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return pg_insert(inbox_table).values(values).on_conflict_do_nothing()
-    if dialect_name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        return sqlite_insert(inbox_table).values(values).on_conflict_do_nothing()
-    if dialect_name in ("mysql", "mariadb"):
-        return sa.insert(inbox_table).values(values).prefix_with("IGNORE")
-    raise OutboxError(f"the inbox does not support the {dialect_name!r} dialect")
-
-
 def _as_uuid(event_id: uuid.UUID | str) -> uuid.UUID:
     return event_id if isinstance(event_id, uuid.UUID) else uuid.UUID(str(event_id))
 
@@ -140,7 +143,8 @@ def _statement(dialect: sa.Dialect, group: str, event_id: uuid.UUID | str
                ) -> tuple[sa.Insert, bool]:
     """The insert, and whether it says "inserted" with a returned row (else by rowcount:
     some drivers report -1 for ``INSERT … ON CONFLICT``)."""
-    statement = _insert(dialect.name, group, _as_uuid(event_id))
+    values = {"group_name": group, "event_id": _as_uuid(event_id), "handled_at": utcnow()}
+    statement = insert_missing(inbox_table, values, dialect.name)
     if dialect.insert_returning:
         return statement.returning(inbox_table.c.event_id), True
     return statement, False
@@ -241,7 +245,6 @@ class Inbox:
             return
         engine = self.engine
         session = Session(engine)
-        token = None
 
         def insert() -> bool:
             if delivery is not None:
@@ -251,18 +254,9 @@ class Inbox:
         try:
             inserted = await anyio.to_thread.run_sync(insert)
             tx = InboxTransaction(session=session, duplicate=not inserted)
-            token = _current.set(tx)
-            try:
+            with _made_current(tx):
                 yield tx
-            except BaseException:
-                tx.rollback_only = True
-                raise
-            finally:
-                _current.reset(token)
-            if tx.duplicate or tx.rollback_only:
-                await anyio.to_thread.run_sync(session.rollback)
-            else:
-                await anyio.to_thread.run_sync(session.commit)
+            await anyio.to_thread.run_sync(session.commit if tx.commits else session.rollback)
         finally:
             with anyio.CancelScope(shield=True):  # close (and so roll back) even when cancelled
                 await anyio.to_thread.run_sync(session.close)
@@ -276,18 +270,9 @@ class Inbox:
             else:
                 inserted = await record_async(session, group, key)
             tx = InboxTransaction(session=session, duplicate=not inserted)
-            token = _current.set(tx)
-            try:
+            with _made_current(tx):  # an error: the session's end rolls back
                 yield tx
-            except BaseException:
-                tx.rollback_only = True
-                raise
-            finally:
-                _current.reset(token)
-                if tx.duplicate or tx.rollback_only:
-                    await session.rollback()
-            if not (tx.duplicate or tx.rollback_only):
-                await session.commit()
+            await (session.commit() if tx.commits else session.rollback())
 
     async def handled(self, group: str, event_id: uuid.UUID | str) -> bool:
         """True when ``group`` recorded ``event_id`` (a committed handling)."""

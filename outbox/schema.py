@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from outbox.events import JSONType, OutboxBase, ShortText, UTCDateTime  # noqa: F401
-from outbox.exceptions import SchemaMissing
+from outbox.exceptions import OutboxError, SchemaMissing
 
 __all__ = [
     "MIGRATE_HINT",
@@ -22,6 +22,7 @@ __all__ = [
     "dead_letters_table",
     "drop_schema",
     "inbox_table",
+    "insert_missing",
 ]
 
 metadata = OutboxBase.metadata
@@ -127,3 +128,20 @@ def check_schema(bind: Engine | Connection, tables: tuple[str, ...] = ("events",
             f"table {', '.join(missing)} not found in {bind.engine.url.render_as_string()}: "
             f"{MIGRATE_HINT}"
         )
+
+
+def insert_missing(table: sa.Table, values: dict[str, object], dialect: str) -> sa.Insert:
+    """``INSERT`` of one row of ``table`` that does nothing when its key exists (the rowcount, or
+    the rows ``RETURNING`` gives, say whether it was inserted): ``ON CONFLICT DO NOTHING`` on
+    PostgreSQL and SQLite, ``INSERT IGNORE`` on MariaDB/MySQL."""
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        return pg_insert(table).values(values).on_conflict_do_nothing()
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        return sqlite_insert(table).values(values).on_conflict_do_nothing()
+    if dialect in ("mysql", "mariadb"):
+        return sa.insert(table).values(values).prefix_with("IGNORE")
+    raise OutboxError(f"the outbox does not support the {dialect!r} dialect")

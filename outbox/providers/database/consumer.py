@@ -373,7 +373,9 @@ class _GroupReader:
         self.signal.fire()  # room for another claim
 
     def ack_in(self, delivery: DatabaseDelivery, conn: Connection) -> bool:
-        first = sql.record_handled(conn, self.group, delivery.event.id)
+        from outbox.inbox import record  # the inbox module owns outbox_inbox's insert
+
+        first = record(conn, self.group, delivery.event.id)
         claim = delivery._claim
         if not claim.lost and delivery._entry.index == claim.head:
             sql.advance(conn, self.group, claim.hi, claim.token, delivery._entry.pos)

@@ -36,7 +36,13 @@ from outbox.events import (
 from outbox.exceptions import ProviderError
 from outbox.patterns import compile_pattern
 from outbox.providers.base import EventFilter, StartPosition, as_event_id
-from outbox.schema import consumer_claims_table, consumers_table, dead_letters_table, inbox_table
+from outbox.schema import (
+    consumer_claims_table,
+    consumers_table,
+    dead_letters_table,
+    inbox_table,
+    insert_missing,
+)
 
 __all__ = [
     "MAX_SEQ",
@@ -519,14 +525,7 @@ def ensure_group(conn: Connection, group: str, start: StartPosition | dt.datetim
         "cluster_id": cluster,
         "created_at": now, "updated_at": now,
     }
-    name = conn.dialect.name
-    if name == "postgresql":
-        stmt: Any = postgresql.insert(groups).values(values).on_conflict_do_nothing()
-    elif name == "sqlite":
-        stmt = sqlite.insert(groups).values(values).on_conflict_do_nothing()
-    else:
-        my = mysql.insert(groups).values(values)
-        stmt = my.on_duplicate_key_update(group_name=my.inserted.group_name)
+    stmt = insert_missing(groups, values, conn.dialect.name)
     return bool(conn.execute(stmt.execution_options(preserve_rowcount=True)).rowcount)
 
 
@@ -1011,31 +1010,7 @@ def release(conn: Connection, group: str, hi: Position, token: uuid.UUID, lo: Po
 def park(conn: Connection, group: str, event_id: uuid.UUID, error: str, attempt: int) -> None:
     values = {"group_name": group, "event_id": event_id, "error": error[:8000],
               "attempt": attempt, "parked_at": utcnow()}
-    name = conn.dialect.name
-    if name == "postgresql":
-        stmt: Any = postgresql.insert(dead).values(values).on_conflict_do_nothing()
-    elif name == "sqlite":
-        stmt = sqlite.insert(dead).values(values).on_conflict_do_nothing()
-    else:
-        my = mysql.insert(dead).values(values)
-        stmt = my.on_duplicate_key_update(event_id=my.inserted.event_id)
-    conn.execute(stmt)
-
-
-def record_handled(conn: Connection, group: str, event_id: uuid.UUID) -> bool:
-    """Insert ``(group, event_id)`` into the inbox; False when it was already there."""
-    values = {"group_name": group, "event_id": event_id, "handled_at": utcnow()}
-    name = conn.dialect.name
-    if name == "postgresql":
-        stmt: Any = postgresql.insert(inbox).values(values).on_conflict_do_nothing()
-    elif name == "sqlite":
-        stmt = sqlite.insert(inbox).values(values).on_conflict_do_nothing()
-    else:
-        my = mysql.insert(inbox).values(values)
-        stmt = my.on_duplicate_key_update(event_id=my.inserted.event_id)
-    # rowcount of an INSERT is only kept on request (SQLAlchemy 2)
-    result = conn.execute(stmt.execution_options(preserve_rowcount=True))
-    return result.rowcount == 1
+    conn.execute(insert_missing(dead, values, conn.dialect.name))
 
 
 def dead_letters(conn: Connection, group: str | None, limit: int) -> list[dict[str, Any]]:
