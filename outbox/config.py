@@ -109,6 +109,9 @@ class DatabaseConfig(_Section):
     batch_size: int = _at_least(100, 1)
     lease: float = _at_least(30.0, 0, above=True)
     notify: bool = True
+    # Database provider consumers (outbox/providers/database): takes of an event from members
+    # that died without settling it, before it is parked in outbox_dead_letters.
+    max_deliveries: int = _at_least(10, 1)
 
 
 @dataclass(frozen=True, repr=False)

@@ -376,6 +376,96 @@ async def test_dead_member_is_taken_over_and_fenced(engine: sa.Engine,
     await survivor.close()
 
 
+async def test_event_that_kills_its_members_is_parked_after_max_deliveries(
+        engine: sa.Engine, provider_factory: Any) -> None:
+    """A handler that crashes its process every time: the event is parked, the rest flows."""
+    poison, after = ev(payload={"poison": True}), ev(payload={"ok": True})
+    members: list[DatabaseProvider] = []
+
+    async def member_dies_holding(expected: list[uuid.UUID]) -> list[DatabaseDelivery]:
+        p = provider_factory(lease=60, max_deliveries=3)
+        members.append(p)
+        it = p.consume(group="g", consumer=f"m{len(members)}", start=StartPosition.BEGINNING)
+        got = await take(it, len(expected))
+        assert [d.event.id for d in got] == expected
+        assert await nothing_more(it, 0.3)
+        assert p._keeper is not None
+        p._keeper.cancel()  # the process dies: no renewal, no settlement, no give-back
+        await anyio.to_thread.run_sync(_expire_leases, engine)
+        return got
+
+    first = provider_factory()
+    await first.publish_many([poison, after])
+    # Takes 1 and 2 hand the range out as usual (a crash unrelated to the events recovers fast).
+    assert [d.attempt for d in await member_dies_holding([poison.id, after.id])] == [1, 1]
+    assert [d.attempt for d in await member_dies_holding([poison.id, after.id])] == [2, 2]
+    # From take 3 the range goes one event at a time: its member dies on the first one.
+    assert [d.attempt for d in await member_dies_holding([poison.id])] == [3]
+    # Take 4 > max_deliveries: the poison event is parked, the rest comes as a fresh range.
+    survivor = provider_factory(lease=60, max_deliveries=3)
+    it = survivor.consume(group="g", consumer="survivor")
+    (rest,) = await take(it, 1)
+    assert (rest.event.id, rest.attempt) == (after.id, 1)
+    await rest.ack()
+    assert await nothing_more(it)
+    letters = await survivor.dead_letters("g")
+    assert [(d["event_id"], d["attempt"]) for d in letters] == [(poison.id, 3)]
+    assert "max_deliveries=3" in letters[0]["error"]
+    assert (await survivor.stats()).extra["dead_lettered_here"] == 1
+    assert await anyio.to_thread.run_sync(_claims, engine) == []
+    await it.aclose()
+    for p in (first, survivor, *members):
+        await p.close()
+
+
+async def test_one_at_a_time_progress_resets_the_count(engine: sa.Engine,
+                                                        provider_factory: Any) -> None:
+    """In a range taken a third time, each settled event is recorded before the next is handed
+    out, and progress makes the rest count afresh (nobody is parked for a neighbour's crash)."""
+    events = [ev(payload={"i": i}) for i in range(3)]
+    p = provider_factory(lease=60, max_deliveries=3)
+    await p.publish_many(events)
+    it0 = p.consume(group="g", start=StartPosition.BEGINNING)
+    await take(it0, 3)
+    assert p._keeper is not None
+    p._keeper.cancel()
+    with engine.begin() as conn:  # as if members that died had taken the range twice
+        conn.execute(sa.update(consumer_claims_table).values(
+            attempt=2, lease_expires_at=dt.datetime(2001, 1, 1, tzinfo=dt.UTC)))
+    q = provider_factory(lease=60, max_deliveries=3)
+    it = q.consume(group="g", consumer="q")
+    (one,) = await take(it, 1)
+    assert (one.event.id, one.attempt) == (events[0].id, 3)
+    assert await nothing_more(it, 0.3)  # one at a time
+    await one.ack()
+    claim = (await anyio.to_thread.run_sync(_claims, engine))[0]
+    assert ((claim["lo_txid"], claim["lo_seq"]), claim["attempt"]) == (one.position, 1)
+    (two,) = await take(it, 1)
+    assert (two.event.id, two.attempt) == (events[1].id, 1)
+    await two.ack()
+    (three,) = await take(it, 1)
+    await three.ack()
+    assert await nothing_more(it)
+    assert await q.dead_letters("g") == []
+    await it.aclose()
+    await q.close()
+    await p.close()
+
+
+def test_max_deliveries_from_config(engine: sa.Engine) -> None:
+    config = outbox.Config.from_dict({"provider": "database", "database": {
+        "url": engine.url.render_as_string(hide_password=False), "max_deliveries": 4}})
+    provider = DatabaseProvider.from_config(config)
+    try:
+        assert provider.max_deliveries == 4
+    finally:
+        provider.engine.dispose()
+    with pytest.raises(ValueError, match="max_deliveries"):
+        DatabaseProvider(engine, max_deliveries=0)
+    with pytest.raises(outbox.ConfigError, match=r"database\.max_deliveries"):
+        outbox.Config.from_dict({"database": {"max_deliveries": 0}})
+
+
 def _claims(engine: sa.Engine) -> list[dict[str, Any]]:
     with engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(sa.select(consumer_claims_table))]

@@ -9,11 +9,20 @@ member takes the expired range over and delivers what was not recorded as done.
 Progress inside a claim is the acknowledged prefix of its events (``lo`` moves up to the last event
 before the first unsettled one). It is written with each lease renewal, when the claim finishes,
 and — the exactly-once path — in the handler's own transaction by :meth:`DatabaseDelivery.ack_in`.
+
+A member that crashes on an event (the process dies inside the handler) is detected by its lease
+running out. ``attempt`` counts the takes of a range since its progress last moved. A range taken
+a third time without progress (:data:`SERIAL_FROM`) is handed out one event at a time, each
+settlement recorded at once, so a member that dies then died on the first unsettled event. When
+that event has been taken more than ``max_deliveries`` times (and at least once alone) it is
+parked in ``outbox_dead_letters`` — as Redis and NATS consumers park an entry delivered too
+often — and the rest of the range is delivered as usual.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import heapq
 import itertools
 import logging
@@ -29,7 +38,7 @@ from sqlalchemy.orm import Session
 
 from outbox.events import Event
 from outbox.exceptions import ProviderError, ProviderUnavailable
-from outbox.providers._bus import Backoff, OutageLog
+from outbox.providers._bus import Backoff, OutageLog, exhausted
 from outbox.providers.base import StartPosition
 from outbox.providers.database import sql
 from outbox.providers.database.sql import Position
@@ -42,6 +51,10 @@ if TYPE_CHECKING:
 __all__ = ["DatabaseDelivery"]
 
 log = logging.getLogger("outbox.providers.database")
+
+#: From this take of a range without progress on, its events are handed out one at a time (the
+#: first two takes are concurrent: a crash or restart unrelated to the events recovers at speed).
+SERIAL_FROM = 3
 
 
 class Signal:
@@ -86,6 +99,10 @@ class _Claim:
     head: int = 0  # index of the first unsettled entry
     lost: bool = False
     finishing: bool = False
+    #: Hand out one entry at a time and record each settlement at once: a member died holding
+    #: this range, the next crash must point at one event.
+    serial: bool = False
+    handed: bool = False  # an entry went to a handler
 
     def progress(self) -> Position:
         """Everything up to this position is settled."""
@@ -206,6 +223,7 @@ class _Fetched:
     events: list[tuple[Position, Event]]
     blocked: bool
     missing: bool = False
+    parked: int = 0  # events parked because they were taken more than max_deliveries times
 
 
 class _GroupReader:
@@ -240,6 +258,7 @@ class _GroupReader:
             while self.ready:
                 delivery = self.ready.popleft()
                 if not delivery._claim.lost:
+                    delivery._claim.handed = True
                     return delivery
             seen = self.signal.generation
             wait = self.p.poll_interval
@@ -255,8 +274,9 @@ class _GroupReader:
                         fetched = await self.p._call(self._fetch)
                         if fetched.claim is not None and fetched.events:
                             if self.closed:  # closed meanwhile: give it back at once
-                                await self.p._tx(sql.release, self.group, fetched.claim.hi,
-                                                 fetched.claim.token, fetched.claim.lo)
+                                await self.p._tx(functools.partial(
+                                    sql.release, handed=False), self.group, fetched.claim.hi,
+                                    fetched.claim.token, fetched.claim.lo)
                             else:
                                 self._accept(fetched.claim, fetched.events)
                 except ProviderUnavailable as exc:
@@ -270,6 +290,10 @@ class _GroupReader:
                     log.warning("consumer group %r vanished; creating it again", self.group)
                     self.group_ready = False
                     continue
+                if fetched.parked:
+                    self.p._parked += fetched.parked
+                    if not fetched.events:
+                        continue  # the range is done: look for more at once
                 if fetched.claim is not None and fetched.events:
                     self.blocked_wait = 0.0
                     continue
@@ -302,14 +326,21 @@ class _GroupReader:
         sql.check_cluster(self.group, peek.cluster_id, self.p._cluster_cached)
         sql.check_xids(self.group, peek.claimed, peek.next_xid)
         if peek.expired:
+            parked = 0
             with conn.begin():
                 taken = sql.take_expired(conn, self.group, self.consumer, self.pattern,
                                          self.p.lease)
+                if (taken is not None and taken[1]
+                        and taken[0].attempt > max(self.p.max_deliveries, SERIAL_FROM)):
+                    taken = self._park_head(conn, *taken)
+                    parked = 1
             if taken is not None:
                 claim, found = taken
-                log.info("took over events (%s, %s] of group %r from a member whose lease "
-                         "expired (delivery %d)", claim.lo, claim.hi, self.group, claim.attempt)
-                return _Fetched(claim, found, peek.blocked)
+                if not parked:
+                    log.info("took over events (%s, %s] of group %r from a member whose lease "
+                             "expired (delivery %d)", claim.lo, claim.hi, self.group,
+                             claim.attempt)
+                return _Fetched(claim, found, peek.blocked, parked=parked)
         if not peek.ready:
             return _Fetched(None, [], peek.blocked)
         with conn.begin():
@@ -319,11 +350,30 @@ class _GroupReader:
             return _Fetched(None, [], False, missing=True)
         return _Fetched(claim_row, batch.events, batch.blocked or peek.blocked)
 
+    def _park_head(self, conn: Connection, claim: sql.ClaimRow,
+                   found: list[tuple[Position, Event]]
+                   ) -> tuple[sql.ClaimRow, list[tuple[Position, Event]]]:
+        """Worker thread, in the take-over transaction: park the first unsettled event of a
+        range taken more than ``max_deliveries`` times (the last of them alone, so its member
+        died on it); the rest is a fresh range."""
+        pos, event = found[0]
+        error = exhausted(claim.attempt, self.p.max_deliveries, None) or ""
+        error += " (its consumer stopped without settling it each time: crashed or killed)"
+        sql.park(conn, self.group, event.id, error, claim.attempt - 1)
+        sql.advance(conn, self.group, claim.hi, claim.token, pos)  # progress: attempt is 1
+        log.error("parked event %s (%s) of group %r in outbox_dead_letters: %s", event.id,
+                  event.type, self.group, error)
+        rest = found[1:]
+        if not rest:
+            sql.finish(conn, self.group, claim.hi, claim.token)
+        return sql.ClaimRow(pos, claim.hi, claim.token, 1), rest
+
     def _accept(self, row: sql.ClaimRow, found: list[tuple[Position, Event]]) -> None:
-        claim = _Claim(self.group, row.lo, row.hi, row.token, row.attempt)
+        claim = _Claim(self.group, row.lo, row.hi, row.token, row.attempt,
+                       serial=row.attempt >= SERIAL_FROM)
         claim.entries = [_Entry(pos, event, i) for i, (pos, event) in enumerate(found)]
         self.claims[claim.token] = claim
-        for entry in claim.entries:
+        for entry in claim.entries[:1] if claim.serial else claim.entries:
             self.ready.append(DatabaseDelivery(self, claim, entry, row.attempt))
 
     def _move_due(self) -> None:
@@ -357,6 +407,18 @@ class _GroupReader:
         claim = delivery._claim
         entry = delivery._entry
         claim.settle(entry)
+        if claim.serial and not claim.complete and not claim.lost:
+            try:  # the next one only once this one is recorded
+                await self.p._tx(sql.advance, self.group, claim.hi, claim.token,
+                                 claim.progress())
+            except BaseException:
+                claim.unsettle(entry)
+                raise
+            claim.attempt = 1  # recorded progress: the rest counts afresh (as in the table)
+            head = claim.entries[claim.head]
+            self.ready.append(DatabaseDelivery(self, claim, head, claim.attempt))
+            self.signal.fire()
+            return
         if not claim.complete or claim.finishing:
             return
         if claim.lost or claim.token not in self.claims:
@@ -409,8 +471,8 @@ class _GroupReader:
         with anyio.CancelScope(shield=True):
             for claim in held:
                 try:
-                    await self.p._tx(sql.release, self.group, claim.hi, claim.token,
-                                     claim.progress())
+                    await self.p._tx(functools.partial(sql.release, handed=claim.handed),
+                                     self.group, claim.hi, claim.token, claim.progress())
                 except Exception as exc:  # the lease runs out on its own
                     log.debug("could not give back claim %s of group %r: %s", claim.hi,
                               self.group, exc)

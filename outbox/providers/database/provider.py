@@ -93,6 +93,10 @@ class DatabaseProvider:
     ``lease``: seconds a member may hold a claim without renewing it (renewed every ``lease/3``
     while the process lives); a dead member's events are redelivered after it. ``notify``: wake
     on PostgreSQL LISTEN/NOTIFY. ``max_claims``: claims one member holds at once (prefetch).
+    ``max_deliveries``: how often an event may be taken over from members that died without
+    settling it (a handler that crashes its process every time) before it is parked in
+    ``outbox_dead_letters`` (the same default as the Redis and NATS providers; at least three
+    takes in effect, the last of them with the event handed out alone).
     ``blocked_poll``: the longest pause between looks while committed events wait behind an
     older transaction that is still running (its end sends no notification when it wrote no
     event; the pause starts at 1 ms and doubles up to this).
@@ -113,6 +117,7 @@ class DatabaseProvider:
         notify: bool = True,
         max_claims: int = 2,
         blocked_poll: float = 0.05,
+        max_deliveries: int = 10,
     ) -> None:
         if poll_interval <= 0:
             raise ValueError("database.poll_interval must be > 0 seconds")
@@ -122,12 +127,15 @@ class DatabaseProvider:
             raise ValueError("database.lease must be > 0 seconds")
         if not isinstance(max_claims, int) or max_claims < 1:
             raise ValueError("max_claims must be an integer >= 1")
+        if not isinstance(max_deliveries, int) or max_deliveries < 1:
+            raise ValueError("database.max_deliveries must be an integer >= 1")
         self.engine, self._owns_engine = self._sync_engine(engine)
         self.poll_interval = float(poll_interval)
         self.batch_size = batch_size
         self.lease = float(lease)
         self.notify = bool(notify)
         self.max_claims = max_claims
+        self.max_deliveries = max_deliveries
         self.blocked_poll = min(float(blocked_poll), self.poll_interval)
         self.dialect = self.engine.dialect.name
         self._readers: set[_GroupReader] = set()
@@ -164,12 +172,12 @@ class DatabaseProvider:
     @classmethod
     def from_config(cls, config: Any) -> DatabaseProvider:
         """Build from an outbox Config's ``database`` section (``url``, ``poll_interval``,
-        ``batch_size``, ``lease``, ``notify``)."""
+        ``batch_size``, ``lease``, ``notify``, ``max_deliveries``)."""
         section = config_section(config, "database")
         url = section.get("url")
         if not url:
             raise ConfigError("event_broker.database.url", "is required by the database provider")
-        known = ("poll_interval", "batch_size", "lease", "notify")
+        known = ("poll_interval", "batch_size", "lease", "notify", "max_deliveries")
         options = {k: section[k] for k in known if section.get(k) is not None}
         return cls(url, **options)
 

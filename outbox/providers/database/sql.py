@@ -955,13 +955,19 @@ def finish(conn: Connection, group: str, hi: Position, token: uuid.UUID) -> bool
 
 
 def _lo_values() -> dict[str, Any]:
-    """``lo := max(lo, (:l_t, :l_s))``: progress only moves forward."""
+    """``lo := max(lo, (:l_t, :l_s))``: progress only moves forward.
+
+    ``attempt`` counts the takes of the range since its progress last moved, so it is how often
+    the first unsettled event was delivered (what ``max_deliveries`` limits): progress resets it
+    to 1, the take in hand.
+    """
     k = claims.c
     t, s = _bp("l_t"), _bp("l_s")
     behind = sa.tuple_(k.lo_txid, k.lo_seq) < sa.tuple_(t, s)
     return {
         "lo_txid": sa.case((behind, t), else_=k.lo_txid),
         "lo_seq": sa.case((behind, s), else_=k.lo_seq),
+        "attempt": sa.case((behind, 1), else_=k.attempt),
     }
 
 
@@ -999,12 +1005,19 @@ def renew(conn: Connection, group: str, hi: Position, token: uuid.UUID, lo: Posi
 
 _RELEASE = sa.update(claims).where(*_claim_where()).values(
     {**_lo_values(), "lease_expires_at": _bp("expired", UTCDateTime())})
+# A claim none of whose events reached a handler: this take did not count.
+_RELEASE_UNTOUCHED = sa.update(claims).where(*_claim_where()).values(
+    attempt=sa.case((claims.c.attempt > 0, claims.c.attempt - 1), else_=0),
+    lease_expires_at=_bp("expired", UTCDateTime()))
 
 
-def release(conn: Connection, group: str, hi: Position, token: uuid.UUID, lo: Position) -> None:
-    """Give a claim back: recorded progress kept, lease expired so any member takes it now."""
-    conn.execute(_RELEASE, {**_claim_params(group, hi, token), **_pos("l", lo),
-                            "expired": dt.datetime(2000, 1, 1, tzinfo=dt.UTC)})
+def release(conn: Connection, group: str, hi: Position, token: uuid.UUID, lo: Position,
+            *, handed: bool = True) -> None:
+    """Give a claim back: recorded progress kept, lease expired so any member takes it now.
+    ``handed=False``: none of its events was handed to a handler (the take is not counted)."""
+    params = {**_claim_params(group, hi, token), **_pos("l", lo),
+              "expired": dt.datetime(2000, 1, 1, tzinfo=dt.UTC)}
+    conn.execute(_RELEASE if handed else _RELEASE_UNTOUCHED, params)
 
 
 def park(conn: Connection, group: str, event_id: uuid.UUID, error: str, attempt: int) -> None:
