@@ -38,6 +38,8 @@ DEFAULT_DATABASE_URL = "sqlite:///outbox.db"
 
 _T = TypeVar("_T")
 _UNSET: Any = object()
+#: How often the relay pings a provider that is down (see ``Relay._await_provider``).
+_PING_EVERY = 0.5
 
 
 class DatabaseUnavailable(OutboxError):
@@ -129,6 +131,8 @@ class Relay:
         self._force_full = True
         self._next_full = 0.0
         self._outage_backoff = 0.0
+        self._pinged = False  # the provider answered a ping since the last probe batch
+        self._ping_misled = False  # ... and the probe batch failed anyway: sleep, do not ping
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -250,7 +254,7 @@ class Relay:
                 if probe and once:
                     return  # --once does not wait for the provider: run() reports the outage
                 if probe:  # provider down: wait, then try one batch to see if it is back
-                    await self._sleep(self._outage_backoff)
+                    await self._await_provider(self._outage_backoff)
                     if self._stopping:
                         break
                 if not self.prefetch and self._processing:
@@ -397,6 +401,31 @@ class Relay:
         with anyio.move_on_after(seconds):
             await self._wake.wait()
 
+    async def _await_provider(self, seconds: float) -> None:
+        """The outage backoff: wait ``seconds``, but end it as soon as the provider answers its
+        ``ping()`` (asked every ``_PING_EVERY`` seconds), so forwarding resumes within about a
+        second of the provider's return, not at the end of a 30 s backoff. The probe batch that
+        follows decides, as before, whether the outage is over (readiness, no retry counted).
+        A ping that answered before a probe batch failed anyway is not trusted for one backoff."""
+        ping = getattr(self.provider, "ping", None)
+        if ping is None or self._ping_misled:
+            self._ping_misled = False
+            await self._sleep(seconds)
+            return
+        deadline = anyio.current_time() + seconds
+        while not self._stopping:
+            left = deadline - anyio.current_time()
+            if left <= 0:
+                return
+            await self._sleep(min(_PING_EVERY, left))
+            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                try:
+                    await ping()
+                except Exception:  # still down (or no answer): keep waiting
+                    continue
+                self._pinged = True  # a probe batch that fails now discredits the ping
+                return
+
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but return early on stop()."""
         with anyio.move_on_after(seconds):
@@ -441,6 +470,7 @@ class Relay:
     # -- state ------------------------------------------------------------------------------
 
     def _enter_outage(self, exc: BaseException) -> None:
+        self._ping_misled, self._pinged = self._pinged, False
         first = not self._outage_backoff
         self._outage_backoff = min(30.0, max(0.25, self._outage_backoff * 2))
         if first:
@@ -452,6 +482,7 @@ class Relay:
 
     def _leave_outage(self) -> None:
         self._outage_backoff = 0.0
+        self._ping_misled = self._pinged = False
         log.info("provider reachable again")
         self._call_hooks("on_outage", None)
         self._set_ready(True)

@@ -16,7 +16,7 @@ import pytest
 
 from outbox import Event, EventFilter, EventNotFound, EventSource, EventStatus, new_event
 from outbox.exceptions import ProviderError
-from outbox.providers.base import Provider, ProviderStats, publish_many
+from outbox.providers.base import Provider, ProviderStats, SupportsPing, publish_many
 from tests.conformance.conftest import ProviderFactory
 
 pytestmark = pytest.mark.anyio
@@ -344,6 +344,12 @@ async def test_close_is_idempotent(provider_factory: ProviderFactory) -> None:
     async with provider_factory() as provider:
         await provider.close()
         await provider.close()
+
+
+async def test_ping_answers_while_the_backend_is_up(provider: Provider) -> None:
+    """Every provider can be probed cheaply (the relay's outage probe, ``/readyz``)."""
+    assert isinstance(provider, SupportsPing)
+    await provider.ping()
 
 
 async def test_stats(provider: Provider) -> None:

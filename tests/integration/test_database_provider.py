@@ -701,6 +701,15 @@ async def test_mariadb_stores_but_has_no_bus(mariadb_url: str) -> None:
     eng.dispose()
 
 
+async def test_ping_reports_an_unreachable_database() -> None:
+    provider = DatabaseProvider("postgresql+psycopg://outbox@127.0.0.1:1/nowhere")
+    with pytest.raises(outbox.ProviderUnavailable, match="database unavailable"):
+        await provider.ping()
+    await provider.close()
+    with pytest.raises(outbox.ProviderError, match="closed"):
+        await provider.ping()
+
+
 async def test_schema_missing_is_a_clear_error(pg_url: str) -> None:
     p = DatabaseProvider(pg_url)
     with pytest.raises(outbox.SchemaMissing, match="alembic upgrade head"):

@@ -330,6 +330,50 @@ async def test_provider_outage_holds_events_without_using_retries(engine: sa.Eng
     assert sorted(e.id for e in rec.seen) == sorted(ids)
 
 
+class PingCounter(MemoryProvider):
+    """A memory provider that counts the relay's pings (they fail while ``fail_with`` is set)."""
+
+    pings = 0
+
+    async def ping(self) -> None:
+        self.pings += 1
+        await super().ping()
+
+
+@pytest.mark.anyio
+async def test_provider_back_is_noticed_by_ping_not_at_the_end_of_the_backoff(
+        engine: sa.Engine) -> None:
+    provider = PingCounter(max_events=1000)
+    broker = Broker(provider, retry_policy=FAST)
+    rec = Recorder()
+    broker.subscribe("test.>", rec, name="recorder")
+    relay = Relay(engine, broker=broker, retry_policy=FAST, poll_interval=0.05, batch_size=10)
+    provider.fail_with = ProviderUnavailable("memory provider down (test)")
+    ids = add_events(engine, 25, key=lambda i: f"k{i % 4}")
+
+    async def scenario() -> None:
+        await wait_for(lambda: relay.stats.outages >= 1)
+        relay._outage_backoff = 30.0  # as after a long outage: the next wait is the longest
+        await wait_for(lambda: relay._outage_backoff == 30.0)
+        seen = provider.pings
+        await wait_for(lambda: provider.pings >= seen + 2)  # asking, in vain, while it waits
+        assert not relay.stats.ready
+        assert all(e.retry_count == 0 and e.status == "pending" for e in rows(engine))
+        provider.fail_with = None
+        # Well within the 30 s backoff: the next ping ends the wait, a probe batch goes out.
+        with anyio.fail_after(15):
+            await wait_for(lambda: counts(engine) == {"completed": 25})
+        assert relay.stats.ready
+        relay.stop()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(relay.run)
+        tg.start_soon(scenario)
+    assert relay.stats.outages == 1 and relay.stats.retried == 0 and relay.stats.failed == 0
+    assert all(e.retry_count == 0 for e in rows(engine))
+    assert sorted(e.id for e in rec.seen) == sorted(ids)  # handlers ran once per event
+
+
 @pytest.mark.anyio
 async def test_once_reports_an_outage_instead_of_waiting(engine: sa.Engine) -> None:
     add_events(engine, 5)

@@ -84,6 +84,10 @@ def _translate(exc: BaseException) -> BaseException:
     return exc
 
 
+def _select_one(conn: sa.Connection) -> None:
+    conn.execute(sa.select(1))
+
+
 class DatabaseProvider:
     """Events table as storage and bus. See the module docstring and docs/database-provider.md.
 
@@ -232,6 +236,11 @@ class DatabaseProvider:
 
     def _forget_cluster(self) -> None:
         self._cluster_known = False
+
+    async def ping(self) -> None:
+        """Raise :class:`~outbox.ProviderUnavailable` unless the database answers ``SELECT 1``."""
+        self._check_open()
+        await self._call(_select_one)
 
     # -- storage -----------------------------------------------------------------------------
 
