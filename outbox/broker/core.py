@@ -9,6 +9,13 @@ retries per the retry policy) and marks the event ``completed`` or ``failed`` wi
 error. An event no handler matches is stored ``completed`` with a note in its metadata
 (:data:`NOTE_KEY`). The caller's event object gets the same status, timestamps and error.
 
+A provider that stores into the relay's own ``events`` table (``DatabaseProvider``:
+``capabilities.relay_table``) gets the event as ``processing`` from the start instead, owned by
+``lease_owner = "broker:<instance id>"`` and without a lease expiry: a relay claims only
+``pending`` rows and recovers only expired leases, so it never runs such an event a second time
+while the broker has it. What the broker gives up on — events interrupted or never started when
+``stop`` ends — goes back to ``pending``, and a relay on that table finishes them.
+
 ``dispatch`` is the handler machinery alone (no provider, no status), used by the relay and the
 consumers.
 """
@@ -148,8 +155,11 @@ class Broker:
     """In-process event broker. See the module docstring and README "Publishing custom events".
 
     ``provider`` defaults to a new :class:`~outbox.MemoryProvider` (closed by ``stop``; a provider
-    passed in is left open for its owner). ``mode`` picks what :meth:`publish` does. In async mode
-    ``worker_count`` workers take events from a queue of ``buffer_size``. ``sync_handlers``:
+    passed in is left open for its owner). On a provider that writes the relay's own table
+    (``DatabaseProvider``) events are stored ``processing`` from the start, so no relay takes them
+    while this broker has them; ``stop`` sets what it could not finish back to ``pending``.
+    ``mode`` picks what :meth:`publish` does. In async mode ``worker_count`` workers take events
+    from a queue of ``buffer_size``. ``sync_handlers``:
     ``"thread"`` runs sync handlers in a worker thread (the default: a blocking handler never
     stalls the event loop), ``"inline"`` calls them on the loop (cheaper; for handlers that do not
     block); ``subscribe(..., threaded=...)`` overrides it per handler.
@@ -190,6 +200,9 @@ class Broker:
         self.retry_policy: RetryPolicy = retry_policy or RetryPolicy()
         self.instance_id: str = instance_id or get_instance_id()
         self.sync_handlers = sync_handlers
+        # The relay's own table: store as processing (see the module docstring).
+        capabilities = getattr(provider, "capabilities", None)
+        self._stores_claimed = bool(getattr(capabilities, "relay_table", False))
 
         self._index: SubscriptionIndex[str, Subscription] = SubscriptionIndex()
         self._names: dict[str, str] = {}  # name -> subscription id
@@ -441,7 +454,8 @@ class Broker:
                 await self._host_done.wait()
 
         with self._lock:
-            never_started = [event for event, _ in self._queue]
+            queued = list(self._queue)
+            never_started = [event for event, _ in queued]
             self._queue.clear()
             self._state = _State.STOPPED
         interrupted = self._interrupted + list(self._sync_inflight.values())
@@ -449,6 +463,11 @@ class Broker:
             for event in interrupted:
                 await self._set_status(event, _PENDING,
                                        "interrupted: the broker stopped before it finished")
+            if self._stores_claimed:  # stored as processing: hand them to the relay
+                for event, stored in queued:
+                    if stored:
+                        await self._set_status(event, _PENDING,
+                                               "not started: the broker stopped first")
             if self._owns_provider:
                 await self.provider.close()
         self._report = StopReport(
@@ -649,7 +668,11 @@ class Broker:
             changes["payload"] = {}
         if get("meta") is None:
             changes["meta"] = {}
-        if get("status") != "pending":
+        if self._stores_claimed:
+            changes.update(status=_PROCESSING, processed_at=utcnow(),
+                           lease_owner=f"broker:{self.instance_id}", lease_token=None,
+                           lease_expires_at=None)
+        elif get("status") != "pending":
             changes["status"] = "pending"
         if changes:
             _assign(event, changes, state)
@@ -807,7 +830,8 @@ class Broker:
         event_id = _event_id(event)
         state = event.__dict__ if _transient(event) else None
         _assign(event, {"status": _PROCESSING, "error": None, "processed_at": utcnow()}, state)
-        await self._provider_update(event_id, _PROCESSING, None)
+        if not self._stores_claimed:  # else stored as processing already
+            await self._provider_update(event_id, _PROCESSING, None)
         result = await run_subscriptions(
             subs,
             event,

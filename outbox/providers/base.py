@@ -66,6 +66,9 @@ class Capabilities:
     cross_instance: bool = False  # other processes can consume what this one publishes
     consumer_groups: bool = False  # consume(group=...) splits work inside a group
     full_query: bool = True  # list() honours every EventFilter field
+    #: Stores into the relay's own ``events`` table: a ``pending`` event it stores is one a relay
+    #: claims. A broker therefore stores its events ``processing`` (see ``outbox.Broker``).
+    relay_table: bool = False
 
 
 @dataclass(frozen=True, slots=True)

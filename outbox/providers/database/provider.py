@@ -108,7 +108,8 @@ class DatabaseProvider:
 
     name: ClassVar[str] = "database"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        persistent=True, cross_instance=True, consumer_groups=True, full_query=True
+        persistent=True, cross_instance=True, consumer_groups=True, full_query=True,
+        relay_table=True,
     )
 
     def __init__(
