@@ -34,7 +34,7 @@ from sqlalchemy.engine import Engine
 from outbox import _json, ops
 from outbox.events import Event, EventSource, EventStatus, Operation, utcnow
 from outbox.exceptions import OutboxError
-from outbox.logs import LOG_LEVELS, configure_logging, redact
+from outbox.logs import LOG_LEVELS, configure_logging, preserved_logging, redact
 from outbox.providers.base import EventFilter
 from outbox.schema import check_schema
 
@@ -556,7 +556,12 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
     out = out if out is not None else sys.stdout
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on bad usage, 0 for --help
-    configure_logging(args.log_level)
+    with preserved_logging():
+        configure_logging(args.log_level)
+        return _main(parser, args, out)
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, out: IO[str]) -> int:
     try:
         engine = _engine(args)
         try:

@@ -22,6 +22,8 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -39,6 +41,7 @@ __all__ = [
     "current_event",
     "event_context",
     "event_extra",
+    "preserved_logging",
     "redact",
 ]
 
@@ -206,6 +209,26 @@ def configure_logging(
     root.addHandler(handler)
     root.setLevel(level)
     return handler
+
+
+@contextmanager
+def preserved_logging() -> Iterator[None]:
+    """Put the root logger's handlers and level back as they were when the block ends.
+
+    The CLIs' ``main()`` runs in one: ``python -m …`` exits anyway, but a ``main(argv)`` called as a
+    function (tests, an embedding application) must not leave its handler on the host's logger.
+    """
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        yield
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
 
 
 def add_logging_arguments(parser: argparse.ArgumentParser, *,

@@ -1,7 +1,9 @@
-"""An OpenTelemetry SDK tracer provider exporting to memory, shared by the tracing tests.
+"""An OpenTelemetry SDK tracer provider exporting to memory, for the tracing tests.
 
-OpenTelemetry lets a process set its global tracer provider once; the first test that needs one
-installs it and later ones add their own in-memory exporter to it.
+OpenTelemetry lets a process set its global tracer provider only once; a test that installed one
+would leave every later test of the process tracing. :func:`memory_spans` therefore installs the
+provider for the block only and puts back what was there before (as OpenTelemetry's own test
+utilities reset their globals), so tests see the same process-wide state in any order.
 """
 
 from __future__ import annotations
@@ -13,6 +15,18 @@ from typing import Any
 from outbox import tracing
 
 
+def _set_global_tracer_provider(provider: Any) -> None:
+    from opentelemetry import trace
+    from opentelemetry.util._once import Once
+
+    once = Once()
+    if provider is not None:
+        once.do_once(lambda: None)  # "set": what trace.set_tracer_provider leaves behind
+    trace._TRACER_PROVIDER_SET_ONCE = once
+    trace._TRACER_PROVIDER = provider
+    tracing.refresh()  # outbox notices the change now, not within the second
+
+
 @contextmanager
 def memory_spans() -> Iterator[Any]:
     """An ``InMemorySpanExporter`` receiving every span ended inside the block."""
@@ -21,14 +35,13 @@ def memory_spans() -> Iterator[Any]:
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    tracing.refresh()  # outbox notices the new provider now, not within the second
+    previous = trace._TRACER_PROVIDER
+    provider = TracerProvider()
     exporter = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
+    _set_global_tracer_provider(provider)
     try:
         yield exporter
     finally:
-        exporter.shutdown()  # the processor stays registered but exports nothing any more
+        _set_global_tracer_provider(previous)
+        provider.shutdown()

@@ -32,7 +32,7 @@ import anyio
 
 from outbox._cli import Failure, import_apps, leaves, load_config
 from outbox.exceptions import OutboxError
-from outbox.logs import add_logging_arguments, configure_logging, redact
+from outbox.logs import add_logging_arguments, configure_logging, preserved_logging, redact
 from outbox.providers.base import StartPosition, parse_start
 
 __all__ = ["build_parser", "main"]
@@ -221,7 +221,8 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return run(args, os.environ if env is None else env)
+        with preserved_logging():
+            return run(args, os.environ if env is None else env)
     except Failure as exc:
         print(f"outbox.consume: error: {redact(str(exc))}", file=sys.stderr)
         return 2

@@ -33,7 +33,7 @@ import anyio
 from outbox._cli import Failure, import_apps, leaves
 from outbox._cli import load_config as _load_config
 from outbox.exceptions import OutboxError
-from outbox.logs import add_logging_arguments
+from outbox.logs import add_logging_arguments, configure_logging, preserved_logging
 
 __all__ = ["build_parser", "main"]
 
@@ -166,25 +166,28 @@ async def _run(relay: Any, config: Any, once: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
-    from outbox.logs import configure_logging
-
     env = os.environ if env is None else env
     args = build_parser().parse_args(argv)
     try:
-        config = load_config(args, env)
-        configure_logging(config.log_level, args.log_format)
-        import_apps([*config.apps, *args.app])
-        relay = build_relay(config)
-        try:
-            anyio.run(_run, relay, config, args.once)
-        except BaseExceptionGroup as group:  # from a task group: report the cause, briefly
-            failures = [e for e in leaves(group) if isinstance(e, Failure | OutboxError)]
-            if failures:
-                raise Failure(str(failures[0])) from None
-            raise
+        with preserved_logging():  # a main() called as a function leaves logging as it was
+            _main(args, env)
     except Failure as exc:
         print(f"outbox.relay: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a signal before the loop installed its handlers
         return 0
     return 0
+
+
+def _main(args: argparse.Namespace, env: Mapping[str, str]) -> None:
+    config = load_config(args, env)
+    configure_logging(config.log_level, args.log_format)
+    import_apps([*config.apps, *args.app])
+    relay = build_relay(config)
+    try:
+        anyio.run(_run, relay, config, args.once)
+    except BaseExceptionGroup as group:  # from a task group: report the cause, briefly
+        failures = [e for e in leaves(group) if isinstance(e, Failure | OutboxError)]
+        if failures:
+            raise Failure(str(failures[0])) from None
+        raise

@@ -18,6 +18,7 @@ from outbox.logs import (
     configure_logging,
     event_context,
     event_extra,
+    preserved_logging,
     redact,
 )
 
@@ -109,3 +110,36 @@ def test_sidecar_arguments() -> None:
     assert parser.parse_args([]).log_format == "text"
     with pytest.raises(SystemExit):
         parser.parse_args(["--log-format", "yaml"])
+
+
+def test_preserved_logging_puts_the_root_logger_back() -> None:
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
+    with preserved_logging():
+        configure_logging("DEBUG", "json", io.StringIO())
+        configure_logging("ERROR", "text", io.StringIO())  # replaces its own handler
+        assert root.level == logging.ERROR
+    assert (list(root.handlers), root.level) == before
+
+
+def test_clis_called_as_functions_leave_logging_alone(tmp_path: pytest.TempPathFactory,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """``main(argv)`` of each CLI configures logging for its run only (the unit-test guard in
+    conftest.py fails the test if the root logger changed)."""
+    from outbox.broker import default
+    from outbox.cli import main as cli_main
+    from outbox.consume.cli import main as consume_main
+    from outbox.relay.cli import main as relay_main
+
+    nowhere = "postgresql+psycopg://outbox@127.0.0.1:1/nowhere"
+    saved = default._snapshot()  # the sidecars build the default broker (their process's)
+    try:
+        assert cli_main(["stats", "--database-url", nowhere, "--log-level", "DEBUG"]) == 1
+        assert relay_main(["--database-url", nowhere, "--once", "--log-level", "DEBUG"],
+                          env={}) == 2
+        assert consume_main(["--provider", "redis", "--group", "g", "--log-level", "DEBUG"],
+                            env={}) == 2
+    finally:
+        default._restore(saved)
+    err = capsys.readouterr().err
+    assert "cannot connect" in err and "no handlers are subscribed" in err

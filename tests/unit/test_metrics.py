@@ -96,8 +96,8 @@ def test_label_cardinality_is_bounded(registry: CollectorRegistry) -> None:
         m.event_processed("database", f"public.t{i}.create", "completed", 0.001)
     m.event_published("an-id-1234", "public.t0.create")
     m.event_processed("system", "public.t0.create", "weird-status")
-    published = {s.labels["type"] for s in registry.collect() if
-                 s.name == "eventbroker_events_published" for s in s.samples}
+    published = {sample.labels["type"] for metric in registry.collect()
+                 if metric.name == "eventbroker_events_published" for sample in metric.samples}
     assert published == {"public.t0.create", "public.t1.create", "public.t2.create", OTHER}
     assert value(registry, "eventbroker_events_published_total", source="database",
                  type=OTHER) == 47
@@ -121,4 +121,14 @@ def test_one_metrics_per_registry(registry: CollectorRegistry) -> None:
 def test_default_registry_is_prometheus_global() -> None:
     from prometheus_client import REGISTRY
 
-    assert get_metrics().registry is REGISTRY
+    from outbox import metrics
+
+    before = set(REGISTRY._collector_to_names)
+    had = metrics._shared.get(REGISTRY)
+    try:
+        assert get_metrics().registry is REGISTRY
+    finally:  # the process-wide registry as it was: other tests may register there too
+        for collector in set(REGISTRY._collector_to_names) - before:
+            REGISTRY.unregister(collector)
+        if had is None:
+            metrics._shared.pop(REGISTRY, None)
