@@ -63,6 +63,7 @@ if TYPE_CHECKING:  # names resolved lazily below, spelled out for type checkers
     from outbox.providers.nats import NATSProvider
     from outbox.providers.redis import RedisProvider
     from outbox.relay import Relay
+    from outbox.sqlite import sqlite_savepoints
 
 __version__ = "0.1.0"
 
@@ -86,6 +87,7 @@ _LAZY: dict[str, str] = {
     "DatabaseProvider": "outbox.providers.database",
     "Relay": "outbox.relay",
     "Consumer": "outbox.consume",
+    "sqlite_savepoints": "outbox.sqlite",
 }
 
 
@@ -150,5 +152,6 @@ __all__ = [
     "publish_sync",
     "set_default_broker",
     "set_instance_id",
+    "sqlite_savepoints",
     "subscribe",
 ]

@@ -2,7 +2,8 @@
 
 - ``pg_url`` / ``sqlite_url`` / ``mariadb_url``: a fresh, empty database (no outbox schema);
 - ``db_url``: parametrised over PostgreSQL and SQLite;
-- ``engine``: ``db_url`` with the outbox schema created (``outbox.create_schema``);
+- ``engine``: ``db_url`` with the outbox schema created (``outbox.create_schema``), on SQLite
+  with ``outbox.sqlite_savepoints`` as recommended for applications;
 - ``redis_url`` + ``redis_prefix``, ``nats_url`` + ``nats_names``: shared servers, unique names;
 - ``private_redis`` / ``private_nats`` / ``private_postgres``: servers a test may stop and restart.
 
@@ -105,8 +106,9 @@ def db_url(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def engine(db_url: str) -> Iterator[sa.Engine]:
-    """An engine on ``db_url`` with the outbox schema created."""
-    eng = sa.create_engine(db_url)
+    """An engine on ``db_url`` with the outbox schema created; on SQLite configured as the README
+    recommends for applications (``outbox.sqlite_savepoints``: ``begin_nested()`` works)."""
+    eng = outbox.sqlite_savepoints(sa.create_engine(db_url))
     outbox.create_schema(eng)
     yield eng
     eng.dispose()

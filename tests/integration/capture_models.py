@@ -180,23 +180,8 @@ class Db:
 
 
 def make_engine(url: str) -> sa.Engine:
-    """An engine; on SQLite with real transactions, so that SAVEPOINT works.
-
-    pysqlite only begins a transaction before DML: a SAVEPOINT issued first starts one itself and
-    its RELEASE commits everything (SQLAlchemy docs, "Serializable isolation / Savepoints").
-    """
-    engine = sa.create_engine(url)
-    if engine.dialect.name == "sqlite":
-
-        @sa.event.listens_for(engine, "connect")
-        def _no_implicit_transactions(dbapi_connection: Any, record: Any) -> None:
-            dbapi_connection.isolation_level = None
-
-        @sa.event.listens_for(engine, "begin")
-        def _begin(conn: sa.Connection) -> None:
-            conn.exec_driver_sql("BEGIN")
-
-    return engine
+    """An engine; on SQLite with real transactions, so that SAVEPOINT works (see outbox.sqlite)."""
+    return outbox.sqlite_savepoints(sa.create_engine(url))
 
 
 def make_db(url: str, **capture_kw: Any) -> Iterator[Db]:

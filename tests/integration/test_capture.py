@@ -95,6 +95,36 @@ def test_savepoint_rollback_removes_only_its_events(db: Db) -> None:
     assert [e.payload["name"] for e in db.events()] == ["kept", "also kept"]
 
 
+def test_sqlite_savepoint_first_in_a_transaction_with_the_recipe(sqlite_url: str) -> None:
+    """A savepoint opened before anything else in the transaction: rolling back the transaction
+    removes the change and its event only with ``outbox.sqlite_savepoints`` (README, SQLite)."""
+    for recommended in (False, True):
+        engine = sa.create_engine(sqlite_url.replace(".db", f"-{recommended}.db"))
+        if recommended:
+            assert outbox.sqlite_savepoints(engine) is engine
+            outbox.sqlite_savepoints(engine)  # twice: no second BEGIN
+        outbox.create_schema(engine)
+        User.metadata.create_all(engine)
+        factory = sa.orm.sessionmaker(engine)
+        handle = outbox.capture(factory)
+        try:
+            with factory() as s:
+                with s.begin_nested():
+                    s.add(User(name="savepoint first"))
+                s.rollback()
+            with engine.connect() as conn:
+                kept = (conn.scalar(sa.select(sa.func.count()).select_from(User)),
+                        conn.scalar(sa.select(sa.func.count()).select_from(Event)))
+        finally:
+            handle.remove()
+            engine.dispose()
+        # pysqlite alone: the savepoint began the transaction and its RELEASE committed it
+        assert kept == ((0, 0) if recommended else (1, 1))
+    other = sa.create_engine("postgresql+psycopg://outbox@127.0.0.1:1/nowhere")
+    assert outbox.sqlite_savepoints(other) is other  # other dialects: left alone
+    assert not sa.event.contains(other, "begin", outbox.sqlite._begin)
+
+
 def test_every_flush_of_a_transaction_is_captured(db: Db) -> None:
     with db.Session() as s:
         user = User(name="a")
