@@ -34,13 +34,14 @@ def _begin(conn: sa.Connection) -> None:
 
 def sqlite_savepoints(engine: E) -> E:
     """Make ``begin_nested()`` work on a SQLite ``Engine`` or ``AsyncEngine`` (aiosqlite); returns
-    ``engine``. Other dialects are left alone; applying it twice changes nothing. Connections the
-    engine pooled before are discarded (they were opened with the driver's handling)."""
+    ``engine``. Other dialects are left alone; applying it twice changes nothing. Apply it before
+    the engine's first use: connections a (sync) engine pooled before are discarded."""
     sync: sa.Engine = getattr(engine, "sync_engine", None) or engine  # type: ignore[assignment]
     if sync.dialect.name != "sqlite" or sa.event.contains(sync, "connect",
                                                           _driver_transactions_off):
         return engine
     sa.event.listen(sync, "connect", _driver_transactions_off)
     sa.event.listen(sync, "begin", _begin)
-    sync.dispose()
+    if sync is engine:  # pooled connections were opened with the driver's handling
+        sync.dispose()
     return engine
