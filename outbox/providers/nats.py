@@ -641,17 +641,14 @@ class NATSProvider:
                 event = decode_or_none(msg.data)
                 if event is not None:
                     found.setdefault(event.id, event)
-            kv = await self._bucket()
-            try:
-                keys = await kv.keys()
-            except js_errors.NoKeysError:
-                keys = []
-            for key in keys:
-                with contextlib.suppress(js_errors.KeyNotFoundError, js_errors.KeyDeletedError):
-                    entry = await kv.get(key)
-                    if entry.value:
-                        event = from_record(entry.value)
-                        found[event.id] = event
+            # The bucket's own stream keeps the last value of each key (history 1): read it with
+            # a pull consumer. (kv.keys() may answer "no keys" when its push consumer's messages
+            # are still in flight — nats-py reads num_pending == 0 and nothing received yet.)
+            await self._bucket()
+            async for msg in self._scan(f"KV_{self.store_bucket}", f"$KV.{self.store_bucket}.>"):
+                if msg.data and (msg.headers or {}).get("KV-Operation") not in ("DEL", "PURGE"):
+                    event = from_record(msg.data)
+                    found[event.id] = event
         except (TimeoutError, nats_errors.Error, OSError) as exc:
             raise _unavailable(exc, "list") from exc
         return flt.select(found.values())
