@@ -8,6 +8,9 @@ the order in which handlers ran.
 
 ``RELAY_TEST_SLEEP`` (seconds, optional) makes the handler sleep after recording (to keep a batch
 in hand while a test sends a signal).
+
+The test creates ``handled`` itself (test_relay_torture.TABLE_DDL): importing this module
+registers its handler on the default broker, so only the relay subprocesses import it.
 """
 
 from __future__ import annotations
@@ -19,16 +22,6 @@ import time
 import psycopg
 
 import outbox
-
-TABLE_DDL = """
-CREATE TABLE IF NOT EXISTS handled (
-    n bigserial PRIMARY KEY,
-    event_id uuid NOT NULL,
-    ordering_key text,
-    seq bigint NOT NULL,
-    pid int NOT NULL
-)
-"""
 
 _local = threading.local()
 

@@ -22,9 +22,19 @@ import sqlalchemy as sa
 
 import outbox
 from outbox.events import Event, get_instance_id, utcnow
-from tests.integration.relay_app import TABLE_DDL
 
 pytestmark = pytest.mark.slow
+
+# The table relay_app's handler records into (one row per handler call, in call order).
+TABLE_DDL = """
+CREATE TABLE IF NOT EXISTS handled (
+    n bigserial PRIMARY KEY,
+    event_id uuid NOT NULL,
+    ordering_key text,
+    seq bigint NOT NULL,
+    pid int NOT NULL
+)
+"""
 
 ROOT = Path(__file__).resolve().parents[2]
 N = 20_000

@@ -132,7 +132,10 @@ def test_clis_called_as_functions_leave_logging_alone(tmp_path: pytest.TempPathF
     from outbox.relay.cli import main as relay_main
 
     nowhere = "postgresql+psycopg://outbox@127.0.0.1:1/nowhere"
-    saved = default._snapshot()  # the sidecars build the default broker (their process's)
+    # The sidecars build the default broker (their process's); start from an empty registry so
+    # a handler some earlier test registered cannot turn the consumer into a running one.
+    saved = default._snapshot()
+    default._restore((None, {}))
     try:
         assert cli_main(["stats", "--database-url", nowhere, "--log-level", "DEBUG"]) == 1
         assert relay_main(["--database-url", nowhere, "--once", "--log-level", "DEBUG"],
