@@ -32,12 +32,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -51,18 +51,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import outbox  # noqa: E402
+from outbox import _capture_rows  # noqa: E402
+from outbox.events import new_event_id  # noqa: E402
 from outbox.providers.memory import MemoryProvider  # noqa: E402
 from outbox.relay import Relay  # noqa: E402
 from outbox.relay import store as relay_sql  # noqa: E402
 
 ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
-# Bench-only SQL with constants and bound numbers (no user input).
+# Bench-only SQL with constants and bound numbers (no user input). Ids are time-ordered (UUIDv7)
+# like the ones capture writes, with the time of each row's generation.
+_SEED_ID = _capture_rows._PG_EVENT_ID.replace("%(now)s::timestamptz", "clock_timestamp()")
 SEED = (
-    "INSERT INTO events (id, source, type, status, payload, instance_id, schema_name, entity, "
+    "INSERT INTO events (id, source, type, status, payload, instance_id, schema_name, entity, "  # noqa: S608
     "entity_id, operation, created_at, completed_at, metadata, retry_count, next_attempt_at, "
     "ordering_key) "
-    "SELECT gen_random_uuid(), 'database', 'public.t' || mod(i, 10) || '.create', %(status)s, "
+    f"SELECT {_SEED_ID}, 'database', 'public.t' || mod(i, 10) || '.create', %(status)s, "
     "jsonb_build_object('id', i, 'name', 'user ' || i, 'email', 'user' || i || '@example.com', "
     "'active', true), 'bench', 'public', 't' || mod(i, 10), i::text, 'create', now(), "
     "CASE WHEN %(status)s::text = 'completed' THEN now() END, '{}'::jsonb, 0, now(), "
@@ -105,6 +109,10 @@ def seed(url: str, n: int, *, status: str = "pending", truncate: bool = True,
             hi = min(start + n - 1, lo + step - 1)
             conn.execute(SEED, {"status": status, "start": lo, "stop": hi})  # type: ignore[arg-type]
         conn.execute("VACUUM ANALYZE events")
+        # Start every measured run right after a checkpoint: otherwise whether (and when) one
+        # falls inside a run decides how many full-page images it writes (up to ±25 %).
+        with contextlib.suppress(psycopg.Error):  # CHECKPOINT needs superuser (or pg_checkpoint)
+            conn.execute("CHECKPOINT")
 
 
 def pending(url: str) -> int:
@@ -426,28 +434,32 @@ def part_ef(args: argparse.Namespace, out: dict[str, Any]) -> None:
 # child processes
 
 
-def _scan_sampler(url: str, relay: Relay, batch: int, scans: dict[str, list[float]],
-                  stop: threading.Event) -> None:
-    """Time the claim's scan alone (no lock, no update) every 50 ms on a side connection: from
-    the relay's current floor (what its bounded claims walk) and from the start (a naive claim
-    walking the dead index entries that completed rows leave until vacuum)."""
+def _scan_sampler(url: str, floor: Any, batch: int, stop: Any, out: Any) -> None:
+    """Time the claim's scan alone (no lock, no update) every 50 ms: from the relay's current
+    floor (what its bounded claims walk) and from the start (a naive claim walking the dead
+    index entries that completed rows leave until vacuum).
+
+    Runs in a process of its own: a thread in the relay's process would time its own waits for
+    the GIL (up to the 5 ms switch interval) along with the query."""
     import datetime as dt
 
     import psycopg
 
     scan = _psycopg_sql(
         f"SELECT e.id FROM events AS e WHERE {relay_sql._DUE} AND {relay_sql._IS_HEAD} "  # noqa: S608
-        "ORDER BY e.seq LIMIT :limit"
+        "ORDER BY e.seq, e.next_attempt_at LIMIT :limit"
     )
+    scans: dict[str, list[float]] = {"from_floor": [], "from_start": []}
     with psycopg.connect(libpq(url), autocommit=True) as conn:
         conn.execute("; ".join(f"SET {x}" for x in relay_sql._PG_PLAN_SETTINGS))
         while not stop.wait(0.05):
-            for name, floor in (("from_floor", relay._floor), ("from_start", 0)):
+            for name, start in (("from_floor", floor.value), ("from_start", 0)):
                 now = dt.datetime.now(dt.UTC)
                 t0 = time.perf_counter()
-                conn.execute(scan, {"now": now, "floor": floor,  # type: ignore[call-overload]
+                conn.execute(scan, {"now": now, "floor": start,  # type: ignore[call-overload]
                                     "limit": batch}).fetchall()
                 scans[name].append((time.perf_counter() - t0) * 1000)
+    out.send(scans)
 
 
 def _rss_mb() -> float:
@@ -545,15 +557,25 @@ def run_child(argv: list[str]) -> None:
                     self.next_mark += step
 
         relay.hooks.append(Hooks())
-        scans: dict[str, list[float]] = {"from_floor": [], "from_start": []}
-        stop = threading.Event()
-        sampler = threading.Thread(target=_scan_sampler, args=(url, relay, batch, scans, stop))
+        # The sampler process reads the relay's floor from shared memory (set at every claim).
+        mp = multiprocessing.get_context("fork")  # forked before the relay starts any thread
+        floor = mp.Value("q", 0, lock=False)
+        stop = mp.Event()
+        receive, send = mp.Pipe(duplex=False)
+        sampler = mp.Process(target=_scan_sampler, args=(url, floor, batch, stop, send))
         sampler.start()
+
+        class Floor(outbox.relay.RelayHooks):
+            def on_claim(self, claim: Any) -> None:
+                floor.value = relay._floor
+
+        relay.hooks.append(Floor())
         started = time.perf_counter()
         try:
             anyio.run(relay.drain)
         finally:
             stop.set()
+            scans = receive.recv()
             sampler.join()
         rate = relay.stats.completed / (time.perf_counter() - started)
         samples.append(_rss_mb())
@@ -576,7 +598,7 @@ def _event_params(i: int) -> dict[str, Any]:
     from psycopg.types.json import Jsonb
 
     eid = f"{os.getpid()}-{i}"
-    return {"id": uuid.uuid4(), "payload": Jsonb({"i": i, "name": f"user {i}"}), "eid": eid,
+    return {"id": new_event_id(), "payload": Jsonb({"i": i, "name": f"user {i}"}), "eid": eid,
             "key": f"public.users:{eid}"}
 
 

@@ -22,6 +22,7 @@ from sqlalchemy.engine import URL, Engine
 
 from outbox.events import get_instance_id
 from outbox.exceptions import OutboxError, ProviderUnavailable, SchemaMissing
+from outbox.relay._gc import DEFAULT_GC_THRESHOLD, young_gc_threshold
 from outbox.relay.dispatch import BatchResult, Dispatcher
 from outbox.relay.listener import PgListener
 from outbox.relay.stats import RelayHooks, RelayStats
@@ -113,6 +114,9 @@ class Relay:
         self.hooks = list(hooks)
         #: claim the next batch while the current one is dispatched and settled
         self.prefetch = True
+        #: the garbage collector's first threshold while ``run`` runs (``None``: leave it);
+        #: process-wide, see ``outbox/relay/_gc.py`` for why and what it costs
+        self.gc_threshold: int | None = DEFAULT_GC_THRESHOLD
         self.stats = RelayStats(owner=self.owner)
         self._broker = broker
         self._provider = provider
@@ -196,24 +200,28 @@ class Relay:
         """Relay until :meth:`stop` (or, with ``once``, until nothing is due)."""
         await self.start()
         try:
-            async with anyio.create_task_group() as tg:
-                if self.notify and not once:
-                    listener = PgListener(self.url, self._on_notify, on_state=self._on_listener)
-                    tg.start_soon(listener.run)
-                tg.start_soon(self._maintenance)
-                try:
-                    await self._loop(once)
-                finally:
-                    tg.cancel_scope.cancel()
-            if once and self._outage_backoff:
-                raise ProviderUnavailable(
-                    f"{self.stats.last_error}; the events it could not take wait in the table"
-                )
+            with young_gc_threshold(self.gc_threshold):
+                await self._run(once)
         finally:
             self.stats.healthy = False
             self._set_ready(False)
             if self._own_engine:
                 self.engine.dispose()
+
+    async def _run(self, once: bool) -> None:
+        async with anyio.create_task_group() as tg:
+            if self.notify and not once:
+                listener = PgListener(self.url, self._on_notify, on_state=self._on_listener)
+                tg.start_soon(listener.run)
+            tg.start_soon(self._maintenance)
+            try:
+                await self._loop(once)
+            finally:
+                tg.cancel_scope.cancel()
+        if once and self._outage_backoff:
+            raise ProviderUnavailable(
+                f"{self.stats.last_error}; the events it could not take wait in the table"
+            )
 
     async def drain(self) -> None:
         """Process every event that is due now, then return (``run(once=True)``)."""

@@ -38,7 +38,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from outbox.events import _COLUMN_TO_ATTR, COLUMNS, Event, EventStatus, JSONType, UTCDateTime
+from outbox.events import COLUMNS, Event, EventStatus, JSONType, UTCDateTime
 
 __all__ = ["Claim", "Outcome", "RelayStore"]
 
@@ -50,7 +50,6 @@ FAILED = EventStatus.FAILED.value
 _TABLE = "events"
 _COLS = ", ".join(f"t.{c}" for c in COLUMNS)
 _BARE_COLS = ", ".join(COLUMNS)  # SQLite's RETURNING takes no table prefix
-_ATTRS = tuple(_COLUMN_TO_ATTR[c] for c in COLUMNS)
 _RESULT_COLUMNS = tuple(Event.__table__.c[c] for c in COLUMNS)
 
 # The head-of-key rule, shared by every dialect: no older unfinished event of the same key.
@@ -560,7 +559,7 @@ def _run_on_connect(sql: str, dbapi_connection: Any, _record: Any) -> None:
 
 
 def _to_event(row: Any) -> Event:
-    return Event._from_values(dict(zip(_ATTRS, row, strict=True)))
+    return Event._from_row(row)
 
 
 def _seq(event: Event) -> int:
