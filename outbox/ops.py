@@ -233,23 +233,27 @@ def _check_statuses(statuses: Sequence[str]) -> tuple[str, ...]:
 
 
 def _delete_batch(conn: Connection, status: str, cutoff: dt.datetime, size: int) -> int:
-    """Delete at most ``size`` rows of ``status`` created before ``cutoff``; rows deleted."""
+    """Delete at most ``size`` rows of ``status`` created before ``cutoff``; rows deleted.
+
+    Oldest first, along ``ix_events_created_at``. On PostgreSQL one statement deletes by primary
+    key from an array of the picked ids (``id = ANY(ARRAY(SELECT … LIMIT n))``): with ``id IN
+    (SELECT … LIMIT n)`` it hash-joined the subquery against a sequential scan of the whole table
+    (95 ms per batch of 5,000 on 500,000 rows, growing with the history, against 16 ms). MariaDB
+    refuses ``LIMIT`` inside ``IN``, so elsewhere the ids are fetched first.
+    """
     where = (c.status == status, c.created_at < cutoff)
-    if conn.dialect.name in ("mysql", "mariadb"):
-        # MariaDB/MySQL refuse LIMIT inside an IN subquery: fetch the ids first.
-        ids = conn.execute(
-            sa.select(c.id).where(*where).limit(size).with_for_update(skip_locked=True)
-        ).scalars().all()
-        if not ids:
-            return 0
-        res = conn.execute(sa.delete(events).where(c.id.in_(ids), *where))
-        return res.rowcount
-    sub = sa.select(c.id).where(*where).limit(size)
-    if conn.dialect.name == "postgresql":
+    pick = sa.select(c.id).where(*where).order_by(c.created_at).limit(size)
+    dialect = conn.dialect.name
+    if dialect != "sqlite":
         # Skip rows someone holds (a replay in progress); they are taken next run.
-        sub = sub.with_for_update(skip_locked=True)
-    res = conn.execute(sa.delete(events).where(c.id.in_(sub.scalar_subquery())))
-    return res.rowcount
+        pick = pick.with_for_update(skip_locked=True)
+    if dialect == "postgresql":
+        picked = sa.any_(sa.func.array(pick.scalar_subquery()))
+        return conn.execute(sa.delete(events).where(c.id == picked, *where)).rowcount
+    ids = conn.execute(pick).scalars().all()
+    if not ids:
+        return 0
+    return conn.execute(sa.delete(events).where(c.id.in_(ids), *where)).rowcount
 
 
 def cleanup(
@@ -266,7 +270,7 @@ def cleanup(
     """Delete finished events created before a cutoff, ``batch_size`` rows per transaction.
 
     The cutoff is ``before``, or now minus ``older_than``. Only ``completed``/``failed`` rows are
-    ever deleted; the age is taken from ``created_at`` (indexed together with ``status``). Each
+    ever deleted; the age is taken from ``created_at`` (oldest first, along its index). Each
     batch is its own short transaction, so the relay and writers interleave with it. Between
     batches it sleeps ``pause`` seconds; by default (``None``) as long as the last batch took, so
     the cleanup uses at most about half of a database core and leaves the rest to the relay and
@@ -383,8 +387,9 @@ _BACKLOG = _backlog_query()
 def backlog(conn: Connection) -> Backlog:
     """Pending / processing / failed counts, blocked keys and the oldest undelivered event.
 
-    One statement of index-served subqueries (the partial pending and processing indexes, the
-    ``(status, created_at)`` index): cheap enough to run every few seconds, but not per event.
+    One statement of index-served subqueries (the partial pending index, the partial
+    ``(status, created_at)`` index of unfinished rows): cheap enough to run every few seconds,
+    but not per event.
     """
     row = conn.execute(_BACKLOG).one()
     oldest = [t for t in (row.oldest_pending, row.oldest_processing) if t is not None]
