@@ -13,9 +13,11 @@ Async tests use anyio's pytest plugin on asyncio: ``@pytest.mark.anyio``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -215,3 +217,63 @@ def private_postgres() -> Iterator[servers.PrivatePostgres]:
     server.start()
     yield server
     server.close()
+
+# --------------------------------------------------------------------------------------------
+# Tests share one process: a test must leave process-wide state as it found it. The guard below
+# fails the test that changed it (the default broker and its handler registry, broker observers,
+# the root logger's handlers and level, the instance id, the OpenTelemetry tracer provider, the
+# Prometheus default registry), so a leak is fixed where it is made instead of showing up as an
+# order-dependent failure somewhere else (an app module imported in-process once left a "*"
+# handler on the default broker and turned a later CLI test into a 300 s hang).
+
+
+def _process_state() -> dict[str, Any]:
+    from prometheus_client import REGISTRY
+
+    import outbox.broker.core as core
+    import outbox.broker.default as default
+    from outbox.events import get_instance_id
+
+    root = logging.getLogger()
+    state: dict[str, Any] = {
+        "default broker": id(default._default) if default._default is not None else None,
+        "subscribe registry": sorted(default._registry),
+        "broker observers": list(map(id, core._global_observers)),
+        "root logger": (root.level, list(map(id, root.handlers))),
+        "outbox logger": (logging.getLogger("outbox").level,
+                          list(map(id, logging.getLogger("outbox").handlers))),
+        "instance id": get_instance_id(),
+        "prometheus registry": sorted(REGISTRY._names_to_collectors),
+    }
+    try:
+        from opentelemetry import trace
+    except ImportError:
+        pass
+    else:
+        state["tracer provider"] = id(trace._TRACER_PROVIDER)
+    return state
+
+
+@pytest.fixture(autouse=True)
+def _leaves_process_state_alone(request: pytest.FixtureRequest) -> Iterator[None]:
+    before = _process_state()
+    yield
+    after = _process_state()
+    changed = sorted(key for key in before if before[key] != after[key])
+    if changed:
+        pytest.fail(f"{request.node.nodeid} left process-wide state changed: "
+                    f"{', '.join(changed)} (restore it where the test sets it)", pytrace=False)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Importing test modules must not register handlers on the default broker: the guard above
+    runs per test, so a module-level ``@outbox.subscribe`` imported at collection would pass it
+    and leak into every test (``--app`` modules are for subprocesses only)."""
+    from outbox.broker import default
+
+    if default._registry:
+        names = ", ".join(sorted(entry.name for entry in default._registry.values()))
+        raise pytest.UsageError(
+            f"collecting the tests registered handlers on the default broker: {names} "
+            "(import --app modules only in the subprocesses that run them)"
+        )
