@@ -45,7 +45,7 @@ from outbox.broker.subscriptions import (
     default_name,
     is_async_handler,
 )
-from outbox.events import Event, EventStatus, get_instance_id, utcnow
+from outbox.events import Event, EventStatus, get_instance_id, new_event_id, utcnow
 from outbox.exceptions import BrokerClosed, BrokerNotStarted, HandlerError, QueueFull
 from outbox.patterns import SubscriptionIndex, compile_pattern
 from outbox.providers.base import Provider, ProviderStats
@@ -659,7 +659,7 @@ class Broker:
             raise ValueError("event type must be a non-empty string")
         changes: dict[str, Any] = {}
         if get("id") is None:
-            changes["id"] = uuid.uuid4()
+            changes["id"] = new_event_id()
         if get("created_at") is None:
             changes["created_at"] = utcnow()
         if get("instance_id") is None:

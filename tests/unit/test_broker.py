@@ -86,6 +86,17 @@ async def test_decorator_form_returns_the_function(broker: Broker) -> None:
     assert [g.id for g in got] == [e.id]
 
 
+async def test_an_event_built_without_an_id_gets_a_time_ordered_one(broker: Broker) -> None:
+    broker.subscribe("test.*", lambda e: None, threaded=False)
+    sync, queued = Event(source="system", type="test.event"), Event(source="system", type="test.x")
+    assert sync.id is None and queued.id is None
+    await broker.publish_sync(sync)
+    await broker.publish_async(queued)
+    await broker.join()
+    assert sync.id.version == 7 and queued.id.version == 7  # like new_event's (events.new_event_id)
+    assert (await broker.provider.get(queued.id)).status == "completed"
+
+
 async def test_invalid_pattern_fails_at_subscribe(broker: Broker) -> None:
     with pytest.raises(ValueError, match="invalid pattern"):
         broker.subscribe("a..b", lambda e: None)
