@@ -61,7 +61,7 @@ ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 # Bench-only SQL with constants and bound numbers (no user input). Ids are time-ordered (UUIDv7)
 # like the ones capture writes, with the time of each row's generation.
-_SEED_ID = _capture_rows._PG_EVENT_ID.replace("%(now)s::timestamptz", "clock_timestamp()")
+_SEED_ID = _capture_rows.pg_uuid7_sql("clock_timestamp()")
 SEED = (
     "INSERT INTO events (id, source, type, status, payload, instance_id, schema_name, entity, "  # noqa: S608
     "entity_id, operation, created_at, completed_at, metadata, retry_count, next_attempt_at, "

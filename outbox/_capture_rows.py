@@ -133,11 +133,16 @@ def changes_of(
 # version-7 UUIDs like new_event_id()'s (time-ordered: see there why), built by the server from
 # gen_random_uuid() (PostgreSQL 13+): the flush's time in milliseconds over the first 48 bits,
 # version bits 0111. WITH ORDINALITY keeps seq in the flush's order.
-_PG_EVENT_ID = (
-    "encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid()) placing "
-    "substring(int8send(floor(extract(epoch FROM %(now)s::timestamptz) * 1000)::bigint) "
-    "FROM 3) FROM 1 FOR 6), 52, 1), 53, 1), 'hex')::uuid"
-)
+def pg_uuid7_sql(at: str) -> str:
+    """SQL for a version-7 UUID whose time is the ``timestamptz`` SQL expression ``at``."""
+    return (
+        "encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid()) placing "
+        f"substring(int8send(floor(extract(epoch FROM {at}) * 1000)::bigint) "
+        "FROM 3) FROM 1 FOR 6), 52, 1), 53, 1), 'hex')::uuid"
+    )
+
+
+_PG_EVENT_ID = pg_uuid7_sql("%(now)s::timestamptz")  # the flush's time
 _PG_INSERT = f"""
 INSERT INTO events (id, source, type, status, payload, user_id, session_id, instance_id,
     schema_name, entity, entity_id, operation, created_at, metadata, retry_count,

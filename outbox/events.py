@@ -353,8 +353,8 @@ class Event(OutboxBase):
     def _from_values(cls, values: Mapping[str, Any]) -> Event:
         """Fast construction of a transient, unmodified-looking instance from attribute values.
 
-        Skips ``__init__`` and attribute events: the relay builds thousands of these per second
-        from claimed rows. Missing attributes get their defaults.
+        Skips ``__init__`` and attribute events (providers and the wire codec build many of
+        these). Missing attributes get their defaults.
         """
         obj: Event = _MANAGER.new_instance()
         state = obj.__dict__
@@ -369,8 +369,9 @@ class Event(OutboxBase):
     def _from_row(cls, row: Sequence[Any]) -> Event:
         """Like :meth:`_from_values`, for a row holding every column in :data:`COLUMNS` order.
 
-        The relay builds one per claimed event: one dict update, no intermediate mapping (fewer
-        allocations also mean fewer garbage-collector passes at thousands of events a second).
+        The relay and the database bus build one per row read: one dict update, no intermediate
+        mapping (fewer allocations also mean fewer garbage-collector passes at thousands of events
+        a second).
         """
         obj: Event = _MANAGER.new_instance()
         obj.__dict__.update(zip(_ATTRS_IN_COLUMN_ORDER, row, strict=True))

@@ -218,6 +218,7 @@ def private_postgres() -> Iterator[servers.PrivatePostgres]:
     yield server
     server.close()
 
+
 # --------------------------------------------------------------------------------------------
 # Tests share one process: a test must leave process-wide state as it found it. The guard below
 # fails the test that changed it (the default broker and its handler registry, broker observers,

@@ -26,7 +26,6 @@ from sqlalchemy.engine import Connection
 
 from outbox.events import (
     _ATTR_TO_COLUMN,
-    _COLUMN_TO_ATTR,
     Event,
     EventStatus,
     UTCDateTime,
@@ -82,7 +81,6 @@ inbox = inbox_table
 
 #: Columns read back into events, and the Event attribute each one fills.
 _COLUMNS = [col for col in events.c]
-_ATTRS = [_COLUMN_TO_ATTR[col.name] for col in _COLUMNS]
 #: Columns a provider writes on insert: the database assigns ``seq`` and (PostgreSQL) ``txid``.
 _INSERT_ATTRS = [(a, n) for a, n in _ATTR_TO_COLUMN.items() if n not in ("seq", "txid")]
 
@@ -164,7 +162,7 @@ def has_xids(conn: Connection) -> bool:
 
 def row_to_event(values: Sequence[Any]) -> Event:
     """An :class:`Event` from the values of ``_COLUMNS`` in order."""
-    return Event._from_values(dict(zip(_ATTRS, values, strict=True)))
+    return Event._from_row(values)
 
 
 def _after(txid: sa.ColumnElement[Any], seq: sa.ColumnElement[Any], xids: bool,
