@@ -32,6 +32,7 @@ def run_migrations_offline() -> None:
         target_metadata=target_metadata,
         literal_binds=True,
         dialect_opts={"paramstyle": "named"},
+        include_object=outbox.schema.include_object,
     )
     with context.begin_transaction():
         context.run_migrations()
@@ -40,7 +41,8 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:  # programmatic use: command.upgrade(cfg) with a connection
-        context.configure(connection=connection, target_metadata=target_metadata)
+        context.configure(connection=connection, target_metadata=target_metadata,
+                          include_object=outbox.schema.include_object)
         with context.begin_transaction():
             context.run_migrations()
         return
@@ -50,7 +52,8 @@ def run_migrations_online() -> None:
         poolclass=pool.NullPool,
     )
     with engine.connect() as conn:
-        context.configure(connection=conn, target_metadata=target_metadata)
+        context.configure(connection=conn, target_metadata=target_metadata,
+                          include_object=outbox.schema.include_object)
         with context.begin_transaction():
             context.run_migrations()
 

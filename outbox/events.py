@@ -224,6 +224,16 @@ _HAS_SESSION = sa.text("session_id IS NOT NULL")
 _HAS_ENTITY = sa.text("entity IS NOT NULL OR entity_id IS NOT NULL")
 
 
+def _single_table(
+    ddl: Any, target: Any, bind: Any, tables: Any = None, state: Any = None, *,
+    dialect: Dialect, compiler: Any = None, checkfirst: bool = False,
+) -> bool:
+    """``ddl_if`` rule: the object exists where ``events`` is one table — not on PostgreSQL,
+    whose ``events`` is partitioned and keeps its keys and indexes on the partitions (see
+    :data:`PG_PARTITIONS`)."""
+    return bool(dialect.name != "postgresql")
+
+
 class Event(OutboxBase):
     """One event: a row of the ``events`` table (SPEC §2).
 
@@ -277,54 +287,39 @@ class Event(OutboxBase):
     # FetchedValue: the ORM leaves the column out of INSERTs so the PostgreSQL default applies.
     txid: Mapped[int | None] = mapped_column(sa.BigInteger(), server_default=sa.FetchedValue())
 
-    # Index write amplification (docs/performance.md, "Relay"): ``status`` is indexed (claims, the
-    # status filters), so PostgreSQL can never make a status change a HOT update: the claim and
-    # the completion of every event each insert one entry into every index whose predicate the
-    # new row version satisfies. Partial predicates keep rows out of the indexes that would
-    # never find them: completed rows (most of the table) are in none of the relay's indexes,
-    # and rows without a user, session or entity are not in those audit indexes (a query for a
-    # value, ``user_id = :x``, implies ``IS NOT NULL``, so the planner still uses them).
-    # MariaDB has no partial indexes: there, these are plain indexes.
+    # The keys and indexes below are those of the single-table layout (SQLite, MariaDB/MySQL).
+    # On PostgreSQL ``events`` is partitioned by status (PG_PARTITIONS below; docs/relay.md,
+    # "Storage"): the unfinished rows and the finished history each have their own indexes, so
+    # none of these is created there (``ddl_if``). MariaDB has no partial indexes: plain ones.
     __table_args__ = (
-        sa.UniqueConstraint("seq"),
-        # Claim: due pending rows in seq order (partial on PostgreSQL and SQLite).
-        sa.Index(
-            "ix_events_pending",
-            "seq",
-            "next_attempt_at",
-            postgresql_where=_PENDING,
-            sqlite_where=_PENDING,
-        ),
+        sa.UniqueConstraint("seq").ddl_if(callable_=_single_table),
+        # Claim: due pending rows in seq order.
+        sa.Index("ix_events_pending", "seq", "next_attempt_at",
+                 sqlite_where=_PENDING).ddl_if(callable_=_single_table),
         # Per-key order: is there an unfinished older event with the same key?
-        sa.Index(
-            "ix_events_unfinished_key",
-            "ordering_key",
-            "seq",
-            postgresql_where=_UNFINISHED_WITH_KEY,
-            sqlite_where=_UNFINISHED_WITH_KEY,
-        ),
-        # Status filters (pending, processing, failed), lease recovery (processing rows whose
-        # lease expired), blocked keys, cleanup of failed rows. Completed rows are left out on
-        # PostgreSQL: a page of them is found along ix_events_created_at, and every completion
-        # would otherwise add an entry here. (SQLite cannot prove ``status = 'failed'`` implies
-        # ``status <> 'completed'``, so the index is complete there.)
-        sa.Index("ix_events_status_created_at", "status", "created_at",
-                 postgresql_where=_NOT_COMPLETED),
+        sa.Index("ix_events_unfinished_key", "ordering_key", "seq",
+                 sqlite_where=_UNFINISHED_WITH_KEY).ddl_if(callable_=_single_table),
+        # Status filters, lease recovery, blocked keys, cleanup of failed rows.
+        sa.Index("ix_events_status_created_at", "status", "created_at")
+        .ddl_if(callable_=_single_table),
         # Audit.
-        sa.Index("ix_events_type_created_at", "type", "created_at"),
-        sa.Index("ix_events_entity_entity_id", "entity", "entity_id",
-                 postgresql_where=_HAS_ENTITY),
-        sa.Index("ix_events_user_id", "user_id", postgresql_where=_HAS_USER,
-                 sqlite_where=_HAS_USER),
+        sa.Index("ix_events_type_created_at", "type", "created_at")
+        .ddl_if(callable_=_single_table),
+        sa.Index("ix_events_entity_entity_id", "entity", "entity_id")
+        .ddl_if(callable_=_single_table),
+        sa.Index("ix_events_user_id", "user_id", sqlite_where=_HAS_USER)
+        .ddl_if(callable_=_single_table),
         # EventFilter(session_id=...): selective, and no other index narrows it (seq scan).
-        sa.Index("ix_events_session_id", "session_id", postgresql_where=_HAS_SESSION,
-                 sqlite_where=_HAS_SESSION),
+        sa.Index("ix_events_session_id", "session_id", sqlite_where=_HAS_SESSION)
+        .ddl_if(callable_=_single_table),
         # EventFilter(instance_id=...): one process's events lie in its lifetime, so scanning
         # the created_at index for them reads every older row first.
-        sa.Index("ix_events_instance_id_created_at", "instance_id", "created_at"),
-        sa.Index("ix_events_created_at", "created_at"),
-        # Database provider: rows in commit-visibility order.
-        sa.Index("ix_events_txid_seq", "txid", "seq", postgresql_where=sa.text("txid IS NOT NULL")),
+        sa.Index("ix_events_instance_id_created_at", "instance_id", "created_at")
+        .ddl_if(callable_=_single_table),
+        sa.Index("ix_events_created_at", "created_at").ddl_if(callable_=_single_table),
+        # Database provider: rows in commit-visibility order (PostgreSQL only uses it).
+        sa.Index("ix_events_txid_seq", "txid", "seq").ddl_if(callable_=_single_table),
+        {"postgresql_partition_by": "LIST (status)"},
     )
 
     def __repr__(self) -> str:
@@ -498,22 +493,95 @@ def new_event(
 # --------------------------------------------------------------------------------------------
 # dialect-specific DDL that Core cannot express portably (also issued by the Alembic migration)
 
-#: PostgreSQL: per-table autovacuum for a hot queue table (dead tuples from status updates).
-PG_TABLE_OPTIONS = (
-    "ALTER TABLE {table} SET (autovacuum_vacuum_scale_factor = 0.0, "
-    "autovacuum_vacuum_threshold = 5000, autovacuum_vacuum_insert_scale_factor = 0.0, "
-    "autovacuum_vacuum_insert_threshold = 20000, autovacuum_analyze_scale_factor = 0.0, "
-    "autovacuum_analyze_threshold = 20000)"
+#: Default LISTEN/NOTIFY channel.
+NOTIFY_CHANNEL = "outbox_events"
+
+# PostgreSQL layout (docs/relay.md, "Storage"). ``events`` is LIST-partitioned by status:
+#
+# - ``events_live`` holds the unfinished rows (pending, processing, failed) with only the relay's
+#   indexes, none of which mentions a column that a claim or a renewal changes (status, lease):
+#   those updates are HOT (no index entries) when the page has room, which the fill factor of 50
+#   leaves for one new version of every row;
+# - ``events_done`` holds the completed rows with the audit indexes. The relay's completion moves
+#   a row there (an UPDATE of ``status`` across partitions is a delete plus an insert), so the
+#   audit indexes are written once per event, by the relay, not by the writer.
+#
+# The parent has no keys or indexes of its own (a unique key of a partitioned table must contain
+# the partition key, and an index declared on the parent would be built on both partitions): ids
+# are unique per partition and by construction across them; ``seq`` is unique by its identity.
+PG_LIVE_TABLE = "events_live"
+PG_DONE_TABLE = "events_done"
+#: Statuses of the rows in ``events_live``; ``completed`` rows are in ``events_done``.
+LIVE_STATUSES: tuple[str, ...] = (
+    EventStatus.PENDING.value, EventStatus.PROCESSING.value, EventStatus.FAILED.value,
+)
+#: Fill factor of ``events_live``: room on each page for a second version of every row.
+PG_LIVE_FILLFACTOR = 50
+_PG_QUEUE_VACUUM = (  # many dead rows quickly: claims, moves to events_done
+    "autovacuum_vacuum_scale_factor = 0.0, autovacuum_vacuum_threshold = 5000, "
+    "autovacuum_vacuum_insert_scale_factor = 0.0, autovacuum_vacuum_insert_threshold = 20000, "
+    "autovacuum_analyze_scale_factor = 0.0, autovacuum_analyze_threshold = 20000"
+)
+_PG_HISTORY_VACUUM = (  # insert-only until cleanup: vacuum for the visibility map and freezing
+    "autovacuum_vacuum_insert_scale_factor = 0.0, autovacuum_vacuum_insert_threshold = 100000, "
+    "autovacuum_analyze_scale_factor = 0.0, autovacuum_analyze_threshold = 100000"
+)
+_LIVE_IN = ", ".join(f"'{s}'" for s in LIVE_STATUSES)
+#: The two partitions, their keys and indexes (the history partition's audit indexes keep the
+#: names they had on the single table).
+PG_PARTITIONS: tuple[str, ...] = (
+    f"CREATE TABLE {PG_LIVE_TABLE} PARTITION OF events FOR VALUES IN ({_LIVE_IN}) "
+    f"WITH (fillfactor = {PG_LIVE_FILLFACTOR}, {_PG_QUEUE_VACUUM})",
+    f"CREATE TABLE {PG_DONE_TABLE} PARTITION OF events FOR VALUES IN ('completed') "
+    f"WITH ({_PG_HISTORY_VACUUM})",
+)
+#: ``events_live``: the claim walks due rows in seq order; the per-key probe looks for an older
+#: row of the key (every row here is unfinished); commit order for the bus. No predicate or key
+#: mentions ``status``, the lease or ``completed_at``, so claims and renewals can be HOT updates:
+#: status filters on unfinished rows read this partition, whose size is the backlog.
+PG_LIVE_INDEXES: tuple[str, ...] = (
+    f"ALTER TABLE {PG_LIVE_TABLE} ADD CONSTRAINT pk_events_live PRIMARY KEY (id)",
+    f"CREATE INDEX ix_events_live_seq ON {PG_LIVE_TABLE} (seq, next_attempt_at)",
+    f"CREATE INDEX ix_events_live_key ON {PG_LIVE_TABLE} (ordering_key, seq) "
+    "WHERE ordering_key IS NOT NULL",
+    f"CREATE INDEX ix_events_live_txid_seq ON {PG_LIVE_TABLE} (txid, seq) "
+    "WHERE txid IS NOT NULL",
+)
+#: ``events_done``: the audit indexes (by type, entity, user, session, instance, time) and commit
+#: order for the bus.
+PG_DONE_INDEXES: tuple[str, ...] = (
+    f"ALTER TABLE {PG_DONE_TABLE} ADD CONSTRAINT pk_events_done PRIMARY KEY (id)",
+    f"CREATE INDEX ix_events_type_created_at ON {PG_DONE_TABLE} (type, created_at)",
+    f"CREATE INDEX ix_events_entity_entity_id ON {PG_DONE_TABLE} (entity, entity_id) "
+    "WHERE entity IS NOT NULL OR entity_id IS NOT NULL",
+    f"CREATE INDEX ix_events_user_id ON {PG_DONE_TABLE} (user_id) WHERE user_id IS NOT NULL",
+    f"CREATE INDEX ix_events_session_id ON {PG_DONE_TABLE} (session_id) "
+    "WHERE session_id IS NOT NULL",
+    f"CREATE INDEX ix_events_instance_id_created_at ON {PG_DONE_TABLE} (instance_id, created_at)",
+    f"CREATE INDEX ix_events_created_at ON {PG_DONE_TABLE} (created_at)",
+    f"CREATE INDEX ix_events_txid_seq ON {PG_DONE_TABLE} (txid, seq) WHERE txid IS NOT NULL",
 )
 PG_TXID_DEFAULT = (
-    "ALTER TABLE {table} ALTER COLUMN txid SET DEFAULT (pg_current_xact_id()::text::bigint)"
+    "ALTER TABLE events ALTER COLUMN txid SET DEFAULT (pg_current_xact_id()::text::bigint)"
 )
-#: NOTIFY once per transaction: a statement trigger; PostgreSQL folds identical notifications of
-#: one transaction into one. ``SET outbox.notify = off`` (session, role or database) disables it.
-PG_NOTIFY_FUNCTION = """
+
+#: Advisory lock that an idle listener (a relay or a database-bus consumer waiting for work)
+#: holds exclusively: ``(WAKE_LOCK_CLASS, hashtext(channel) & 2147483647)``. A writer notifies
+#: only when it cannot take the lock shared, i.e. only while someone waits (outbox/_wakeup.py).
+WAKE_LOCK_CLASS = 1_869_574_000
+WAKE_LOCK_KEY_SQL = "hashtext({channel}) & 2147483647"
+
+#: The writers' wake-up: a statement trigger on ``events``, at most one notification per
+#: transaction (PostgreSQL folds identical notifications of one transaction into one), and only
+#: while a listener is idle; ``SET outbox.notify = off`` (session, role or database) disables it.
+#: The shared lock, once taken, is held to the end of the writer's transaction: a listener that
+#: goes idle meanwhile sees it and looks again after the commit instead of sleeping.
+_WAKE_LOCK_ARGS = f"{WAKE_LOCK_CLASS}, {WAKE_LOCK_KEY_SQL.format(channel='TG_ARGV[0]')}"
+PG_NOTIFY_FUNCTION = f"""
 CREATE OR REPLACE FUNCTION outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF coalesce(current_setting('outbox.notify', true), '') NOT IN ('off', 'false', '0') THEN
+    IF coalesce(current_setting('outbox.notify', true), '') NOT IN ('off', 'false', '0')
+       AND NOT pg_try_advisory_xact_lock_shared({_WAKE_LOCK_ARGS}) THEN
         PERFORM pg_notify(TG_ARGV[0], '');
     END IF;
     RETURN NULL;
@@ -521,39 +589,33 @@ END
 $$
 """
 PG_NOTIFY_TRIGGER = (
-    "CREATE TRIGGER outbox_notify AFTER INSERT ON {table} "
-    "FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify('{channel}')"
+    "CREATE TRIGGER outbox_notify AFTER INSERT ON events "
+    f"FOR EACH STATEMENT EXECUTE FUNCTION outbox_notify('{NOTIFY_CHANNEL}')"
 )
-#: Default LISTEN/NOTIFY channel.
-NOTIFY_CHANNEL = "outbox_events"
 #: SQLite cannot auto-increment a non-primary-key column: rows are inserted with a random
 #: negative placeholder (the column default, see ``_sqlite_seq_default``) and numbered right after
 #: insert, inside the same statement. SQLite has one writer at a time, so max + 1 is safe.
 SQLITE_SEQ_DEFAULT = "(-abs(random()) - 1)"
 SQLITE_SEQ_TRIGGER = """
-CREATE TRIGGER events_assign_seq AFTER INSERT ON {table}
+CREATE TRIGGER events_assign_seq AFTER INSERT ON events
 FOR EACH ROW WHEN NEW.seq < 0
 BEGIN
-    UPDATE {table} SET seq = (SELECT coalesce(max(seq), 0) + 1 FROM {table} WHERE seq > 0)
+    UPDATE events SET seq = (SELECT coalesce(max(seq), 0) + 1 FROM events WHERE seq > 0)
     WHERE id = NEW.id;
 END
 """
-MYSQL_SEQ = "ALTER TABLE {table} MODIFY seq BIGINT NOT NULL AUTO_INCREMENT"
+MYSQL_SEQ = "ALTER TABLE events MODIFY seq BIGINT NOT NULL AUTO_INCREMENT"
 
 
-def dialect_ddl(dialect_name: str, table: str = "events") -> list[str]:
-    """Statements to run after creating the events table on ``dialect_name``."""
+def dialect_ddl(dialect_name: str) -> list[str]:
+    """Statements to run after creating the ``events`` table on ``dialect_name``."""
     if dialect_name == "postgresql":
-        return [
-            PG_TXID_DEFAULT.format(table=table),
-            PG_TABLE_OPTIONS.format(table=table),
-            PG_NOTIFY_FUNCTION,
-            PG_NOTIFY_TRIGGER.format(table=table, channel=NOTIFY_CHANNEL),
-        ]
+        return [*PG_PARTITIONS, *PG_LIVE_INDEXES, *PG_DONE_INDEXES, PG_TXID_DEFAULT,
+                PG_NOTIFY_FUNCTION, PG_NOTIFY_TRIGGER]
     if dialect_name == "sqlite":
-        return [SQLITE_SEQ_TRIGGER.format(table=table)]
+        return [SQLITE_SEQ_TRIGGER]
     if dialect_name in ("mysql", "mariadb"):
-        return [MYSQL_SEQ.format(table=table)]
+        return [MYSQL_SEQ]
     return []
 
 
@@ -568,5 +630,11 @@ def _sqlite_seq_default(element: CreateColumn, compiler: Any, **kw: Any) -> str:
 
 @sa_event.listens_for(Event.__table__, "after_create")
 def _after_create(target: sa.Table, connection: sa.Connection, **_: Any) -> None:
-    for statement in dialect_ddl(connection.dialect.name, target.name):
+    for statement in dialect_ddl(connection.dialect.name):
         connection.exec_driver_sql(statement)
+
+
+# The primary key of the mapping is the single-table layout's; on PostgreSQL each partition has
+# its own (PG_LIVE_INDEXES, PG_DONE_INDEXES).
+_EVENTS_TABLE: sa.Table = Event.__table__  # type: ignore[assignment]
+_EVENTS_TABLE.primary_key.ddl_if(callable_=_single_table)

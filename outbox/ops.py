@@ -18,6 +18,7 @@ manage their own (short) transactions, or a ``Connection`` when they only read.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -27,6 +28,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from outbox._txretry import retrying
 from outbox.events import NOTIFY_CHANNEL, Event, EventStatus, utcnow
 from outbox.patterns import compile_pattern
 from outbox.providers.base import EventFilter, as_event_id
@@ -162,14 +164,19 @@ def replay(
         wanted = _parse_ids(ids)
         for start in range(0, len(wanted), batch_size):
             chunk = wanted[start:start + batch_size]
-            with engine.begin() as conn:
-                found = dict(
-                    conn.execute(sa.select(c.id, c.status).where(c.id.in_(chunk))).all()
-                )
-                result.missing.extend(i for i in chunk if i not in found)
-                result.skipped.update({i: s for i, s in found.items() if s != failed})
-                todo = [i for i in chunk if found.get(i) == failed]
-                result.replayed += len(todo) if dry_run else _replay_rows(conn, todo)
+
+            def replay_chunk(chunk: list[uuid.UUID] = chunk) -> tuple[dict[uuid.UUID, str], int]:
+                with engine.begin() as conn:
+                    found = dict(
+                        conn.execute(sa.select(c.id, c.status).where(c.id.in_(chunk))).all()
+                    )
+                    todo = [i for i in chunk if found.get(i) == failed]
+                    return found, len(todo) if dry_run else _replay_rows(conn, todo)
+
+            found, replayed = retrying(replay_chunk, what="replay")
+            result.missing.extend(i for i in chunk if i not in found)
+            result.skipped.update({i: s for i, s in found.items() if s != failed})
+            result.replayed += replayed
         return result
 
     assert filter is not None
@@ -183,8 +190,9 @@ def replay(
         ceiling = conn.execute(sa.select(sa.func.max(c.seq)).where(*where)).scalar_one()
     if ceiling is None:
         return result
-    after = 0
-    while True:
+
+    def replay_batch(after: int) -> tuple[int | None, int]:
+        """(seq of the batch's last row or None when there is none, events replayed)."""
         with engine.begin() as conn:
             rows = conn.execute(
                 sa.select(c.id, c.seq, c.type)
@@ -193,10 +201,14 @@ def replay(
                 .limit(batch_size)
             ).all()
             if not rows:
-                break
-            after = rows[-1][1]
+                return None, 0
             todo = [r[0] for r in rows if matches is None or matches(r[2])]
-            result.replayed += len(todo) if dry_run else _replay_rows(conn, todo)
+            return rows[-1][1], len(todo) if dry_run else _replay_rows(conn, todo)
+
+    after: int | None = 0
+    while after is not None:
+        after, replayed = retrying(functools.partial(replay_batch, after), what="replay")
+        result.replayed += replayed
     return result
 
 
@@ -256,6 +268,11 @@ def _delete_batch(conn: Connection, status: str, cutoff: dt.datetime, size: int)
     return conn.execute(sa.delete(events).where(c.id.in_(ids), *where)).rowcount
 
 
+def _delete_in_transaction(engine: Engine, status: str, cutoff: dt.datetime, size: int) -> int:
+    with engine.begin() as conn:
+        return _delete_batch(conn, status, cutoff, size)
+
+
 def cleanup(
     engine: Engine,
     *,
@@ -305,8 +322,8 @@ def cleanup(
         result.by_status[status] = 0
         while True:
             batch_started = time.perf_counter()
-            with engine.begin() as conn:
-                n = _delete_batch(conn, status, before, batch_size)
+            n = retrying(functools.partial(_delete_in_transaction, engine, status, before,
+                                           batch_size), what="cleanup")
             took = time.perf_counter() - batch_started
             result.deleted += n
             result.by_status[status] += n

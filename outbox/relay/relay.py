@@ -20,11 +20,12 @@ import anyio
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 
+from outbox._wakeup import Idle, IdleLock
 from outbox.events import get_instance_id
 from outbox.exceptions import OutboxError, ProviderUnavailable, SchemaMissing
 from outbox.relay._gc import DEFAULT_GC_THRESHOLD, young_gc_threshold
 from outbox.relay.dispatch import BatchResult, Dispatcher
-from outbox.relay.listener import PgListener
+from outbox.relay.listener import PgListener, conninfo_from_url
 from outbox.relay.stats import RelayHooks, RelayStats
 from outbox.relay.store import COMPLETED, FAILED, Claim, Outcome, RelayStore
 from outbox.retry import RetryPolicy
@@ -135,6 +136,7 @@ class Relay:
         self._force_full = True
         self._next_full = 0.0
         self._outage_backoff = 0.0
+        self._idle: IdleLock | None = None  # PostgreSQL with NOTIFY: see outbox/_wakeup.py
         self._pinged = False  # the provider answered a ping since the last probe batch
         self._ping_misled = False  # ... and the probe batch failed anyway: sleep, do not ping
 
@@ -213,11 +215,15 @@ class Relay:
             if self.notify and not once:
                 listener = PgListener(self.url, self._on_notify, on_state=self._on_listener)
                 tg.start_soon(listener.run)
+                self._idle = IdleLock(conninfo_from_url(self.url), channel=listener.channel)
             tg.start_soon(self._maintenance)
             try:
                 await self._loop(once)
             finally:
                 tg.cancel_scope.cancel()
+                if self._idle is not None:
+                    await self._idle.close()
+                    self._idle = None
         if once and self._outage_backoff:
             raise ProviderUnavailable(
                 f"{self.stats.last_error}; the events it could not take wait in the table"
@@ -292,8 +298,10 @@ class Relay:
                             await self._batch_done.wait()
                         self._force_full = True
                         continue
-                    await self._wait(self.poll_interval)
+                    await self._idle_wait()
                     continue
+                if self._idle is not None and self._idle.held:
+                    await self._idle.leave()  # busy: writers need not wake us
                 if probe:
                     self._probe = claim.token
                 try:
@@ -408,6 +416,22 @@ class Relay:
     async def _wait(self, seconds: float) -> None:
         with anyio.move_on_after(seconds):
             await self._wake.wait()
+
+    async def _idle_wait(self) -> None:
+        """Nothing is due: sleep until notified (or ``poll_interval``), holding the wake-up lock
+        that makes writers notify (outbox/_wakeup.py); without NOTIFY, just poll."""
+        idle = self._idle
+        if idle is None:
+            await self._wait(self.poll_interval)
+            return
+        found = await idle.enter()
+        if found is Idle.TAKEN:
+            self._force_full = True  # look once more: a writer may have committed just before
+        elif found is Idle.WRITERS:
+            await self._wait(idle.writers_backoff())  # they commit soon, without notifying
+            self._force_full = True
+        else:
+            await self._wait(self.poll_interval)
 
     async def _await_provider(self, seconds: float) -> None:
         """The outage backoff: wait ``seconds``, but end it as soon as the provider answers its

@@ -38,6 +38,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from outbox._txretry import retrying
 from outbox.events import COLUMNS, Event, EventStatus, JSONType, UTCDateTime
 
 __all__ = ["Claim", "Outcome", "RelayStore"]
@@ -62,26 +63,24 @@ _DUE = "e.status = 'pending' AND e.seq >= :floor AND e.next_attempt_at <= :now"
 
 # The f-strings below join fixed SQL fragments; every value is a bound parameter.
 _PG_CLAIM = f"""
-WITH picked AS (
+UPDATE events AS t
+SET status = 'processing', processed_at = :now, lease_owner = :owner,
+    lease_token = :token, lease_expires_at = :expires
+WHERE t.status = 'pending' AND t.id = ANY(ARRAY(
     SELECT e.id FROM events AS e
     WHERE {_DUE} AND {_IS_HEAD}
     ORDER BY e.seq, e.next_attempt_at
     LIMIT :limit
     FOR UPDATE OF e SKIP LOCKED
-)
-UPDATE events AS t
-SET status = 'processing', processed_at = :now, lease_owner = :owner,
-    lease_token = :token, lease_expires_at = :expires
-FROM picked
-WHERE t.id = picked.id
+))
 RETURNING {_COLS}
 """  # noqa: S608
 
-# Walk ix_events_pending in order and stop at LIMIT. The claim orders by (seq, next_attempt_at),
-# the partial index's own order, and sorting is disabled, so that index is the only plan without a
-# sort: otherwise, depending on statistics, PostgreSQL picks a bitmap scan + sort that tests the
-# head-of-key rule on every pending row (100x slower with a fresh table), or walks uq_events_seq
-# through every finished row.
+# Walk the live partition's (seq, next_attempt_at) index in order and stop at LIMIT: the claim
+# orders by the index's own order and sorting is disabled, so that index is the only plan without
+# a sort (otherwise, depending on statistics, PostgreSQL picks a bitmap scan + sort that tests the
+# head-of-key rule on every pending row: 100x slower on a fresh table). The picked ids are handed
+# to the UPDATE as an array: a join of them against ``events`` could hash the whole partition.
 _PG_PLAN_SETTINGS = ("enable_sort = off", "enable_incremental_sort = off",
                      "enable_bitmapscan = off")
 # Claimed rows come back as UTC datetimes without conversion.
@@ -130,7 +129,7 @@ WHERE id IN :ids AND status = 'pending'
 
 _SELECT_BY_TOKEN = (
     f"SELECT {_COLS} FROM events AS t "  # noqa: S608
-    "WHERE t.id IN :ids AND t.lease_token = :token"
+    "WHERE t.id IN :ids AND t.lease_token = :token AND t.status = 'processing'"
 )
 
 _COMPLETE = """
@@ -154,17 +153,16 @@ WHERE id IN :ids AND lease_token = :token AND status = 'processing'
 """
 
 _PG_RECOVER = """
-WITH expired AS (
+UPDATE events AS t
+SET status = 'pending', lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
+    error = :error
+WHERE t.status = 'processing' AND t.id = ANY(ARRAY(
     SELECT id FROM events
     WHERE status = 'processing' AND lease_expires_at < :now
     ORDER BY lease_expires_at
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
-)
-UPDATE events AS t
-SET status = 'pending', lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
-    error = :error
-FROM expired WHERE t.id = expired.id
+))
 RETURNING t.seq
 """
 
@@ -356,24 +354,29 @@ class RelayStore:
         expires = now + dt.timedelta(seconds=lease)
         params = {"now": now, "expires": expires, "owner": self.owner, "token": token,
                   "limit": limit, "floor": floor}
-        with self._begin() as conn:
-            if self._claim_prefix:
-                conn.exec_driver_sql(self._claim_prefix)
-            q0 = time.perf_counter()
-            if self._is_pg or self._is_sqlite:
-                result = conn.execute(self._claim, params)
-                query_seconds = time.perf_counter() - q0
-                rows = result.all()
-            else:
-                ids = [r[0] for r in conn.execute(self._mysql_pick, params)]
-                query_seconds = time.perf_counter() - q0
-                rows = self._mark_and_load(conn, ids, params) if ids else []
-            events = [_to_event(r) for r in rows]
-            followers: list[Event] = []
-            room = limit - len(events)
-            keys = {e.ordering_key for e in events if e.ordering_key is not None}
-            if room > 0 and keys:
-                followers = self._claim_followers(conn, keys, room, params)
+
+        def transaction() -> tuple[list[Event], list[Event], float]:
+            with self._begin() as conn:
+                if self._claim_prefix:
+                    conn.exec_driver_sql(self._claim_prefix)
+                q0 = time.perf_counter()
+                if self._is_pg or self._is_sqlite:
+                    result = conn.execute(self._claim, params)
+                    query_seconds = time.perf_counter() - q0
+                    rows = result.all()
+                else:
+                    ids = [r[0] for r in conn.execute(self._mysql_pick, params)]
+                    query_seconds = time.perf_counter() - q0
+                    rows = self._mark_and_load(conn, ids, params) if ids else []
+                events = [_to_event(r) for r in rows]
+                followers: list[Event] = []
+                room = limit - len(events)
+                keys = {e.ordering_key for e in events if e.ordering_key is not None}
+                if room > 0 and keys:
+                    followers = self._claim_followers(conn, keys, room, params)
+            return events, followers, query_seconds
+
+        events, followers, query_seconds = retrying(transaction, what="claim")
         events.extend(followers)
         events.sort(key=_seq)
         return Claim(token=token, events=events, expires_at=expires,
@@ -432,7 +435,8 @@ class RelayStore:
     def _unclaim(self, conn: Connection, ids: list[Any], token: uuid.UUID) -> None:
         conn.execute(
             _stmt("UPDATE events SET status = 'pending', lease_owner = NULL, lease_token = NULL, "
-                  "lease_expires_at = NULL WHERE id IN :ids AND lease_token = :token",
+                  "lease_expires_at = NULL WHERE id IN :ids AND lease_token = :token "
+                  "AND status = 'processing'",
                   expanding=("ids",), pg=self._is_pg),
             {"ids": ids, "token": token},
         )
@@ -451,19 +455,22 @@ class RelayStore:
         now = self.now()
         done = [o.event.id for o in outcomes if o.status == COMPLETED]
         others = [o for o in outcomes if o.status != COMPLETED]
-        with self._begin() as conn:
-            if self._settle_prefix:
-                conn.exec_driver_sql(self._settle_prefix)
-            if done:
-                result.completed = conn.execute(
-                    self._complete, {"ids": done, "token": token, "now": now}
-                ).rowcount
-            if others:
-                params = [self._settle_params(o, token, now) for o in others]
+        params = [self._settle_params(o, token, now) for o in others]
+
+        def transaction() -> None:
+            with self._begin() as conn:
+                if self._settle_prefix:
+                    conn.exec_driver_sql(self._settle_prefix)
+                if done:
+                    result.completed = conn.execute(
+                        self._complete, {"ids": done, "token": token, "now": now}
+                    ).rowcount
                 changed = 0
                 for p in params:  # executemany hides per-row counts on some drivers
                     changed += conn.execute(self._settle, p).rowcount
                 result.settled = changed
+
+        retrying(transaction, what="settle")
         if result.completed != len(done) or result.settled != len(others):
             result.lost = self._lost(token, [o.event.id for o in outcomes])
         return result
@@ -500,11 +507,13 @@ class RelayStore:
         if not ids:
             return 0
         expires = self.now() + dt.timedelta(seconds=lease)
-        with self._begin() as conn:
-            changed: int = conn.execute(
-                self._renew, {"ids": list(ids), "token": token, "expires": expires}
-            ).rowcount
-        return changed
+        params = {"ids": list(ids), "token": token, "expires": expires}
+
+        def transaction() -> int:
+            with self._begin() as conn:
+                return int(conn.execute(self._renew, params).rowcount)
+
+        return retrying(transaction, what="lease renewal")
 
     def recover_expired(self, limit: int = 1000) -> list[int]:
         """Hand events whose lease expired (their relay died) back to ``pending``; their seqs.
@@ -513,17 +522,21 @@ class RelayStore:
         """
         now = self.now()
         error = "lease expired before its relay settled the event; re-queued"
-        with self._begin() as conn:
-            if self._is_pg:
-                rows = conn.execute(self._pg_recover,
-                                    {"now": now, "limit": limit, "error": error}).all()
-                return [r[0] for r in rows]
-            found = conn.execute(self._expired, {"now": now, "limit": limit}).all()
-            if not found:
-                return []
-            conn.execute(self._recover, {"ids": [r[0] for r in found], "now": now,
-                                         "error": error})
-            return [r[1] for r in found]
+
+        def transaction() -> list[int]:
+            with self._begin() as conn:
+                if self._is_pg:
+                    rows = conn.execute(self._pg_recover,
+                                        {"now": now, "limit": limit, "error": error}).all()
+                    return [r[0] for r in rows]
+                found = conn.execute(self._expired, {"now": now, "limit": limit}).all()
+                if not found:
+                    return []
+                conn.execute(self._recover, {"ids": [r[0] for r in found], "now": now,
+                                             "error": error})
+                return [r[1] for r in found]
+
+        return retrying(transaction, what="lease recovery")
 
     # -- inspection (metrics, CLI) ----------------------------------------------------------
 

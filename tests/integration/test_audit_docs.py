@@ -211,11 +211,14 @@ def test_maintenance_recipes_in_order(pg_engine: sa.Engine) -> None:
 
     with pg_engine.begin() as conn:
         run(conn, docs["autovacuum-settings"])
-        options = conn.exec_driver_sql(
-            "SELECT reloptions FROM pg_class WHERE relname = 'events'").scalar_one()
-        assert "autovacuum_vacuum_threshold=5000" in options
-        (stat,) = run(conn, docs["autovacuum-check"])
-        assert stat["relname"] == "events" and "n_dead_tup" in stat
+        options = dict(conn.exec_driver_sql(
+            "SELECT relname, reloptions FROM pg_class "
+            "WHERE relname IN ('events_live', 'events_done')").all())
+        assert "autovacuum_vacuum_threshold=5000" in options["events_live"]
+        assert "autovacuum_vacuum_insert_threshold=100000" in options["events_done"]
+        stats = run(conn, docs["autovacuum-check"])
+        assert sorted(s["relname"] for s in stats) == ["events_done", "events_live"]
+        assert all("n_dead_tup" in s for s in stats)
 
         run(conn, docs["retention-batch"])
         left = set(conn.execute(sa.select(Event.type)).scalars())

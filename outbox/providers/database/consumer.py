@@ -296,6 +296,7 @@ class _GroupReader:
                         continue  # the range is done: look for more at once
                 if fetched.claim is not None and fetched.events:
                     self.blocked_wait = 0.0
+                    await self.p._busy()
                     continue
                 if fetched.blocked:
                     # Committed events wait behind an older transaction that is still running;
@@ -306,7 +307,7 @@ class _GroupReader:
                     self.blocked_wait = 0.0
             if self.delayed:
                 wait = min(wait, self.delayed[0].due - time.monotonic())
-            await self.signal.wait(seen, wait)
+            await self.p._rest(self.signal, seen, wait)
 
     async def _open(self) -> None:
         cluster = await self.p._cluster()
@@ -514,12 +515,13 @@ class _Tail:
             self.backoff.reset()
             if batch.events:
                 self.blocked_wait = 0.0
+                await self.p._busy()
                 continue
             wait = self.p.poll_interval
             if batch.blocked:
                 self.blocked_wait = self.p._blocked_backoff(self.blocked_wait)
                 wait = self.blocked_wait
-            await self.signal.wait(seen, wait)
+            await self.p._rest(self.signal, seen, wait)
 
     async def close(self) -> None:
         self.closed = True

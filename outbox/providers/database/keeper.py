@@ -2,9 +2,10 @@
 
 One task per :class:`DatabaseProvider` while it has readers. On PostgreSQL with psycopg it keeps a
 dedicated autocommit connection listening on ``outbox_events`` (the events table's statement
-trigger notifies once per writing transaction, at commit) and wakes every reader of the provider
-on each notification. Notifications sent while the listener is disconnected are lost, so every
-(re)connect wakes the readers once, and readers poll every ``poll_interval`` anyway.
+trigger notifies once per writing transaction, at commit, while a listener waits: readers with
+nothing to do hold the wake-up lock of ``outbox/_wakeup.py``) and wakes every reader of the
+provider on each notification. Notifications sent while the listener is disconnected are lost,
+so every (re)connect wakes the readers once, and readers poll every ``poll_interval`` anyway.
 
 Every ``lease / 3`` seconds it renews the leases of the claims the readers hold, recording their
 progress; a claim found taken over is dropped from its reader.
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from outbox._wakeup import IdleLock
 from outbox.events import NOTIFY_CHANNEL
 from outbox.providers._bus import Backoff
 from outbox.providers.database import sql
@@ -39,6 +41,8 @@ async def run_keeper(provider: DatabaseProvider) -> None:
     reconnect_at = 0.0
     interval = max(provider.lease / 3.0, 0.05)
     next_renew = time.monotonic() + interval
+    if listen:  # readers that wait hold it, so that writers notify (outbox/_wakeup.py)
+        provider._wakeup = IdleLock(_conninfo(provider))
     try:
         while True:
             now = time.monotonic()
@@ -72,9 +76,20 @@ async def run_keeper(provider: DatabaseProvider) -> None:
                 await _renew(provider)
                 next_renew = time.monotonic() + interval
     finally:
+        wakeup, provider._wakeup = provider._wakeup, None
+        if wakeup is not None:
+            await wakeup.close()
         if conn is not None:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await conn.close()
+
+
+def _conninfo(provider: DatabaseProvider) -> str:
+    from psycopg.conninfo import make_conninfo
+
+    kwargs = provider._listen_args()
+    assert kwargs is not None
+    return make_conninfo("", **kwargs)
 
 
 async def _connect(provider: DatabaseProvider) -> Any:

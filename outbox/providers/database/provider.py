@@ -28,6 +28,8 @@ import anyio
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from outbox._txretry import retrying
+from outbox._wakeup import Idle, IdleLock
 from outbox.events import Event, EventStatus, get_instance_id
 from outbox.exceptions import ConfigError, ProviderError, ProviderUnavailable, SchemaMissing
 from outbox.patterns import compile_pattern
@@ -43,7 +45,7 @@ from outbox.providers.base import (
     publish_each,
 )
 from outbox.providers.database import sql
-from outbox.providers.database.consumer import DatabaseDelivery, _GroupReader, _Tail
+from outbox.providers.database.consumer import DatabaseDelivery, Signal, _GroupReader, _Tail
 from outbox.providers.database.keeper import run_keeper
 from outbox.providers.database.subscription import Deliveries, GroupStream, TailStream
 from outbox.schema import MIGRATE_HINT
@@ -147,6 +149,8 @@ class DatabaseProvider:
         self._tails: set[_Tail] = set()
         self._groups = GroupRegistry()
         self._keeper: asyncio.Task[None] | None = None
+        self._wakeup: IdleLock | None = None  # the keeper's, while it listens
+        self._resting = 0  # readers waiting for a wake-up or their poll interval
         self._cluster_cached: str | None = None
         self._cluster_known = False
         self._closed = False
@@ -209,9 +213,14 @@ class DatabaseProvider:
     def _call_sync(self, fn: Callable[..., T], *args: Any, transaction: bool = False) -> T:
         """``fn(conn, *args)`` on a connection (in a transaction of its own with
         ``transaction``), errors as the provider contract's."""
-        try:
+        def run() -> T:
             with self.engine.begin() if transaction else self.engine.connect() as conn:
                 return fn(conn, *args)
+
+        try:
+            # A whole transaction is run again when a concurrent one moved a row it wanted
+            # (events are partitioned by status on PostgreSQL) or deadlocked with it.
+            return retrying(run, what="database provider") if transaction else run()
         except Exception as exc:
             translated = _translate(exc)
             if translated is exc:
@@ -445,6 +454,28 @@ class DatabaseProvider:
         kwargs = dict(kwargs)
         kwargs.pop("context", None)
         return kwargs
+
+    async def _rest(self, signal: Signal, seen: int, wait: float) -> None:
+        """A reader found nothing to do: wait for a wake-up (or ``wait`` seconds), holding the
+        wake-up lock meanwhile, so that writers notify (outbox/_wakeup.py)."""
+        wakeup = self._wakeup
+        if wakeup is not None and wait >= self.poll_interval:  # idle, not a short re-look
+            found = await wakeup.enter()
+            if found is Idle.TAKEN:
+                return  # look once more: a writer may have committed just before
+            if found is Idle.WRITERS:
+                wait = wakeup.writers_backoff()  # they commit soon, without notifying
+        self._resting += 1
+        try:
+            await signal.wait(seen, wait)
+        finally:
+            self._resting -= 1
+
+    async def _busy(self) -> None:
+        """A reader has work: writers need not wake this provider unless another reader rests."""
+        wakeup = self._wakeup
+        if wakeup is not None and wakeup.held and not self._resting:
+            await wakeup.leave()
 
     def _wake_all(self) -> None:
         for reader in self._readers:

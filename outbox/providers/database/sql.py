@@ -322,14 +322,13 @@ def _insert_values(event: Event, *, stored_only: bool, xids: bool) -> dict[str, 
 
 def _insert_statement(dialect: str, on_bus: bool) -> Any:
     """The idempotent INSERT for ``dialect``, without values: executed with a list of rows, it is
-    compiled once and sent as multi-row INSERTs (SQLAlchemy's insertmanyvalues)."""
+    compiled once and sent as multi-row INSERTs (SQLAlchemy's insertmanyvalues).
+
+    PostgreSQL's ``events`` is partitioned and has no key of its own to name in ``ON CONFLICT``:
+    :func:`insert_events` leaves out the ids it finds in either partition first, and the
+    partition's primary key turns a concurrent insert of the same id into nothing."""
     if dialect == "postgresql":
-        pg = postgresql.insert(events)
-        if on_bus:
-            return pg.on_conflict_do_update(
-                index_elements=[c.id], set_={"txid": CURRENT_XID}, where=c.txid.is_(None),
-            ).returning(c.id)
-        return pg.on_conflict_do_nothing(index_elements=[c.id]).returning(c.id)
+        return postgresql.insert(events).on_conflict_do_nothing().returning(c.id)
     if dialect == "sqlite":
         return sqlite.insert(events).on_conflict_do_nothing(index_elements=[c.id]).returning(c.id)
     if dialect in ("mysql", "mariadb"):
@@ -355,14 +354,24 @@ def insert_events(conn: Connection, batch: Sequence[Event], on_bus: bool) -> int
         rows.setdefault(values["id"], values)
     if not rows:
         return 0
-    key = (conn.dialect.name, on_bus)
-    stmt = _INSERTS.get(key)
-    if stmt is None:
-        stmt = _INSERTS[key] = _insert_statement(*key)
-    result = conn.execute(stmt, list(rows.values()))
-    if result.returns_rows:
-        return len(result.all())
-    return len(rows)
+    stored_only: list[uuid.UUID] = []
+    if xids:
+        found = conn.execute(sa.select(c.id, c.txid).where(c.id.in_(list(rows)))).all()
+        stored_only = [i for i, txid in found if txid is None]
+        for i, _txid in found:
+            del rows[i]
+    new = 0
+    if rows:
+        key = (conn.dialect.name, on_bus)
+        stmt = _INSERTS.get(key)
+        if stmt is None:
+            stmt = _INSERTS[key] = _insert_statement(*key)
+        result = conn.execute(stmt, list(rows.values()))
+        new = len(result.all()) if result.returns_rows else len(rows)
+    if on_bus and stored_only:
+        conn.execute(sa.update(events).where(c.id.in_(stored_only), c.txid.is_(None))
+                     .values(txid=CURRENT_XID))
+    return new
 
 
 def get_event(conn: Connection, event_id: uuid.UUID) -> Event | None:
