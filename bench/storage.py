@@ -12,8 +12,8 @@ the same statuses, plain SQL over ``events`` works on every one) with a differen
                updates; ``events_done`` (completed) with the audit indexes, written once when the
                relay's completion moves the row there;
 - ``split-ff70``, ``split-ff100``: the same at fill factor 70 and 100 (less room for HOT);
-- ``split-nohot`` the same, with the claim index partial on ``status = 'pending'`` (as in ``single``):
-               every claim writes the live indexes again — what HOT is worth;
+- ``split-nohot`` the same, with the claim index partial on ``status = 'pending'`` (as in
+               ``single``): every claim writes the live indexes again — what HOT is worth;
 - ``side``     ``events`` keeps the history and the audit indexes; a narrow ``event_deliveries``
                table holds the mutable delivery state (status, lease, next attempt) while an event
                is unfinished; the writer inserts into both, a claim updates only the narrow row, a
@@ -201,7 +201,7 @@ FROM done WHERE e.id = done.id
 
 # Seed N pending events shaped like capture's (a small JSON row, one ordering key per row).
 _SEED_SELECT = (
-    f"SELECT {_UUID7}, 'database', 'public.t' || mod(i, 10) || '.create', 'pending', "
+    f"SELECT {_UUID7}, 'database', 'public.t' || mod(i, 10) || '.create', 'pending', "  # noqa: S608
     "jsonb_build_object('id', i, 'name', 'user ' || i, 'email', 'user' || i || '@example.com', "
     "'active', true), 'bench', 'public', 't' || mod(i, 10), i::text, 'create', now(), "
     "'{}'::jsonb, 0, now(), 'public.t' || mod(i, 10) || ':' || i "
@@ -228,13 +228,13 @@ SELECT {_UUID7}, 'database', e.doc->>'type', 'pending', e.doc->'payload',
     e.doc->>'ordering_key'
 FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS e(doc, n)
 ORDER BY e.n
-"""
+"""  # noqa: S608 (bench-only constants)
 _WRITE_SIDE = f"""
 WITH ins AS ({_WRITE_EVENTS.strip()}
     RETURNING id, seq, ordering_key, next_attempt_at)
 INSERT INTO event_deliveries (id, seq, ordering_key, status, next_attempt_at)
 SELECT id, seq, ordering_key, 'pending', next_attempt_at FROM ins
-"""
+"""  # noqa: S608 (bench-only constants)
 
 _CLAIM = _CLAIM_EVENTS.format(extra="")
 LAYOUTS: dict[str, dict[str, str]] = {
@@ -258,8 +258,8 @@ CREATE TABLE items (id bigserial PRIMARY KEY, name text NOT NULL, email text NOT
 """
 _ITEM_INSERT = (
     "INSERT INTO items (name, email, qty, active) "
-    "SELECT n, n || '@example.com', q, true FROM unnest(%(names)s::text[], %(qty)s::int[]) AS x(n, q) "
-    "RETURNING id"
+    "SELECT n, n || '@example.com', q, true "
+    "FROM unnest(%(names)s::text[], %(qty)s::int[]) AS x(n, q) RETURNING id"
 )
 
 # ---------------------------------------------------------------------------------------------
