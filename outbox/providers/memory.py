@@ -28,7 +28,7 @@ import time
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, ClassVar
 
@@ -36,7 +36,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from outbox.events import _ATTR_TO_COLUMN, _MANAGER, Event, EventStatus, utcnow
-from outbox.exceptions import ProviderError, ProviderFull
+from outbox.exceptions import ProviderError, ProviderFull, ProviderUnavailable
 from outbox.patterns import SubscriptionIndex, compile_pattern
 from outbox.providers.base import (
     Capabilities,
@@ -96,6 +96,8 @@ def _key(event_id: uuid.UUID | str) -> int:
     return as_event_id(event_id).int
 
 
+#: One result per published event (``None``: accepted).
+_Results = list[BaseException | None]
 #: Status -> index of its bucket (pending, processing, finished).
 _BUCKET = {"pending": 0, "processing": 1, "completed": 2, "failed": 2}
 #: Accepted status spellings -> the stored text (enum member lookups are slow in hot paths).
@@ -219,14 +221,35 @@ class MemoryProvider:
         Idempotent by id: an event already delivered is not delivered again.
         """
         self._check(event)
+        await self._publish_checked(event)
+
+    async def publish_many(self, events: Sequence[Event]) -> _Results:
+        """:meth:`publish` each event in order, one result per event (``None``: accepted); an
+        outage (:attr:`fail_with`) raises for the whole call. The relay's forwarding path: one
+        call per round of a batch instead of one per event."""
+        results: _Results = []
+        for event in events:
+            try:
+                self._check(event)
+            except ProviderUnavailable:
+                raise
+            except Exception as exc:  # about this event only
+                results.append(exc)
+                continue
+            await self._publish_checked(event)
+            results.append(None)
+        return results
+
+    async def _publish_checked(self, event: Event) -> None:
         key = self._store(event)
         if key in self._delivered:
             return
         self._published += 1
-        for send in self._streams.match(event.__dict__.get("type") or event.type):
-            # A stream closed meanwhile just does not get it.
-            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                await send.send(copy_event(event))
+        if self._streams:
+            for send in self._streams.match(event.__dict__.get("type") or event.type):
+                # A stream closed meanwhile just does not get it.
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    await send.send(copy_event(event))
         if key in self._events:
             self._delivered.add(key)
 

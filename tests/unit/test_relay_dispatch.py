@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
 import anyio
 import pytest
@@ -110,13 +111,15 @@ async def test_forward_rounds_keep_key_order_when_the_provider_refuses_one() -> 
     events = batch(["a", "b", "a", "a"])
     provider = MemoryProvider()
     published: list[int] = []
-    real = provider.publish
+    real = provider.publish_many
 
-    async def spy(e: Event) -> None:
-        await real(e)
-        published.append(e.payload["seq"])
+    async def spy(events: Sequence[Event]) -> list[BaseException | None]:
+        results = await real(events)
+        published.extend(e.payload["seq"] for e, r in zip(events, results, strict=True)
+                         if r is None)
+        return results
 
-    provider.publish = spy  # type: ignore[method-assign]
+    provider.publish_many = spy  # type: ignore[method-assign]
     provider.fail_when = lambda e: ProviderError("too big") if e.payload["seq"] == 1 else None
     res = await run(events, None, provider)
     status = {o.event.seq: o.status for o in res.outcomes.values()}
