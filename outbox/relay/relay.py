@@ -326,7 +326,7 @@ class Relay:
             self._force_full = False
             self._next_full = time.monotonic() + self.rescan_interval
         if claim.events:
-            self._floor = max(self._floor if not full else 0, claim.events[0].seq)
+            self._floor = max(self._floor if not full else 0, _next_floor(claim))
             self._held[claim.token] = (claim, {e.id for e in claim.events})
         s = self.stats
         s.claims += 1
@@ -546,6 +546,21 @@ class Relay:
     async def blocked_keys(self, limit: int = 100) -> list[tuple[str, int, int]]:
         """Ordering keys held back by a failed event: (key, seq, failed events)."""
         return await _in_thread(self.store.blocked_keys, limit)
+
+
+def _next_floor(claim: Claim) -> int:
+    """Where the next bounded claim starts: after the run of consecutive ``seq`` values this
+    claim took from its first event, i.e. at the first ``seq`` it left (a row of another relay,
+    a key's later event, a transaction not committed yet) or right after its last event. The
+    claimed rows themselves are in flight: walking them again would only cost the scan time.
+    What is skipped below the floor is found by the next full scan."""
+    seqs = [e.seq for e in claim.events]  # in seq order
+    floor = seqs[0]
+    for seq in seqs:
+        if seq != floor:
+            break
+        floor += 1
+    return floor
 
 
 async def _in_thread(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:

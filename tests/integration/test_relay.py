@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -406,13 +406,14 @@ async def test_provider_error_about_one_event_is_a_retry_and_keeps_key_order(
 
     provider.fail_when = once_for_third
     order: list[uuid.UUID] = []
-    real_publish = provider.publish
+    real_publish = provider.publish_many
 
-    async def spy(event: Event) -> None:
-        await real_publish(event)
-        order.append(event.id)
+    async def spy(events: Sequence[Event]) -> list[BaseException | None]:
+        results = await real_publish(events)
+        order.extend(e.id for e, r in zip(events, results, strict=True) if r is None)
+        return results
 
-    provider.publish = spy  # type: ignore[method-assign]
+    provider.publish_many = spy  # type: ignore[method-assign]
     await run_until(relay, lambda: counts(engine) == {"completed": 6})
     assert order == ids  # the refused event went out before the later ones of its key
     handled = [e.id for e in rec.seen]
