@@ -7,6 +7,7 @@ Commands (``--help`` on each)::
     python -m outbox replay ID... | --status failed [filters] [--dry-run]
     python -m outbox stats [--since 24h] [--json]
     python -m outbox cleanup --older-than 30d [--status completed,failed] [--batch 5000] [--dry-run]
+    python -m outbox console [--host 127.0.0.1] [--port 8765] [--read-only] [--no-auth]
 
 The database comes from ``--database-url``, else the ``--config`` file (or ``OUTBOX_CONFIG``),
 else ``OUTBOX_DATABASE_URL``, else the embedded default ``outbox.db`` in the working directory
@@ -34,6 +35,7 @@ from sqlalchemy.engine import Engine
 from outbox import _json, ops
 from outbox.events import Event, EventSource, EventStatus, Operation, utcnow
 from outbox.exceptions import OutboxError
+from outbox.console import cli as console_cli
 from outbox.logs import LOG_LEVELS, configure_logging, preserved_logging, redact
 from outbox.providers.base import EventFilter
 from outbox.schema import check_schema
@@ -291,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--dry-run", action="store_true", help="only count what would go")
     cleanup.add_argument("--json", action="store_true", help="report as JSON")
     cleanup.set_defaults(run=cmd_cleanup)
+
+    console_cli.add_parser(commands, _common)
     return parser
 
 
