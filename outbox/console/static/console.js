@@ -13,3 +13,12 @@ document.addEventListener("DOMContentLoaded", () => {
     setTimeout(refresh, every);
   }
 });
+
+// Filter forms leave empty fields out of the URL, so links to a filtered page stay short.
+document.addEventListener("submit", (event) => {
+  const form = event.target;
+  if (!form.classList || !form.classList.contains("filters")) return;
+  for (const field of form.querySelectorAll("input, select")) {
+    if (field.name && field.value === "") field.disabled = true;
+  }
+});
