@@ -206,6 +206,8 @@ class ConsoleConfig(_Section):
     read_only: bool = False
     redact: tuple[str, ...] = ()
     page_size: int = field(default=50, metadata={"min": 1, "max": 500})
+    #: Seconds after which a page's query is cancelled (PostgreSQL).
+    query_timeout: float = _at_least(10.0, 0, above=True)
 
 
 _RETRY_FIELDS: dict[str, Any] = {

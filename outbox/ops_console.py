@@ -58,6 +58,7 @@ __all__ = [
     "failure_groups",
     "health_figures",
     "known_types",
+    "limit_time",
     "relays_seen",
     "replay_failure_group",
     "throughput",
@@ -73,6 +74,15 @@ PROCESSING = EventStatus.PROCESSING.value
 ERROR_CLIP = 300
 #: Counts that could be large are counted up to this and shown as "at least".
 COUNT_CAP = 10_000
+
+
+def limit_time(conn: Connection, seconds: float | None) -> None:
+    """Cancel any statement of this transaction that runs longer than ``seconds`` (PostgreSQL's
+    ``statement_timeout``, transaction-local; elsewhere nothing): a filter no index serves
+    must not keep reading a table of millions for minutes on behalf of a web page."""
+    if seconds and conn.dialect.name == "postgresql":
+        conn.execute(sa.select(sa.func.set_config(
+            "statement_timeout", str(max(1, int(seconds * 1000))), True)))
 
 
 def _capped_count(where: Iterable[sa.ColumnElement[bool]]) -> sa.Select[Any]:

@@ -95,6 +95,7 @@ class Console:
         redact: Iterable[str] = (),
         secret: str | None = None,
         page_size: int = 50,
+        query_timeout: float | None = 10.0,
     ) -> None:
         self.credentials = credentials or Credentials()
         if no_auth and (self.credentials.configured or authenticate is not None):
@@ -113,6 +114,7 @@ class Console:
         self.redactor = Redactor(redact)
         self.signer = Signer(secret)
         self.page_size = page_size
+        self.query_timeout = query_timeout
         if isinstance(database, str):
             self.engine = sa.create_engine(database, pool_pre_ping=True)
             self._own_engine = True
@@ -141,6 +143,7 @@ class Console:
         """``fn(connection, *args)`` in a worker thread, on a connection of its own."""
         def run() -> T:
             with self.engine.connect() as conn:
+                ops_console.limit_time(conn, self.query_timeout)
                 return fn(conn, *args, **kwargs)
 
         return await anyio.to_thread.run_sync(run)
@@ -296,6 +299,10 @@ def endpoint(console: Console, handler: Handler, *, public: bool = False,
         except HTTPError as exc:
             return page.render("error.html", status=exc.status, message=exc.message)
         except sa.exc.DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) == "57014":  # query_canceled: the timeout
+                return page.render("error.html", status=504, message=(
+                    f"the query took longer than {console.query_timeout:g} s: narrow the "
+                    "filter (a time range, a type, a user, an entity)"))
             first = str(exc.orig or exc).strip().splitlines()
             message = redact_text(first[0] if first else type(exc).__name__)
             log.warning("console: database error on %s: %s", request.url.path, message)
@@ -562,6 +569,7 @@ def create_app(
     redact: Iterable[str] = (),
     secret: str | None = None,
     page_size: int = 50,
+    query_timeout: float | None = 10.0,
 ) -> Starlette:
     """The console as an ASGI app, to serve or mount (``app.mount("/outbox", …)``).
 
@@ -570,12 +578,13 @@ def create_app(
     the identity from your application's own authentication (``None``: refused); ``no_auth``
     only for a console reachable from this machine alone. ``read_only`` hides and refuses
     replays; ``redact`` lists JSON paths never shown (``payload.password``); ``secret`` signs
-    sessions and CSRF tokens (set it when several processes serve the console).
+    sessions and CSRF tokens (set it when several processes serve the console);
+    ``query_timeout`` cancels a page's query after that many seconds (PostgreSQL).
     """
     console = Console(
         database, credentials=Credentials(token=token, username=username, password=password),
         authenticate=authenticate, no_auth=no_auth, read_only=read_only, redact=redact,
-        secret=secret, page_size=page_size,
+        secret=secret, page_size=page_size, query_timeout=query_timeout,
     )
 
     def route(path: str, handler: Handler, methods: tuple[str, ...] = ("GET",),

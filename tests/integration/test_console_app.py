@@ -369,3 +369,16 @@ def test_a_database_that_went_away_is_one_line(pg_url: str) -> None:
         r = c.get("/events", headers=BEARER)
     assert r.status_code == 503 and "database:" in r.text and "Traceback" not in r.text
     engine.dispose()
+
+
+def test_a_query_over_the_time_limit_is_cancelled_with_advice(pg_engine: sa.Engine) -> None:
+    with pg_engine.begin() as conn:  # 100,000 rows, none from source 'system'
+        conn.exec_driver_sql(
+            "INSERT INTO events (id, source, type, status, payload, instance_id, created_at, "
+            "metadata, retry_count, next_attempt_at) SELECT gen_random_uuid(), 'database', "
+            "'t.x', 'completed', '{}', 'i', now(), '{}', 0, now() "
+            "FROM generate_series(1, 100000)")
+    app = create_app(pg_engine, token=TOKEN, query_timeout=0.001)
+    with client_for(app) as c:
+        r = c.get("/events?source=system", headers=BEARER)
+    assert r.status_code == 504 and "narrow the filter" in r.text
