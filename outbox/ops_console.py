@@ -544,7 +544,7 @@ def estimated_total(conn: Connection) -> int:
     (``reltuples`` of the table, or of its partitions), elsewhere the highest ``seq``."""
     if conn.dialect.name == "postgresql":
         regclass = sa.cast(sa.literal(events.name), postgresql.REGCLASS)
-        parts = sa.select(sa.column("relid")).select_from(
+        parts: sa.Select[Any] = sa.select(sa.column("relid")).select_from(
             sa.func.pg_partition_tree(regclass).table_valued("relid", "isleaf")
         ).where(sa.column("isleaf"))
         pg_class = sa.table("pg_class", sa.column("oid"), sa.column("relkind"),

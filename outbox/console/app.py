@@ -41,7 +41,7 @@ log = logging.getLogger("outbox.console")
 T = TypeVar("T")
 #: Signs a request in from the host application's own authentication: the identity to record
 #: for its actions, or ``None`` (not signed in).
-Authenticate = Callable[[Request], "str | None | Awaitable[str | None]"]
+Authenticate = Callable[[Request], "Awaitable[str | None] | str | None"]
 
 SESSION_COOKIE = "outbox_session"
 CSRF_COOKIE = "outbox_csrf"

@@ -7,10 +7,11 @@
 
 The database comes as for every ``python -m outbox`` command; the rest from the config's
 ``console:`` section and ``OUTBOX_CONSOLE_*`` (``TOKEN``, ``USERNAME``, ``PASSWORD``, ``SECRET``,
-``HOST``, ``PORT``, ``READ_ONLY``, ``REDACT``, ``PAGE_SIZE``, ``QUERY_TIMEOUT``); flags win. Credentials are never
-flags (a command line is visible to every user of the machine). Without credentials it refuses
-to start unless told ``--no-auth`` and bound to a loopback address. This module imports no web
-package: the ``console`` extra is needed only when the command runs.
+``HOST``, ``PORT``, ``READ_ONLY``, ``REDACT``, ``PAGE_SIZE``, ``QUERY_TIMEOUT``); flags
+win. Credentials are never flags (a command line is visible to every user of the machine).
+Without credentials it refuses to start unless told ``--no-auth`` and bound to a loopback
+address. This module imports no web package: the ``console`` extra is needed only when the
+command runs.
 """
 
 from __future__ import annotations

@@ -148,7 +148,7 @@ def bar_chart(buckets: Sequence[ThroughputBucket], *, width: int = 720, height: 
     """Events per bucket as an inline SVG bar chart (no script, no external resource)."""
     top = max((b.events for b in buckets), default=0)
     scale = max(top, 1)
-    left, bottom, plot_h = 48, 20, height - 28
+    left, plot_h = 48, height - 28
     gap = 1
     bar_w = max(1.0, (width - left) / max(len(buckets), 1) - gap)
     parts = [
@@ -161,7 +161,7 @@ def bar_chart(buckets: Sequence[ThroughputBucket], *, width: int = 720, height: 
     for i, b in enumerate(buckets):
         h = 0 if b.events == 0 else max(1.0, plot_h * b.events / scale)
         x = left + i * (bar_w + gap)
-        tip = f"{timestamp(b.start)}–{timestamp(b.end)[11:]} UTC: {b.events:,} events"
+        tip = f"{timestamp(b.start)} to {timestamp(b.end)[11:]} UTC: {b.events:,} events"
         if not b.exact:
             tip += " (estimated)"
         parts.append(

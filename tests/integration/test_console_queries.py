@@ -255,3 +255,26 @@ def test_health_figures_in_one_go(engine: sa.Engine) -> None:
     assert 89 < figures.backlog.lag_seconds(figures.now) < 120
     assert sum(b.events for b in figures.throughput) == 2
     assert figures.consumers == [] and figures.dead_letters == []
+
+
+def test_the_cli_reports_the_same_failures(engine: sa.Engine) -> None:
+    import io
+    import json
+
+    from outbox import cli
+
+    holder = failed("public.orders.update", "boom", ordering_key="public.orders:1")
+    add(engine, [holder, failed("public.orders.update", "boom"),
+                 event("public.orders.update", ordering_key="public.orders:1")])
+    url = engine.url.render_as_string(hide_password=False)
+    out = io.StringIO()
+    assert cli.main(["--database-url", url, "failures", "--json"], out=out) == 0
+    doc = json.loads(out.getvalue())
+    assert [(g["type"], g["error"], g["count"]) for g in doc["groups"]] == [
+        ("public.orders.update", "boom", 2)]
+    assert [(b["key"], b["held_by"], b["waiting"]) for b in doc["blocked_keys"]] == [
+        ("public.orders:1", str(holder.id), 1)]
+    out = io.StringIO()
+    assert cli.main(["--database-url", url, "failures"], out=out) == 0
+    text = out.getvalue()
+    assert "1 group(s) of failed events" in text and "1 blocked ordering key(s)" in text

@@ -42,7 +42,7 @@ def test_sessions_are_signed_and_expire() -> None:
     cookie = signer.session("ops", now=1000.0)
     assert signer.identity(cookie, now=1000.0 + 60) == "ops"
     assert signer.identity(cookie, now=1000.0 + SESSION_MAX_AGE + 1) is None
-    body, mac = cookie.rsplit(".", 1)
+    _, mac = cookie.rsplit(".", 1)
     forged = base64.urlsafe_b64encode(b"1000:admin").decode() + "." + mac
     assert signer.identity(forged, now=1001.0) is None
     assert Signer("another").identity(cookie, now=1001.0) is None
