@@ -14,7 +14,7 @@ The scratch database ``outbox_bench_console`` is kept for the next run (seeding 
 ``--reseed`` rebuilds it, ``--drop`` removes it at the end.
 
 The data: events written over 30 days (created_at grows with seq), the last hour busier
-(--hour events); 20 entities x create/update/delete; 0.5 % failed with 7 distinct errors (each
+(--hour events); 20 tables x create/update/delete; 0.5 % failed with 7 distinct errors (each
 with an ordering key: a blocked key each), the newest 2,000 pending, 10 processing; 50,000
 users, a session per 20 events, 1,000,000 entity ids; two database-bus consumer groups (one
 5,000 events behind, one far behind) and 100 dead letters.
@@ -29,7 +29,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable, Iterator
@@ -48,9 +47,30 @@ from outbox.events import Event  # noqa: E402
 from outbox.providers.base import EventFilter  # noqa: E402
 from outbox.schema import drop_schema  # noqa: E402
 
+#: The entity of entity id 54323 (the one the entity pages ask for).
+ENTITY = "invoices"
 ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 NAME = "outbox_bench_console"
 TOKEN = "bench-console-token"
+
+#: Table names of the seeded events (event types public.<name>.<operation>).
+ENTITIES = ["users", "orders", "order_items", "invoices", "payments", "shipments", "products",
+            "carts", "customers", "addresses", "refunds", "coupons", "subscriptions",
+            "accounts", "reviews", "stock", "warehouses", "returns", "notes", "tickets"]
+ERRORS = [
+    "billing.charge: CardDeclined: insufficient funds",
+    "mailer.send_receipt: SMTPServerDisconnected: Connection unexpectedly closed",
+    "search.index: ConnectionError: search:9200 unreachable",
+    "crm.sync: HTTPError: 429 Too Many Requests",
+    "billing.charge: KeyError: 'vat_rate'",
+    "warehouse.reserve: TimeoutError",
+    "analytics.track: ValueError: invalid amount -1",
+]
+
+
+def _array(values: list[str]) -> str:
+    return "ARRAY[" + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + "]"
+
 
 # Bench-only SQL with constants (no user input).
 SEED = """
@@ -58,18 +78,18 @@ INSERT INTO events (id, source, type, status, payload, user_id, session_id, inst
     schema_name, entity, entity_id, operation, created_at, processed_at, completed_at, error,
     metadata, retry_count, next_attempt_at, ordering_key, lease_owner)
 SELECT gen_random_uuid(), 'database',
-    'public.t' || mod(i, 20) || '.' || op, st,
+    'public.' || (%(entities)s)[1 + mod(i, 20)] || '.' || op, st,
     jsonb_build_object('id', mod(i, 1000000), 'name', 'name ' || i, 'password', 'pw' || i),
     'u' || mod(i, 50000), 's' || (i / 20), 'app-' || (i / 500000),
-    'public', 't' || mod(i, 20), (mod(i, 1000000))::text, op, at,
+    'public', (%(entities)s)[1 + mod(i, 20)], (mod(i, 1000000))::text, op, at,
     CASE WHEN st IN ('completed', 'failed', 'processing') THEN at + interval '20 ms' END,
     CASE WHEN st IN ('completed', 'failed') THEN at + interval '50 ms' END,
-    CASE WHEN st = 'failed' THEN 'bench.handler: KeyError: ''k' || mod(i, 7) || '''' END,
+    CASE WHEN st = 'failed' THEN (%(errors)s)[1 + mod(i / 200, 7)] END,
     CASE WHEN op = 'update' THEN jsonb_build_object('changes', jsonb_build_object(
         'name', jsonb_build_object('old', 'name ' || (i - 1), 'new', 'name ' || i)))
         ELSE '{}'::jsonb END,
     CASE WHEN st = 'failed' THEN 3 ELSE 0 END, at,
-    'public.t' || mod(i, 20) || ':' || mod(i, 1000000),
+    'public.' || (%(entities)s)[1 + mod(i, 20)] || ':' || mod(i, 1000000),
     CASE WHEN st IN ('completed', 'failed', 'processing') THEN 'relay-' || mod(i, 3) END
 FROM (
     SELECT i,
@@ -143,8 +163,10 @@ def seed(engine: sa.Engine, n: int, hour: int) -> None:
     for lo in range(1, n + 1, chunk):
         with engine.begin() as conn:
             conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
-            conn.exec_driver_sql(SEED, {"n": n, "hour": hour, "lo": lo,
-                                        "hi": min(n, lo + chunk - 1)})
+            sql = SEED.replace("%(entities)s", _array(ENTITIES)).replace(
+                "%(errors)s", _array(ERRORS).replace("%", "%%"))
+            conn.exec_driver_sql(sql, {"n": n, "hour": hour, "lo": lo,
+                                       "hi": min(n, lo + chunk - 1)})
         print(f"  seeded {min(n, lo + chunk - 1):,} rows ({time.perf_counter() - started:.0f} s)",
               flush=True)
     with engine.begin() as conn:
@@ -177,22 +199,22 @@ def pages(s: dict[str, Any]) -> list[tuple[str, str, dict[str, str] | None]]:
     return [
         ("trail, newest", "/events", None),
         ("trail, page deep in history", "/events?" + q({"before": s["cursor"]}), None),
-        ("trail, type pattern", "/events?type=public.t7.*", None),
+        ("trail, type pattern", "/events?type=public.orders.*", None),
         ("trail, status failed", "/events?status=failed", None),
         ("trail, user", "/events?user_id=u4242", None),
         ("trail, session", "/events?session_id=s123456", None),
         ("trail, instance", "/events?instance_id=app-3", None),
-        ("trail, entity + id", "/events?entity=t3&entity_id=54323", None),
+        ("trail, entity + id", f"/events?entity={ENTITY}&entity_id=54323", None),
         ("trail, operation", "/events?operation=delete", None),
         ("trail, a day two weeks ago", "/events?since=15d&until=14d", None),
-        ("trail, type + status + since", "/events?type=public.t7.update&status=completed"
-                                         "&since=7d", None),
-        ("entity timeline", "/entity?entity=t3&id=54323&schema=public", None),
+        ("trail, type + status + since", "/events?type=public.orders.update"
+                                         "&status=completed&since=7d", None),
+        ("entity timeline", f"/entity?entity={ENTITY}&id=54323&schema=public", None),
         ("event", f"/events/{s['id']}", None),
         ("failures", "/failures", None),
         ("replay preview (group)", "/failures/replay", {"type": group.type,
                                                         "error": group.error}),
-        ("replay preview (filter)", "/replay", {"status": "failed", "type": "public.t7.*",
+        ("replay preview (filter)", "/replay", {"status": "failed", "type": "public.orders.*",
                                                 "since": "1d"}),
         ("health", "/health", None),
         ("health, live part", "/health?live=1", None),
@@ -203,6 +225,7 @@ def pages(s: dict[str, Any]) -> list[tuple[str, str, dict[str, str] | None]]:
 def console_process(url: str) -> Iterator[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
     env["OUTBOX_CONSOLE_TOKEN"] = TOKEN
+    env["OUTBOX_CONSOLE_REDACT"] = "payload.password"
     proc = subprocess.Popen([sys.executable, "-m", "outbox", "--database-url", url, "console",
                              "--port", "0"], env=env, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
@@ -258,7 +281,7 @@ def explain_all(engine: sa.Engine, s: dict[str, Any]) -> None:
         ("trail, deep page", lambda c: ops_console.trail_page(
             c, before=ops_console.Cursor.parse(s["cursor"]), limit=50)),
         ("trail, type pattern", lambda c: ops_console.trail_page(
-            c, EventFilter(type="public.t7.*"), limit=50)),
+            c, EventFilter(type="public.orders.*"), limit=50)),
         ("trail, status failed", lambda c: ops_console.trail_page(
             c, EventFilter(status="failed"), limit=50)),
         ("trail, user", lambda c: ops_console.trail_page(c, EventFilter(user_id="u4242"))),
@@ -267,20 +290,20 @@ def explain_all(engine: sa.Engine, s: dict[str, Any]) -> None:
         ("trail, instance", lambda c: ops_console.trail_page(
             c, EventFilter(instance_id="app-3"))),
         ("trail, entity + id", lambda c: ops_console.trail_page(
-            c, EventFilter(entity="t3", entity_id="54323"))),
+            c, EventFilter(entity=ENTITY, entity_id="54323"))),
         ("trail, operation", lambda c: ops_console.trail_page(
             c, EventFilter(operation="delete"))),
         ("trail, a day two weeks ago", lambda c: ops_console.trail_page(
             c, EventFilter(start_time=now - timedelta(days=15),
                            end_time=now - timedelta(days=14)))),
         ("trail, type + status + since", lambda c: ops_console.trail_page(
-            c, EventFilter(type="public.t7.update", status="completed",
+            c, EventFilter(type="public.orders.update", status="completed",
                            start_time=now - timedelta(days=7)))),
         ("entity timeline", lambda c: ops_console.entity_timeline(
-            c, "t3", "54323", schema_name="public")),
+            c, ENTITY, "54323", schema_name="public")),
         ("event", lambda c: ops.get_event(c, s["id"])),
         ("failures", lambda c: (ops_console.failure_groups(c),
-                                ops_console.blocked_key_details(c), ops.backlog(c))),
+                                ops_console.blocked_key_details(c), ops_console.failed_count(c))),
         ("replay preview (group)", lambda c: ops_console.failure_group_count(
             c, group.type, group.error)),
         ("health", ops_console.health_figures),
@@ -323,7 +346,7 @@ def screenshot(base: str, path: str, page_path: str) -> None:
             executable_path="/usr/bin/chromium", headless=True,
             args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", f"--user-data-dir={tempfile.mkdtemp()}"])
+                  "--disable-sync"])  # a fresh temporary profile: launch() makes one
         context = browser.new_context(
             viewport={"width": 1280, "height": 760}, device_scale_factor=1,
             extra_http_headers={"Authorization": f"Bearer {TOKEN}"})
@@ -346,7 +369,7 @@ def main() -> None:
     parser.add_argument("--drop", action="store_true", help="drop the scratch database after")
     parser.add_argument("--no-explain", action="store_true")
     parser.add_argument("--screenshot", metavar="PNG", help="also save a screenshot")
-    parser.add_argument("--screenshot-page", default="/events?type=public.t7.*",
+    parser.add_argument("--screenshot-page", default="/events?type=public.orders.*",
                         help="the page to screenshot")
     args = parser.parse_args()
     with database(args.database_url, args.reseed, args.drop) as (url, fresh):
@@ -360,17 +383,21 @@ def main() -> None:
             print(f"console at {base}; {len(todo)} pages x {args.requests} requests x "
                   f"{args.rounds} rounds", flush=True)
             times = time_pages(base, todo, args.rounds, args.requests)
+            report(todo, times, args.rounds * args.requests)
             if args.screenshot:
                 screenshot(base, args.screenshot, args.screenshot_page)
-        print(f"\n{'page':34} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}   (n per page: "
-              f"{args.rounds * args.requests})")
-        for name, _, _ in todo:
-            values = times[name]
-            print(f"{name:34} {statistics.median(values) * 1000:8.1f} "
-                  f"{pct(values, 0.95) * 1000:8.1f} {max(values) * 1000:8.1f}")
         if not args.no_explain:
             explain_all(engine, s)
         engine.dispose()
+
+
+def report(todo: list[tuple[str, str, dict[str, str] | None]], times: dict[str, list[float]],
+           n: int) -> None:
+    print(f"\n{'page':34} {'p50 ms':>8} {'p95 ms':>8} {'max ms':>8}   (n per page: {n})")
+    for name, _, _ in todo:
+        values = times[name]
+        print(f"{name:34} {statistics.median(values) * 1000:8.1f} "
+              f"{pct(values, 0.95) * 1000:8.1f} {max(values) * 1000:8.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -542,8 +542,11 @@ def cmd_failures(args: argparse.Namespace, engine: Engine, out: IO[str]) -> int:
     with engine.connect() as conn:
         groups = ops_console.failure_groups(conn, args.limit)
         blocked = ops_console.blocked_key_details(conn, args.limit)
+        failed = ops_console.failed_count(conn)
     if args.json:
         _dump({
+            "failed": failed,
+            "grouped": min(failed, ops_console.FAILURE_SCAN),
             "groups": [{"type": g.type, "error": g.error, "count": g.count,
                         "first_created_at": g.first_at, "last_created_at": g.last_at}
                        for g in groups],
@@ -555,7 +558,9 @@ def cmd_failures(args: argparse.Namespace, engine: Engine, out: IO[str]) -> int:
         return EXIT_OK
     _table(("COUNT", "TYPE", "LAST (UTC)", "ERROR"),
            [(g.count, g.type, _ts(g.last_at), _clip(g.error, 70)) for g in groups], out)
-    out.write(f"{len(groups)} group(s) of failed events\n")
+    scope = f" (the newest {ops_console.FAILURE_SCAN})" if failed > ops_console.FAILURE_SCAN \
+        else ""
+    out.write(f"{failed} failed event(s); {len(groups)} group(s){scope}\n")
     if blocked:
         out.write("\n")
         _table(("KEY", "HELD BY", "WAITING", "ERROR"),

@@ -32,6 +32,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from outbox import ops
 from outbox.events import Event, EventStatus, UTCDateTime, utcnow
+from outbox.patterns import compile_pattern
 from outbox.providers.base import EventFilter
 from outbox.providers.database import sql as dbsql
 from outbox.schema import consumers_table, dead_letters_table
@@ -54,6 +55,7 @@ __all__ = [
     "dead_letters",
     "entity_timeline",
     "estimated_total",
+    "failed_count",
     "failure_group_count",
     "failure_groups",
     "health_figures",
@@ -167,6 +169,26 @@ def _keyset(cursor: Cursor, older: bool) -> sa.ColumnElement[bool]:
     return sa.and_(c.created_at >= at, sa.or_(c.created_at > at, c.seq > cursor.seq))
 
 
+def _pinned_index(f: EventFilter) -> tuple[sa.Column[Any], str] | None:
+    """The equality filter whose ``(column, created_at)`` index should serve the page.
+
+    With ``LIMIT`` the planner assumes matching rows are spread evenly over time, and may walk
+    ``ix_events_created_at`` from the newest row, filtering, where the matches are all old
+    (one instance's lifetime, a type no longer written, last week's failures): measured on
+    5,000,000 events, 0.7 s against 0.4 ms. Writing the equality also as a range
+    (``col >= v AND col <= v``: the same rows) and ordering by ``col`` first (a constant here,
+    so the same order) leaves that composite index as the only one that gives the order.
+    ``completed`` rows are not in the status index: walking ``created_at`` is right for them.
+    """
+    if f.type is not None and compile_pattern(f.type).is_literal:
+        return c.type, f.type
+    if f.instance_id is not None:
+        return c.instance_id, f.instance_id
+    if f.status is not None and str(f.status) != EventStatus.COMPLETED.value:
+        return c.status, str(f.status)
+    return None
+
+
 def trail_page(conn: Connection, f: EventFilter | None = None, *, before: Cursor | None = None,
                after: Cursor | None = None, limit: int = 50) -> TrailPage:
     """Events matching ``f`` newest first, ``limit`` per page, keyset-paged: ``before`` gives the
@@ -176,14 +198,21 @@ def trail_page(conn: Connection, f: EventFilter | None = None, *, before: Cursor
         raise ValueError("give before or after, not both")
     if limit < 1:
         raise ValueError("limit must be >= 1")
-    where = ops.filter_clauses(f or EventFilter(), conn.dialect.name)
+    f = f or EventFilter()
+    where = ops.filter_clauses(f, conn.dialect.name)
+    order: list[sa.ColumnElement[Any]] = [c.created_at, c.seq]
+    pin = _pinned_index(f)
+    if pin is not None:
+        column, value = pin
+        where += [column >= value, column <= value]
+        order.insert(0, column)
     stmt = sa.select(*_TRAIL_COLUMNS).where(*where)
     if after is not None:
-        stmt = stmt.where(_keyset(after, older=False)).order_by(c.created_at, c.seq)
+        stmt = stmt.where(_keyset(after, older=False)).order_by(*order)
     else:
         if before is not None:
             stmt = stmt.where(_keyset(before, older=True))
-        stmt = stmt.order_by(c.created_at.desc(), c.seq.desc())
+        stmt = stmt.order_by(*(o.desc() for o in order))
     rows = [TrailRow(**r._mapping) for r in conn.execute(stmt.limit(limit + 1))]
     more = len(rows) > limit
     rows = rows[:limit]
@@ -256,16 +285,32 @@ class FailureGroup:
     last_at: dt.datetime
 
 
-def failure_groups(conn: Connection, limit: int = 50) -> list[FailureGroup]:
-    """Failed events grouped by type and error, largest groups first (reads the failed rows only,
-    through the status index)."""
+#: The failures page reads at most this many failed events (the newest for the groups, the
+#: oldest for the blocked keys): bounded work however many have failed.
+FAILURE_SCAN = 10_000
+
+
+def failed_count(conn: Connection) -> int:
+    """How many events are failed (an index-only count of the status index)."""
+    return int(conn.execute(
+        sa.select(sa.func.count()).select_from(events).where(c.status == FAILED)).scalar_one())
+
+
+def failure_groups(conn: Connection, limit: int = 50,
+                   scan: int = FAILURE_SCAN) -> list[FailureGroup]:
+    """The newest ``scan`` failed events grouped by type and error, largest groups first
+    (through the status index; :func:`failure_group_count` counts one group exactly)."""
+    recent = (
+        sa.select(c.type, c.error, c.created_at).where(c.status == FAILED)
+        .order_by(c.created_at.desc()).limit(scan).subquery()
+    )
     n = sa.func.count().label("count")
     rows = conn.execute(
-        sa.select(c.type, c.error, n, sa.func.min(c.created_at).label("first_at"),
-                  sa.func.max(c.created_at).label("last_at"))
-        .where(c.status == FAILED)
-        .group_by(c.type, c.error)
-        .order_by(n.desc(), c.type)
+        sa.select(recent.c.type, recent.c.error, n,
+                  sa.func.min(recent.c.created_at).label("first_at"),
+                  sa.func.max(recent.c.created_at).label("last_at"))
+        .group_by(recent.c.type, recent.c.error)
+        .order_by(n.desc(), recent.c.type)
         .limit(limit)
     )
     return [FailureGroup(**r._mapping) for r in rows]
@@ -321,36 +366,54 @@ class BlockedKey:
     holder_error: str | None
     holder_created_at: dt.datetime | None
     failed: int
-    #: Pending events of the key behind the holder (up to ``COUNT_CAP + 1``).
+    #: Failed events of the key, and pending events behind the holder (up to ``COUNT_CAP + 1``).
     waiting: int
 
     @property
     def waiting_capped(self) -> bool:
         return self.waiting > COUNT_CAP
 
+    @property
+    def failed_capped(self) -> bool:
+        return self.failed > COUNT_CAP
 
-def blocked_key_details(conn: Connection, limit: int = 50) -> list[BlockedKey]:
-    """:func:`outbox.ops.blocked_keys` with the holding event and the events waiting behind
-    it (index ``ix_events_unfinished_key``; counts capped)."""
-    keys = ops.blocked_keys(conn, limit)
-    if not keys:
+
+def blocked_key_details(conn: Connection, limit: int = 50,
+                        scan: int = FAILURE_SCAN) -> list[BlockedKey]:
+    """Ordering keys held back by a failed event, oldest first (as :func:`outbox.ops.
+    blocked_keys` orders them), from the oldest ``scan`` failed events: for each, the holding
+    event, its failed events and the pending ones waiting behind it (index
+    ``ix_events_unfinished_key``; counts capped at ``COUNT_CAP + 1``)."""
+    oldest = (
+        sa.select(c.ordering_key, c.seq)
+        .where(c.status == FAILED, c.ordering_key.is_not(None))
+        .order_by(c.created_at, c.seq).limit(scan).subquery()
+    )
+    heads = conn.execute(
+        sa.select(oldest.c.ordering_key, sa.func.min(oldest.c.seq))
+        .group_by(oldest.c.ordering_key).order_by(sa.func.min(oldest.c.seq)).limit(limit)
+    ).all()
+    if not heads:
         return []
     holders = {
         r.seq: r for r in conn.execute(
             sa.select(c.seq, c.id, c.type, c.created_at,
                       sa.func.substr(c.error, 1, ERROR_CLIP).label("error"))
-            .where(c.seq.in_([seq for _, seq, _ in keys]))
+            .where(c.seq.in_([int(seq) for _, seq in heads]))
         )
     }
     out = []
-    for key, seq, failed in keys:
-        waiting = conn.execute(_capped_count(
-            [c.ordering_key == key, c.status == PENDING, c.seq > seq])).scalar_one()
+    for key, seq in heads:
+        same_key = c.ordering_key == key
+        failed, waiting = conn.execute(sa.select(
+            _capped_count([same_key, c.status == FAILED]).scalar_subquery(),
+            _capped_count([same_key, c.status == PENDING, c.seq > seq]).scalar_subquery(),
+        )).one()
         h = holders.get(seq)
         out.append(BlockedKey(
-            key=key, holder_id=h.id if h else None, holder_type=h.type if h else None,
+            key=str(key), holder_id=h.id if h else None, holder_type=h.type if h else None,
             holder_error=h.error if h else None, holder_created_at=h.created_at if h else None,
-            failed=failed, waiting=int(waiting),
+            failed=int(failed), waiting=int(waiting),
         ))
     return out
 

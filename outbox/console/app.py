@@ -432,7 +432,7 @@ async def failures_page(page: Page) -> Response:
     def read(conn: Connection) -> dict[str, Any]:
         return {"groups": ops_console.failure_groups(conn),
                 "blocked": ops_console.blocked_key_details(conn),
-                "backlog": ops.backlog(conn)}
+                "failed": ops_console.failed_count(conn), "scan": ops_console.FAILURE_SCAN}
 
     return page.render("failures.html", **await c.read(read))
 

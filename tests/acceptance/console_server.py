@@ -14,6 +14,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 
+@contextmanager
+def outbox_database() -> Iterator[str]:
+    """A fresh PostgreSQL database with the outbox schema (dropped afterwards)."""
+    import sqlalchemy as sa
+
+    import outbox
+    from tests.conftest import new_pg_database
+
+    with new_pg_database() as url:
+        engine = sa.create_engine(url)
+        outbox.create_schema(engine)
+        engine.dispose()
+        yield url
+
+
 @dataclass
 class ConsoleProcess:
     url: str

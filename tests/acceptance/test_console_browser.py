@@ -19,11 +19,15 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-import outbox
 from outbox.events import Event, new_event_id, utcnow
 from tests import servers
-from tests.acceptance.console_server import ConsoleProcess, console, console_env, wait_until
-from tests.conftest import new_pg_database
+from tests.acceptance.console_server import (
+    ConsoleProcess,
+    console,
+    console_env,
+    outbox_database,
+    wait_until,
+)
 from tests.integration.ops_seed import add, event
 
 USER, PASSWORD = "ops", "browser-pass-77"
@@ -60,10 +64,7 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def db() -> Iterator[str]:
-    with new_pg_database() as url:
-        engine = sa.create_engine(url)
-        outbox.create_schema(engine)
-        engine.dispose()
+    with outbox_database() as url:
         yield url
 
 

@@ -11,11 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
-import outbox
-from tests.acceptance.console_server import console, run_console
-from tests.conftest import new_pg_database
+from tests.acceptance.console_server import console, outbox_database, run_console
 
 pytest.importorskip("starlette")
 
@@ -24,10 +21,7 @@ TOKEN = "cli-token-4242"
 
 @pytest.fixture(scope="module")
 def db() -> Iterator[str]:
-    with new_pg_database() as url:
-        engine = sa.create_engine(url)
-        outbox.create_schema(engine)
-        engine.dispose()
+    with outbox_database() as url:
         yield url
 
 

@@ -45,6 +45,11 @@ def test_trail_pages_cover_every_event_once_newest_first(engine: sa.Engine) -> N
     pages = _all_pages(engine, EventFilter(), limit=3)
     assert [s for p in pages for s in p] == expected
     assert all(len(p) == 3 for p in pages[:-1])
+    # A filter served by a (column, created_at) index pages the same way.
+    for f in (EventFilter(type="t.b"), EventFilter(status="pending"),
+              EventFilter(instance_id=same[0].instance_id, type="t.b")):
+        wanted = [s for s in expected if f.matches(next(e for e in evs + same if e.seq == s))]
+        assert [s for p in _all_pages(engine, f, limit=2) for s in p] == wanted, f
     # The newer page of the second page is the first page.
     with engine.connect() as conn:
         first = ops_console.trail_page(conn, limit=3)
@@ -75,6 +80,9 @@ def test_trail_filters_select_what_the_cli_selects(engine: sa.Engine) -> None:
         EventFilter(entity="users", entity_id="1"), EventFilter(operation="update"),
         EventFilter(schema_name="public", start_time=now - dt.timedelta(hours=1)),
         EventFilter(end_time=now - dt.timedelta(hours=1)),
+        EventFilter(type="public.users.create"), EventFilter(instance_id="nobody"),
+        EventFilter(status="pending", type="public.>"),
+        EventFilter(type="billing.invoice.sent", status="failed"),
     ]
     with engine.connect() as conn:
         for f in filters:
@@ -201,6 +209,21 @@ def test_throughput_estimates_a_busy_window_from_seq(engine: sa.Engine,
     assert not any(b.exact for b in buckets)
 
 
+def test_failures_read_a_bounded_number_of_rows(engine: sa.Engine) -> None:
+    old = [failed("t.old", "e1", ordering_key=f"k{i}", age=dt.timedelta(minutes=10 - i))
+           for i in range(3)]
+    new = [failed("t.new", "e2", ordering_key="k9") for _ in range(2)]
+    add(engine, [*old, *new])
+    with engine.connect() as conn:
+        assert ops_console.failed_count(conn) == 5
+        groups = ops_console.failure_groups(conn, scan=2)  # the newest two only
+        assert [(g.type, g.count) for g in groups] == [("t.new", 2)]
+        keys = ops_console.blocked_key_details(conn, scan=2)  # the oldest two only
+        assert [(b.key, b.holder_id) for b in keys] == [("k0", old[0].id), ("k1", old[1].id)]
+        assert [(b.key, b.failed) for b in ops_console.blocked_key_details(conn)][-1] == (
+            "k9", 2)
+
+
 def test_relays_seen(engine: sa.Engine) -> None:
     done = event("t.x", status="completed", age=dt.timedelta(minutes=1))
     done.lease_owner = "relay-a"
@@ -277,4 +300,5 @@ def test_the_cli_reports_the_same_failures(engine: sa.Engine) -> None:
     out = io.StringIO()
     assert cli.main(["--database-url", url, "failures"], out=out) == 0
     text = out.getvalue()
-    assert "1 group(s) of failed events" in text and "1 blocked ordering key(s)" in text
+    assert "2 failed event(s); 1 group(s)" in text and "1 blocked ordering key(s)" in text
+    assert doc["failed"] == doc["grouped"] == 2
