@@ -383,7 +383,8 @@ def main() -> None:
             print(f"console at {base}; {len(todo)} pages x {args.requests} requests x "
                   f"{args.rounds} rounds", flush=True)
             times = time_pages(base, todo, args.rounds, args.requests)
-            report(todo, times, args.rounds * args.requests)
+            if args.rounds:
+                report(todo, times, args.rounds * args.requests)
             if args.screenshot:
                 screenshot(base, args.screenshot, args.screenshot_page)
         if not args.no_explain:
