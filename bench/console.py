@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2 as httpx
 import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parents[1]
