@@ -6,7 +6,9 @@ Commands (``--help`` on each)::
     python -m outbox events show ID
     python -m outbox replay ID... | --status failed [filters] [--dry-run]
     python -m outbox stats [--since 24h] [--json]
+    python -m outbox failures [--limit 50] [--json]
     python -m outbox cleanup --older-than 30d [--status completed,failed] [--batch 5000] [--dry-run]
+    python -m outbox console [--host 127.0.0.1] [--port 8765] [--read-only] [--no-auth]
 
 The database comes from ``--database-url``, else the ``--config`` file (or ``OUTBOX_CONFIG``),
 else ``OUTBOX_DATABASE_URL``, else the embedded default ``outbox.db`` in the working directory
@@ -31,7 +33,8 @@ from typing import IO, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from outbox import _json, ops
+from outbox import _json, ops, ops_console
+from outbox.console import cli as console_cli
 from outbox.events import Event, EventSource, EventStatus, Operation, utcnow
 from outbox.exceptions import OutboxError
 from outbox.logs import LOG_LEVELS, configure_logging, preserved_logging, redact
@@ -270,6 +273,18 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="report as JSON")
     stats.set_defaults(run=cmd_stats)
 
+    failures = commands.add_parser(
+        "failures", help="failed events grouped by type and error; blocked ordering keys",
+        description="Failed events grouped by type and error (largest groups first), and the "
+        "ordering keys a failed event holds back, with the event that holds each. Replay with "
+        "`replay --status failed --type TYPE` or `replay ID`.",
+    )
+    _common(failures, top=False)
+    failures.add_argument("--limit", type=_arg(_positive, "number"), default=50,
+                          help="at most this many groups and keys (default 50)")
+    failures.add_argument("--json", action="store_true", help="report as JSON")
+    failures.set_defaults(run=cmd_failures)
+
     cleanup = commands.add_parser(
         "cleanup", help="delete old finished events in small batches",
         description="Delete completed/failed events created before the cutoff, in batches of "
@@ -291,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--dry-run", action="store_true", help="only count what would go")
     cleanup.add_argument("--json", action="store_true", help="report as JSON")
     cleanup.set_defaults(run=cmd_cleanup)
+
+    console_cli.add_parser(commands, _common)
     return parser
 
 
@@ -518,6 +535,38 @@ def cmd_stats(args: argparse.Namespace, engine: Engine, out: IO[str]) -> int:
         rows = [(t, *(counts.get(s, 0) for s in statuses), sum(counts.values()))
                 for t, counts in result.by_type.items()]
         _table(("TYPE", *(s.upper() for s in statuses), "TOTAL"), rows, out)
+    return EXIT_OK
+
+
+def cmd_failures(args: argparse.Namespace, engine: Engine, out: IO[str]) -> int:
+    with engine.connect() as conn:
+        groups = ops_console.failure_groups(conn, args.limit)
+        blocked = ops_console.blocked_key_details(conn, args.limit)
+        failed = ops_console.failed_count(conn)
+    if args.json:
+        _dump({
+            "failed": failed,
+            "grouped": min(failed, ops_console.FAILURE_SCAN),
+            "groups": [{"type": g.type, "error": g.error, "count": g.count,
+                        "first_created_at": g.first_at, "last_created_at": g.last_at}
+                       for g in groups],
+            "blocked_keys": [{"key": b.key, "held_by": b.holder_id, "type": b.holder_type,
+                              "error": b.holder_error, "failed": b.failed,
+                              "waiting": b.waiting, "waiting_capped": b.waiting_capped}
+                             for b in blocked],
+        }, out)
+        return EXIT_OK
+    _table(("COUNT", "TYPE", "LAST (UTC)", "ERROR"),
+           [(g.count, g.type, _ts(g.last_at), _clip(g.error, 70)) for g in groups], out)
+    scope = f" (the newest {ops_console.FAILURE_SCAN})" if failed > ops_console.FAILURE_SCAN \
+        else ""
+    out.write(f"{failed} failed event(s); {len(groups)} group(s){scope}\n")
+    if blocked:
+        out.write("\n")
+        _table(("KEY", "HELD BY", "WAITING", "ERROR"),
+               [(b.key, b.holder_id, f"{b.waiting - 1}+" if b.waiting_capped else b.waiting,
+                 _clip(b.holder_error, 50)) for b in blocked], out)
+    out.write(f"{len(blocked)} blocked ordering key(s)\n")
     return EXIT_OK
 
 

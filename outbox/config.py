@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Config",
+    "ConsoleConfig",
     "DatabaseConfig",
     "MemoryConfig",
     "MetricsConfig",
@@ -190,6 +191,25 @@ class MetricsConfig(_Section):
     host: str = "127.0.0.1"
 
 
+@dataclass(frozen=True, repr=False)
+class ConsoleConfig(_Section):
+    """``event_broker.console``: ``python -m outbox console`` (docs/console.md). Sign-in with
+    ``token`` and/or ``username`` + ``password``; ``secret`` signs sessions and CSRF tokens
+    (default: random per process); ``redact``: JSON paths never shown (``payload.password``)."""
+
+    host: str = "127.0.0.1"
+    port: int = field(default=8765, metadata={"min": 0, "max": 65535})
+    token: str | None = _secret()
+    username: str | None = None
+    password: str | None = _secret()
+    secret: str | None = _secret()
+    read_only: bool = False
+    redact: tuple[str, ...] = ()
+    page_size: int = field(default=50, metadata={"min": 1, "max": 500})
+    #: Seconds after which a page's query is cancelled (PostgreSQL).
+    query_timeout: float = _at_least(10.0, 0, above=True)
+
+
 _RETRY_FIELDS: dict[str, Any] = {
     "max_retries": int,
     "initial_delay": float,
@@ -222,10 +242,11 @@ class Config(_Section):
     nats: NATSConfig = field(default_factory=NATSConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
 
     SECTIONS: ClassVar[tuple[str, ...]] = (
-        "database", "redis", "nats", "memory", "metrics", "retry_policy",
+        "database", "redis", "nats", "memory", "metrics", "console", "retry_policy",
     )
 
     @classmethod

@@ -1,0 +1,129 @@
+"""Who may use the console, and proof that an action comes from its own pages.
+
+- :class:`Credentials` — a token and/or a username + password (from the config or the
+  environment), compared in constant time;
+- :class:`Signer` — HMAC-SHA256 signatures for the session cookie and CSRF tokens, keyed by the
+  configured ``secret`` (else a random key per process: sessions end when it restarts);
+- CSRF: a random nonce in a cookie, and in every form a token that is the signature of that
+  nonce with the signed-in identity. A page of another site can make the browser send the
+  cookie, but cannot read it to compute the form's token.
+
+Nothing here prints or logs a secret: reprs say only which kinds of credentials are set.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["SESSION_MAX_AGE", "Credentials", "Signer", "parse_basic"]
+
+#: A sign-in lasts this long (seconds).
+SESSION_MAX_AGE = 12 * 3600
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a user may sign in with (``None``: that kind is not accepted)."""
+
+    token: str | None = field(default=None, repr=False)
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.username is None) != (self.password is None):
+            raise ValueError("console credentials: set both username and password, or neither")
+        for name in ("token", "password"):
+            value = getattr(self, name)
+            if value is not None and len(value) < 8:
+                raise ValueError(f"console {name} is too short (at least 8 characters)")
+
+    @property
+    def configured(self) -> bool:
+        return self.token is not None or self.username is not None
+
+    @property
+    def kinds(self) -> list[str]:
+        """``token`` and/or ``password`` (for start-up messages)."""
+        return [k for k, v in (("token", self.token), ("password", self.username)) if v]
+
+    def check_token(self, token: str) -> bool:
+        return self.token is not None and _equal(token, self.token)
+
+    def check_password(self, username: str, password: str) -> bool:
+        if self.username is None or self.password is None:
+            return False
+        # Both comparisons always run: the time does not tell which one failed.
+        user_ok = _equal(username, self.username)
+        return _equal(password, self.password) and user_ok
+
+
+def _equal(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))
+
+
+def parse_basic(header: str) -> tuple[str, str] | None:
+    """``(username, password)`` of an ``Authorization: Basic …`` value, ``None`` otherwise."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        text = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = text.partition(":")
+    return (user, password) if sep else None
+
+
+class Signer:
+    """Signs short texts with HMAC-SHA256 (session cookies, CSRF tokens)."""
+
+    def __init__(self, secret: str | None = None) -> None:
+        key = secret.encode("utf-8") if secret else secrets.token_bytes(32)
+        self._key = hashlib.sha256(b"outbox-console\0" + key).digest()
+
+    def __repr__(self) -> str:
+        return "Signer(***)"
+
+    def _mac(self, purpose: str, text: str) -> str:
+        mac = hmac.new(self._key, f"{purpose}\0{text}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac).decode("ascii").rstrip("=")
+
+    # -- sessions
+
+    def session(self, identity: str, now: float | None = None) -> str:
+        """A cookie value naming ``identity``, valid for :data:`SESSION_MAX_AGE`."""
+        issued = int(now if now is not None else time.time())
+        body = base64.urlsafe_b64encode(f"{issued}:{identity}".encode()).decode("ascii")
+        return f"{body}.{self._mac('session', body)}"
+
+    def identity(self, cookie: str, now: float | None = None) -> str | None:
+        """The identity of a valid, unexpired session cookie, else ``None``."""
+        body, _, mac = cookie.rpartition(".")
+        if not body or not hmac.compare_digest(mac, self._mac("session", body)):
+            return None
+        try:
+            issued, _, identity = base64.urlsafe_b64decode(body).decode().partition(":")
+            age = (now if now is not None else time.time()) - int(issued)
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            return None
+        return identity if 0 <= age <= SESSION_MAX_AGE and identity else None
+
+    # -- CSRF
+
+    @staticmethod
+    def nonce() -> str:
+        return secrets.token_urlsafe(24)
+
+    def csrf_token(self, nonce: str, identity: str) -> str:
+        return self._mac("csrf", f"{nonce}\0{identity}")
+
+    def check_csrf(self, nonce: str | None, identity: str, token: str | None) -> bool:
+        if not nonce or not token:
+            return False
+        return hmac.compare_digest(token, self.csrf_token(nonce, identity))
