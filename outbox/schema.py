@@ -31,6 +31,7 @@ __all__ = [
     "inbox_table",
     "include_object",
     "insert_missing",
+    "storage_outdated",
 ]
 
 metadata = OutboxBase.metadata
@@ -136,6 +137,17 @@ def check_schema(bind: Engine | Connection, tables: tuple[str, ...] = ("events",
             f"table {', '.join(missing)} not found in {bind.engine.url.render_as_string()}: "
             f"{MIGRATE_HINT}"
         )
+
+
+def storage_outdated(bind: Connection) -> bool:
+    """True on PostgreSQL when ``events`` is still the single table of revision ``outbox_0001``
+    (not partitioned by status: docs/relay.md, "Storage"). Everything works on it, slower."""
+    if bind.dialect.name != "postgresql":
+        return False
+    kind = bind.exec_driver_sql(
+        "SELECT relkind FROM pg_class WHERE oid = to_regclass('events')"
+    ).scalar()
+    return kind is not None and kind != "p"
 
 
 def insert_missing(table: sa.Table, values: dict[str, object], dialect: str) -> sa.Insert:

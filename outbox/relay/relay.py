@@ -13,6 +13,7 @@ import functools
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -29,7 +30,7 @@ from outbox.relay.listener import PgListener, conninfo_from_url
 from outbox.relay.stats import RelayHooks, RelayStats
 from outbox.relay.store import COMPLETED, FAILED, Claim, Outcome, RelayStore
 from outbox.retry import RetryPolicy
-from outbox.schema import MIGRATE_HINT, check_schema, create_schema
+from outbox.schema import MIGRATE_HINT, check_schema, create_schema, storage_outdated
 
 __all__ = ["DEFAULT_DATABASE_URL", "DatabaseUnavailable", "Relay"]
 
@@ -42,6 +43,11 @@ _T = TypeVar("_T")
 _UNSET: Any = object()
 #: How often the relay pings a provider that is down (see ``Relay._await_provider``).
 _PING_EVERY = 0.5
+#: While events arrive faster than ``Relay.linger_rate``, a relay that ran out of work looks again
+#: after this many seconds instead of waiting for a notification (see ``Relay._idle_wait``).
+_LINGER = 0.001
+#: The window over which the arrival rate is measured, seconds.
+_RATE_WINDOW = 0.1
 
 
 class DatabaseUnavailable(OutboxError):
@@ -113,6 +119,11 @@ class Relay:
             create_schema if create_schema is not None else self.store.dialect == "sqlite"
         )
         self.hooks = list(hooks)
+        #: events per second (claimed over the last 0.1 s) above which the relay, out of work,
+        #: looks again after 1 ms rather than waiting for a NOTIFY: writers then send none
+        #: (docs/relay.md, "Wake-up"); ``0`` always waits, ``inf`` never lingers
+        self.linger_rate = 1000.0
+        self._arrivals: deque[tuple[float, int]] = deque()
         #: claim the next batch while the current one is dispatched and settled
         self.prefetch = True
         #: the garbage collector's first threshold while ``run`` runs (``None``: leave it);
@@ -170,6 +181,10 @@ class Relay:
                     create_schema(conn)
                     conn.commit()
                 check_schema(conn)
+                if storage_outdated(conn):
+                    log.warning("events in %s is a single table (revision outbox_0001): run "
+                                "`alembic upgrade head` for the partitioned layout this relay "
+                                "is built for (docs/relay.md, 'Storage')", redacted)
         except SchemaMissing:
             raise SchemaMissing(f"table events not found in {redacted}: {MIGRATE_HINT}") from None
         except sa.exc.DBAPIError as exc:
@@ -286,7 +301,7 @@ class Relay:
                     await self._sleep(self.poll_interval)
                     continue
                 if not claim.events:
-                    if not full:
+                    if not full and not self._lingering():
                         self._force_full = True  # reached the end from the floor: look behind
                         continue
                     if once:
@@ -326,6 +341,7 @@ class Relay:
             self._force_full = False
             self._next_full = time.monotonic() + self.rescan_interval
         if claim.events:
+            self._arrivals.append((time.monotonic(), len(claim.events)))
             self._floor = max(self._floor if not full else 0, _next_floor(claim))
             self._held[claim.token] = (claim, {e.id for e in claim.events})
         s = self.stats
@@ -424,6 +440,9 @@ class Relay:
         if idle is None:
             await self._wait(self.poll_interval)
             return
+        if self._lingering():
+            await self._wait(_LINGER)  # busy times: poll, so that writers need not notify
+            return
         found = await idle.enter()
         if found is Idle.TAKEN:
             self._force_full = True  # look once more: a writer may have committed just before
@@ -464,6 +483,19 @@ class Relay:
             while not self._stopping:
                 self._wake = anyio.Event()
                 await self._wake.wait()
+
+    def _lingering(self) -> bool:
+        """True while events arrive faster than ``linger_rate`` (claimed over the last
+        ``_RATE_WINDOW`` seconds) and NOTIFY is on: then the relay, out of work, polls every
+        millisecond from its floor instead of waiting for a notification, so that writers
+        (who notify only while a relay waits) send none while it is busy."""
+        if self._idle is None:
+            return False
+        arrivals = self._arrivals
+        horizon = time.monotonic() - _RATE_WINDOW
+        while arrivals and arrivals[0][0] < horizon:
+            arrivals.popleft()
+        return sum(n for _, n in arrivals) >= self.linger_rate * _RATE_WINDOW
 
     def _on_notify(self) -> None:
         self.stats.notifications += 1

@@ -68,18 +68,21 @@ def moved_and_held(engine: sa.Engine, event_id: uuid.UUID) -> Iterator[Callable[
         conn.close()
 
 
-def blocked_on(engine: sa.Engine, timeout: float = 10.0) -> None:
-    """Wait until some backend of the test database waits for a row lock."""
+def blocked_on(engine: sa.Engine, thread: threading.Thread, timeout: float = 10.0) -> None:
+    """Wait until some backend of the test database waits for a row lock (or ``thread`` ended:
+    its error is reported by the caller)."""
     deadline = time.monotonic() + timeout
-    with engine.connect() as conn:
-        while time.monotonic() < deadline:
+    # Autocommit: within one transaction pg_stat_activity would show the same snapshot.
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        while time.monotonic() < deadline and thread.is_alive():
             waiting = conn.exec_driver_sql(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                 "AND datname = current_database()").scalar_one()
             if waiting:
                 return
             time.sleep(0.01)
-    raise TimeoutError("the statement under test never waited for the row")
+    if thread.is_alive():
+        raise TimeoutError("the statement under test never waited for the row")
 
 
 def run_against_a_move(engine: sa.Engine, event_id: uuid.UUID, fn: Callable[[], T]) -> T:
@@ -96,7 +99,7 @@ def run_against_a_move(engine: sa.Engine, event_id: uuid.UUID, fn: Callable[[], 
     with moved_and_held(engine, event_id) as commit:
         thread = threading.Thread(target=target)
         thread.start()
-        blocked_on(engine)
+        blocked_on(engine, thread)
         commit()
     thread.join(30)
     assert not thread.is_alive()

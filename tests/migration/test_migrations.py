@@ -387,3 +387,26 @@ def test_upgrade_and_downgrade_keep_every_row_of_a_populated_database(url: str) 
         assert down_seq is not None and down_seq > after_seq
     finally:
         engine.dispose()
+
+
+@pytest.mark.anyio
+async def test_a_relay_on_a_database_at_0001_says_to_upgrade(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The relay's SQL works on the single table too, but the relay says it is not partitioned."""
+    from outbox.relay import Relay
+
+    cfg = repo_config(pg_url)
+    command.upgrade(cfg, "outbox_0001")
+    caplog.set_level("WARNING", logger="outbox.relay")
+    relay = Relay(pg_url, provider=None, broker=outbox.Broker(outbox.MemoryProvider()))
+    await relay.start()
+    relay.engine.dispose()
+    assert any("single table (revision outbox_0001)" in r.getMessage() for r in caplog.records)
+
+    caplog.clear()
+    command.upgrade(cfg, "head")
+    relay = Relay(pg_url, provider=None, broker=outbox.Broker(outbox.MemoryProvider()))
+    await relay.start()
+    relay.engine.dispose()
+    assert not [r for r in caplog.records if "single table" in r.getMessage()]
