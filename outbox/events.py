@@ -192,9 +192,10 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 #: ``text`` where the dialect can index it, ``varchar(255)`` on MariaDB/MySQL.
 ShortText = sa.Text().with_variant(sa.String(255), "mysql", "mariadb")
-#: Event types: ``ShortText`` with the byte-order "C" collation on PostgreSQL, so that a type
-#: pattern's literal leading segments become an index range (``LIKE 'public.%'`` and
-#: ``type >= 'public.' AND type < 'public/'``) whatever the database's default collation is.
+#: Event types (and ordering keys): ``ShortText`` with the byte-order "C" collation on PostgreSQL,
+#: so that a type pattern's literal leading segments become an index range (``LIKE 'public.%'``
+#: and ``type >= 'public.' AND type < 'public/'``) whatever the database's default collation is,
+#: and comparisons cost a ``memcmp``.
 TypeText = (
     sa.Text()
     .with_variant(postgresql.TEXT(collation="C"), "postgresql")
@@ -277,8 +278,9 @@ class Event(OutboxBase):
         UTCDateTime(), nullable=False, default=utcnow
     )
     # Relay bookkeeping (SPEC §2 allows the relay its own columns).
+    # Compared for equality only: byte-wise on PostgreSQL, the cheapest for its index.
     ordering_key: Mapped[str | None] = mapped_column(
-        ShortText, doc="Events with the same key are delivered in seq order."
+        TypeText, doc="Events with the same key are delivered in seq order."
     )
     lease_owner: Mapped[str | None] = mapped_column(ShortText)
     lease_token: Mapped[uuid.UUID | None] = mapped_column(sa.Uuid())

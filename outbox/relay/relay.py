@@ -43,9 +43,6 @@ _T = TypeVar("_T")
 _UNSET: Any = object()
 #: How often the relay pings a provider that is down (see ``Relay._await_provider``).
 _PING_EVERY = 0.5
-#: While events arrive faster than ``Relay.linger_rate``, a relay that ran out of work looks again
-#: after this many seconds instead of waiting for a notification (see ``Relay._idle_wait``).
-_LINGER = 0.001
 #: The window over which the arrival rate is measured, seconds.
 _RATE_WINDOW = 0.1
 
@@ -123,6 +120,8 @@ class Relay:
         #: looks again after 1 ms rather than waiting for a NOTIFY: writers then send none
         #: (docs/relay.md, "Wake-up"); ``0`` always waits, ``inf`` never lingers
         self.linger_rate = 1000.0
+        #: ... and how long it waits before it looks again (seconds)
+        self.linger = 0.001
         self._arrivals: deque[tuple[float, int]] = deque()
         #: claim the next batch while the current one is dispatched and settled
         self.prefetch = True
@@ -441,7 +440,7 @@ class Relay:
             await self._wait(self.poll_interval)
             return
         if self._lingering():
-            await self._wait(_LINGER)  # busy times: poll, so that writers need not notify
+            await self._wait(self.linger)  # busy times: poll, so that writers need not notify
             return
         found = await idle.enter()
         if found is Idle.TAKEN:
