@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 # Imported eagerly: a lazy import would let ``import outbox.capture`` (the module) shadow the
 # ``outbox.capture`` function on the package.
 from outbox.capture import Capture, capture
-from outbox.context import context
+from outbox.context import context, request_scope, set_context
 from outbox.events import (
     Event,
     EventSource,
@@ -150,6 +150,8 @@ __all__ = [
     "publish",
     "publish_async",
     "publish_sync",
+    "request_scope",
+    "set_context",
     "set_default_broker",
     "set_instance_id",
     "sqlite_savepoints",
