@@ -41,6 +41,9 @@ from outbox.exceptions import (
     SerializationError,
     UnsupportedOperation,
 )
+
+# registers outbox_alembic_version on Event.metadata (the table outbox.migrations records in)
+from outbox.migrations import version_table as _version_table  # noqa: F401
 from outbox.providers.base import EventFilter, EventNotFound, ProviderStats
 from outbox.retry import RetryPolicy
 from outbox.schema import create_schema  # also registers the outbox_* tables on Event.metadata
