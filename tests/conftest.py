@@ -5,7 +5,8 @@
 - ``engine``: ``db_url`` with the outbox schema created (``outbox.create_schema``), on SQLite
   with ``outbox.sqlite_savepoints`` as recommended for applications;
 - ``redis_url`` + ``redis_prefix``, ``nats_url`` + ``nats_names``: shared servers, unique names;
-- ``private_redis`` / ``private_nats`` / ``private_postgres``: servers a test may stop and restart.
+- ``private_redis`` / ``private_nats`` / ``private_postgres``: servers a test may stop and restart;
+  ``private_pgbouncer``: a pgbouncer (transaction pooling) in front of the shared PostgreSQL.
 
 Async tests use anyio's pytest plugin on asyncio: ``@pytest.mark.anyio``.
 """
@@ -206,6 +207,16 @@ def private_redis() -> Iterator[servers.PrivateRedis]:
 @pytest.fixture
 def private_nats() -> Iterator[servers.PrivateNats]:
     server = servers.PrivateNats()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def private_pgbouncer() -> Iterator[servers.PrivatePgBouncer]:
+    """pgbouncer in transaction pooling in front of the shared PostgreSQL (its own process)."""
+    servers.require("PostgreSQL", servers.PG_HOST, servers.PG_PORT)
+    server = servers.PrivatePgBouncer()
     server.start()
     yield server
     server.close()
