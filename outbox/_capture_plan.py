@@ -132,6 +132,15 @@ class MapperPlan:
         self.pk_keys: tuple[str, ...] = tuple(
             mapper._columntoproperty[c].key for c in mapper.primary_key
         )
+        hidden = [excluded[k] for k in self.pk_keys if k in excluded]
+        if hidden:
+            why = "looks like a secret" if hidden[0] in secret else "is in exclude="
+            raise CaptureError(
+                f"cannot capture {self.model}: its primary key {hidden[0]!r} {why}, yet it "
+                "would be every event's entity_id; give the table another key, leave the "
+                f"model out (models=...), or capture it (include={{{self.model}: "
+                f"{{{hidden[0]!r}}}}})"
+            )
         # ORM bulk INSERT/UPDATE/DELETE touch one table: RETURNING can only give its columns
         # (every column of it: excluded ones too, to tell a real change from none).
         local_keys = {k for k, _ in local}

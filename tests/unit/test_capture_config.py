@@ -25,6 +25,13 @@ class Account(Base):
     secret: Mapped[str] = mapped_column("secret_hash")
 
 
+class Credential(Base):
+    __tablename__ = "cfg_credentials"
+
+    api_key: Mapped[str] = mapped_column(primary_key=True)
+    owner: Mapped[str]
+
+
 class Other(Base):
     __tablename__ = "cfg_other"
 
@@ -58,6 +65,10 @@ def factory() -> Iterator[sessionmaker[Session]]:
         ({"exclude": {NotMapped: {"x"}}}, "NotMapped is not a mapped class"),
         ({"models": [Account], "exclude": {Other: {"id"}}}, "Other is not captured"),
         ({"include": {Account: {"pin"}}}, r"Account has no column 'pin'"),
+        ({"models": [Credential]}, r"Credential: its primary key 'api_key' looks like a "
+                                   r"secret, yet it would be every event's entity_id"),
+        ({"models": [Account], "exclude": {Account: {"id"}}},
+         r"primary key 'id' is in exclude="),
         ({"include": {Account: {"secret"}}, "exclude": {Account: {"secret"}}},
          r"Account.secret is in both exclude= and include="),
     ],
