@@ -55,7 +55,7 @@ import anyio
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, scoped_session
 
 from outbox.engines import engine_args
 from outbox.events import utcnow
@@ -151,14 +151,17 @@ def _statement(dialect: sa.Dialect, group: str, event_id: uuid.UUID | str
     return statement, False
 
 
-def record(bind: Session | Connection, group: str, event_id: uuid.UUID | str) -> bool:
+def record(bind: Session | scoped_session[Any] | Connection, group: str,
+           event_id: uuid.UUID | str) -> bool:
     """Insert the inbox row in ``bind``'s transaction; ``False`` when it was already there.
 
-    Call it first thing inside the transaction that holds the handler's effects.
+    Call it first thing inside the transaction that holds the handler's effects. ``bind``: a
+    session, a ``scoped_session`` (Flask-SQLAlchemy's ``db.session``) or a connection.
     """
-    dialect = bind.get_bind().dialect if isinstance(bind, Session) else bind.dialect
+    target: Session | Connection = bind() if isinstance(bind, scoped_session) else bind
+    dialect = target.get_bind().dialect if isinstance(target, Session) else target.dialect
     statement, returning = _statement(dialect, group, event_id)
-    result = bind.execute(statement)
+    result = target.execute(statement)
     return result.first() is not None if returning else _rowcount(result) > 0
 
 
