@@ -42,6 +42,10 @@ def test_notes_are_written_by_the_signed_in_user(
     signup = outbox_recorder.assert_emitted("main.users.create", entity_id=str(user_id))
     assert signup.user_id is None
     assert set(signup.payload) == {"id", "email"}  # no password_hash, no token
+    # the scope ends with the request: the next one, anonymous, has no user
+    late_id, _ = sign_up(client)
+    assert outbox_recorder.assert_emitted("main.users.create", entity_id=str(late_id)) \
+        .user_id is None
 
 
 def test_anonymous_requests_write_nothing(client: FlaskClient,
