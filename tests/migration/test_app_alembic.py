@@ -299,3 +299,34 @@ def test_mistakes_are_one_clear_error(pg_url: str, tmp_path: Path) -> None:
                             env={**os.environ, **app.env}, capture_output=True, text=True,
                             timeout=120)
     assert "unknown outbox revision 'outbox_0042' (known: base, outbox_0001" in failed.stderr
+
+
+def test_moving_from_the_earlier_two_branch_recipe(pg_url: str, tmp_path: Path) -> None:
+    """docs/alembic.md: the SQL that moves the outbox head out of alembic_version."""
+    app = App(tmp_path / "app", pg_url)
+    for rev in (APP_0001, APP_0002):
+        app.add(rev)
+    ini = app.path / "alembic.ini"
+    recipe = ini.read_text()
+    ini.write_text(recipe.replace(
+        "path_separator = os",
+        "path_separator = space\nversion_locations = %(here)s/migrations/versions "
+        "outbox:migrations/versions"))
+    app.alembic("upgrade", "heads")  # the earlier recipe: two heads
+    doc = (ROOT / "docs" / "alembic.md").read_text()
+    sql = doc.split("-- earlier recipe: move the outbox head out of alembic_version", 1)[1]
+    sql = sql.split("-- create_schema()", 1)[0]
+    engine = sa.create_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            for statement in filter(str.strip, sql.split(";")):
+                conn.execute(sa.text(statement))
+    finally:
+        engine.dispose()
+    ini.write_text(recipe)
+    app.add(APP_0003)
+    assert app.alembic("heads").split() == ["app_0003", "(head)"]
+    app.alembic("upgrade", "head")  # finds outbox_0001 recorded: nothing to run
+    assert app.scalar("SELECT version_num FROM alembic_version") == "app_0003"
+    assert app.outbox_version() == "outbox_0001"
+    app.check_no_changes()
