@@ -36,7 +36,9 @@ from outbox.exceptions import OutboxError
 if TYPE_CHECKING:
     from alembic.script import Script
 
-__all__ = ["VERSIONS", "VERSION_TABLE", "current", "downgrade", "head", "upgrade"]
+__all__ = [
+    "VERSIONS", "VERSION_TABLE", "current", "downgrade", "head", "mismatch", "upgrade",
+]
 
 #: Where the outbox's revision files are.
 VERSIONS = Path(__file__).with_name("versions")
@@ -105,6 +107,22 @@ def current(bind: sa.Connection | sa.Engine) -> str | None:
         raise MigrationError(f"{VERSION_TABLE} holds {len(rows)} rows ({', '.join(rows)}); "
                              "expected one")
     return rows[0] if rows else None
+
+
+def mismatch(bind: sa.Connection | sa.Engine) -> str | None:
+    """What to do when ``bind``'s outbox revision is not the newest this installation ships
+    (``None`` when it is, or when no revision is recorded). The relay logs it at start."""
+    at = current(bind)
+    chain = _revisions()
+    newest = chain[-1].revision
+    if at is None or at == newest:
+        return None
+    if at not in {s.revision for s in chain}:
+        return (f"the outbox tables are at revision {at}, which this version of outbox does "
+                f"not know (it ships up to {newest}): is an older outbox running on a newer "
+                "schema?")
+    return (f"the outbox tables are at revision {at}, this version of outbox ships {newest}: "
+            f"add a revision calling outbox.migrations.upgrade({newest!r}) (docs/alembic.md)")
 
 
 def upgrade(revision: str = "head") -> None:

@@ -183,6 +183,7 @@ class Relay:
                     create_schema(conn)
                     conn.commit()
                 check_schema(conn)
+                _warn_if_behind(conn)
         except SchemaMissing:
             raise SchemaMissing(f"table events not found in {redacted}: {MIGRATE_HINT}") from None
         except sa.exc.DBAPIError as exc:
@@ -543,6 +544,14 @@ class Relay:
 
 async def _in_thread(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
     return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+
+def _warn_if_behind(conn: sa.Connection) -> None:
+    from outbox.migrations import mismatch
+
+    problem = mismatch(conn)
+    if problem:
+        log.warning("%s", problem)
 
 
 def _make_engine(database: str | URL | None, *, pgbouncer: bool = False) -> Engine:

@@ -11,6 +11,7 @@ more revision of its own.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import anyio
 import pytest
 import sqlalchemy as sa
 from alembic import command
@@ -26,6 +28,8 @@ from alembic.config import Config
 import outbox
 import outbox.migrations
 from outbox.migrations import VERSION_TABLE, MigrationError
+from outbox.providers.memory import MemoryProvider
+from outbox.relay import Relay
 
 ROOT = Path(__file__).resolve().parents[2]
 OUTBOX_TABLES = {"events", "outbox_consumers", "outbox_consumer_claims", "outbox_dead_letters",
@@ -225,13 +229,19 @@ def test_the_recipe_in_an_application_with_its_own_chain(url: str, tmp_path: Pat
     assert app.tables() >= OUTBOX_TABLES
 
 
-def test_a_later_outbox_revision_takes_one_more_revision_of_the_application(
-    url: str, tmp_path: Path
-) -> None:
-    later = tmp_path / "outbox-later" / "versions"
-    shutil.copytree(outbox.migrations.VERSIONS, later,
+@pytest.fixture
+def later(tmp_path: Path) -> Path:
+    """The versions directory of "a later outbox release": the package's plus one revision."""
+    path = tmp_path / "outbox-later" / "versions"
+    shutil.copytree(outbox.migrations.VERSIONS, path,
                     ignore=shutil.ignore_patterns("__pycache__"))
-    (later / f"{EXTRA}_test.py").write_text(EXTRA_REVISION.format(down=outbox.migrations.head()))
+    (path / f"{EXTRA}_test.py").write_text(EXTRA_REVISION.format(down=outbox.migrations.head()))
+    return path
+
+
+def test_a_later_outbox_revision_takes_one_more_revision_of_the_application(
+    url: str, tmp_path: Path, later: Path
+) -> None:
     app = App(tmp_path / "app", url)
     for rev in (APP_0001, APP_0002, APP_0003):
         app.add(rev)
@@ -330,3 +340,28 @@ def test_moving_from_the_earlier_two_branch_recipe(pg_url: str, tmp_path: Path) 
     assert app.scalar("SELECT version_num FROM alembic_version") == "app_0003"
     assert app.outbox_version() == "outbox_0001"
     app.check_no_changes()
+
+
+def test_the_relay_says_when_the_schema_is_behind_the_package(
+    pg_url: str, later: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = Config(str(ROOT / "alembic.ini"))
+    cfg.set_main_option("sqlalchemy.url", pg_url)
+    cfg.attributes["configure_logger"] = False
+    command.upgrade(cfg, "head")
+    engine = sa.create_engine(pg_url)
+    try:
+        assert outbox.migrations.mismatch(engine) is None
+        monkeypatch.setattr(outbox.migrations, "VERSIONS", later)  # the package was upgraded
+        assert "add a revision calling outbox.migrations.upgrade('outbox_9001')" in str(
+            outbox.migrations.mismatch(engine))
+        relay = Relay(engine, broker=outbox.Broker(MemoryProvider()))
+        with caplog.at_level(logging.WARNING, logger="outbox.relay"):
+            anyio.run(relay.start)
+        assert "revision outbox_0001, this version of outbox ships outbox_9001" in caplog.text
+        with engine.begin() as conn:  # a schema newer than the package
+            conn.execute(outbox.migrations.version_table.update().values(version_num="x_9"))
+        monkeypatch.undo()
+        assert "does not know" in str(outbox.migrations.mismatch(engine))
+    finally:
+        engine.dispose()
