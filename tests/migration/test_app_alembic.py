@@ -95,9 +95,11 @@ APP_0001 = ("app_0001", None, "customers", "", """
 APP_0002 = ("app_0002", "app_0001", "customers.email", "", """
     op.add_column("customers", sa.Column("email", sa.String(200), nullable=True))""", """
     op.drop_column("customers", "email")""")
-# The recipe (docs/alembic.md): one revision of the application's own chain.
-APP_0003 = ("app_0003", "app_0002", "outbox", "import outbox.migrations\n", """
-    outbox.migrations.upgrade("outbox_0001")""", """
+# The recipe (docs/alembic.md): one revision of the application's own chain, bringing the outbox
+# schema to the newest revision the package ships (outbox_0001 when the recipe was written).
+HEAD = outbox.migrations.head()
+APP_0003 = ("app_0003", "app_0002", "outbox", "import outbox.migrations\n", f"""
+    outbox.migrations.upgrade("{HEAD}")""", """
     outbox.migrations.downgrade("base")""")
 
 # What "a later outbox release" ships: one more revision after the package's head. A data change
@@ -122,8 +124,8 @@ def downgrade():
     op.execute("DELETE FROM outbox_dead_letters WHERE group_name = 'migration-test'")
 '''
 APP_0004 = ("app_0004", "app_0003", "outbox 9001", "import outbox.migrations\n", """
-    outbox.migrations.upgrade("outbox_9001")""", """
-    outbox.migrations.downgrade("outbox_0001")""")
+    outbox.migrations.upgrade("outbox_9001")""", f"""
+    outbox.migrations.downgrade("{HEAD}")""")
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -207,7 +209,7 @@ def test_the_recipe_in_an_application_with_its_own_chain(url: str, tmp_path: Pat
     app.alembic("upgrade", "head")
     assert app.tables() == {"alembic_version", "customers"} | OUTBOX_TABLES
     assert app.scalar("SELECT version_num FROM alembic_version") == "app_0003"
-    assert app.outbox_version() == "outbox_0001"
+    assert app.outbox_version() == HEAD
     app.check_no_changes()
 
     # The outbox tables work as made by the shipped revision (seq numbering, capture's insert).
@@ -257,7 +259,7 @@ def test_a_later_outbox_revision_takes_one_more_revision_of_the_application(
     app.check_no_changes()
 
     app.alembic("downgrade", "-1")
-    assert app.outbox_version() == "outbox_0001"
+    assert app.outbox_version() == HEAD
     assert app.scalar("SELECT count(*) FROM outbox_dead_letters") == 0
     app.alembic("downgrade", "-1")
     assert app.tables() == {"alembic_version", "customers"}
@@ -274,7 +276,7 @@ def test_the_repository_environment_and_the_recipe_record_the_same_version(
     pg_url: str, tmp_path: Path
 ) -> None:
     """A database migrated with the repository's `alembic upgrade head` is carried on by an
-    application that adds the recipe later: its revision finds outbox_0001 and does nothing."""
+    application that adds the recipe later: its revision finds the head and does nothing."""
     cfg = Config(str(ROOT / "alembic.ini"))
     cfg.set_main_option("sqlalchemy.url", pg_url)
     cfg.attributes["configure_logger"] = False
@@ -283,7 +285,7 @@ def test_the_repository_environment_and_the_recipe_record_the_same_version(
     for rev in (APP_0001, APP_0002, APP_0003):
         app.add(rev)
     app.alembic("upgrade", "head")
-    assert app.outbox_version() == "outbox_0001"
+    assert app.outbox_version() == HEAD
     app.check_no_changes()
 
 
@@ -336,9 +338,9 @@ def test_moving_from_the_earlier_two_branch_recipe(pg_url: str, tmp_path: Path) 
     ini.write_text(recipe)
     app.add(APP_0003)
     assert app.alembic("heads").split() == ["app_0003", "(head)"]
-    app.alembic("upgrade", "head")  # finds outbox_0001 recorded: nothing to run
+    app.alembic("upgrade", "head")  # finds the head recorded: nothing to run
     assert app.scalar("SELECT version_num FROM alembic_version") == "app_0003"
-    assert app.outbox_version() == "outbox_0001"
+    assert app.outbox_version() == HEAD
     app.check_no_changes()
 
 
@@ -358,7 +360,7 @@ def test_the_relay_says_when_the_schema_is_behind_the_package(
         relay = Relay(engine, broker=outbox.Broker(MemoryProvider()))
         with caplog.at_level(logging.WARNING, logger="outbox.relay"):
             anyio.run(relay.start)
-        assert "revision outbox_0001, this version of outbox ships outbox_9001" in caplog.text
+        assert f"revision {HEAD}, this version of outbox ships outbox_9001" in caplog.text
         with engine.begin() as conn:  # a schema newer than the package
             conn.execute(outbox.migrations.version_table.update().values(version_num="x_9"))
         monkeypatch.undo()

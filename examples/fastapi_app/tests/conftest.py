@@ -2,6 +2,10 @@
 
 PostgreSQL on 127.0.0.1:5432 (user postgres, trust), or ``FASTAPI_APP_ADMIN_URL``. Unreachable:
 the tests are skipped, or fail when ``CI`` is set.
+
+The application is imported once the database exists, not when the tests are collected: its
+``outbox.capture(Session)`` is process-wide, and the repository's own tests share the process.
+It is removed again when the example's tests are done.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ ADMIN_URL = os.environ.get("FASTAPI_APP_ADMIN_URL",
                            "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def database_url() -> Iterator[str]:
     admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
     try:
@@ -42,8 +46,14 @@ def database_url() -> Iterator[str]:
         run("alembic", "upgrade", "head", cwd=APP_DIR)
         yield url
     finally:
-        from fastapi_app import db
+        from sqlmodel import Session
 
+        from fastapi_app import db
+        from outbox.capture import captures
+
+        for registration in captures():
+            if registration.target is Session:
+                registration.remove()
         db.engine.dispose()
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -58,14 +68,14 @@ def run(*args: str, cwd: Path = EXAMPLES, **kw: Any) -> subprocess.CompletedProc
     return done
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def app(database_url: str) -> Any:
     from fastapi_app.main import app
 
     return app
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def engine(database_url: str) -> sa.Engine:
     from fastapi_app.db import engine
 

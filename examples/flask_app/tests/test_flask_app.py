@@ -11,8 +11,7 @@ from typing import Any
 import flask
 from flask.testing import FlaskClient
 
-from flask_app.models import WordCount, db
-from flask_app.tests.conftest import EXAMPLES
+from flask_app.tests.conftest import EXAMPLES, db
 from outbox.testing import EventRecorder
 
 
@@ -28,7 +27,7 @@ def test_notes_are_written_by_the_signed_in_user(
     app: flask.Flask, client: FlaskClient, outbox_recorder: EventRecorder
 ) -> None:
     with app.app_context():
-        outbox_recorder.watch(db.engine)  # rows committed to the events table from now on
+        outbox_recorder.watch(db().engine)  # rows committed to the events table from now on
     user_id, auth = sign_up(client)
     other_id, other = sign_up(client)
     with outbox_recorder.block() as emitted:
@@ -51,7 +50,7 @@ def test_notes_are_written_by_the_signed_in_user(
 def test_anonymous_requests_write_nothing(client: FlaskClient,
                                           outbox_recorder: EventRecorder, app: flask.Flask) -> None:
     with app.app_context():
-        outbox_recorder.watch(db.engine)
+        outbox_recorder.watch(db().engine)
     assert client.post("/notes", json={"text": "x"}).status_code == 401
     outbox_recorder.assert_not_emitted("*")
 
@@ -60,7 +59,7 @@ def test_a_note_refused_after_its_flush_leaves_no_event(
     app: flask.Flask, client: FlaskClient, outbox_recorder: EventRecorder
 ) -> None:
     with app.app_context():
-        outbox_recorder.watch(db.engine)
+        outbox_recorder.watch(db().engine)
     _, auth = sign_up(client)
     with outbox_recorder.block() as emitted:
         r = client.post("/notes", json={"text": "word " * 1001}, headers=auth)
@@ -81,6 +80,8 @@ def test_the_relay_sidecar_counts_the_words_once(
             [sys.executable, "-m", "outbox.relay", "--once", "--app", "flask_app.handlers"],
             cwd=EXAMPLES, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
+    from flask_app.models import WordCount
+
     with app.app_context():
-        counts = db.session.get(WordCount, user_id)
+        counts = db().session.get(WordCount, user_id)
         assert counts is not None and counts.words == 5
