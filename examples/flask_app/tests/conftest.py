@@ -44,7 +44,7 @@ def database_url(tmp_path: Path) -> str:
 
 @pytest.fixture
 def app(database_url: str) -> Iterator[flask.Flask]:
-    from flask_app import create_app
+    from flask_app.app import create_app
 
     app = create_app({"SQLALCHEMY_DATABASE_URI": database_url, "TESTING": True})
     with app.app_context():
