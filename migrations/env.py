@@ -1,7 +1,9 @@
 """Alembic environment of the outbox repository: `alembic upgrade head` from the repo root.
 
 The database comes from ``OUTBOX_DATABASE_URL`` (else ``sqlalchemy.url`` in alembic.ini). The
-revision files live in the installed package, ``outbox/migrations/versions``.
+revision files live in the installed package, ``outbox/migrations/versions``. The revision is
+recorded in ``outbox_alembic_version``, the table ``outbox.migrations.upgrade()`` uses inside an
+application's own revisions, so a database set up either way can be carried on the other.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from alembic import context
 from sqlalchemy import engine_from_config, pool
 
 import outbox
+from outbox.migrations import VERSION_TABLE
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
@@ -32,7 +35,8 @@ def run_migrations_offline() -> None:
         target_metadata=target_metadata,
         literal_binds=True,
         dialect_opts={"paramstyle": "named"},
-        include_object=outbox.schema.include_object,
+        include_object=outbox.migrations.include_object,
+        version_table=VERSION_TABLE,
     )
     with context.begin_transaction():
         context.run_migrations()
@@ -42,7 +46,8 @@ def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is not None:  # programmatic use: command.upgrade(cfg) with a connection
         context.configure(connection=connection, target_metadata=target_metadata,
-                          include_object=outbox.schema.include_object)
+                          include_object=outbox.migrations.include_object,
+                          version_table=VERSION_TABLE)
         with context.begin_transaction():
             context.run_migrations()
         return
@@ -53,7 +58,8 @@ def run_migrations_online() -> None:
     )
     with engine.connect() as conn:
         context.configure(connection=conn, target_metadata=target_metadata,
-                          include_object=outbox.schema.include_object)
+                          include_object=outbox.migrations.include_object,
+                          version_table=VERSION_TABLE)
         with context.begin_transaction():
             context.run_migrations()
 

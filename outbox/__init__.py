@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 # Imported eagerly: a lazy import would let ``import outbox.capture`` (the module) shadow the
 # ``outbox.capture`` function on the package.
 from outbox.capture import Capture, capture
-from outbox.context import context
+from outbox.context import context, request_scope, set_context
 from outbox.events import (
     Event,
     EventSource,
@@ -41,6 +41,9 @@ from outbox.exceptions import (
     SerializationError,
     UnsupportedOperation,
 )
+
+# registers outbox_alembic_version on Event.metadata (the table outbox.migrations records in)
+from outbox.migrations import version_table as _version_table  # noqa: F401
 from outbox.providers.base import EventFilter, EventNotFound, ProviderStats
 from outbox.retry import RetryPolicy
 from outbox.schema import create_schema  # also registers the outbox_* tables on Event.metadata
@@ -150,6 +153,8 @@ __all__ = [
     "publish",
     "publish_async",
     "publish_sync",
+    "request_scope",
+    "set_context",
     "set_default_broker",
     "set_instance_id",
     "sqlite_savepoints",

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Mapper
 
 from outbox._capture_flush import poison
 from outbox._capture_plan import MapperPlan
-from outbox._capture_rows import RowFactory, changes_of
+from outbox._capture_rows import RowFactory, changes_of, redacted_changes
 from outbox.events import Event
 from outbox.exceptions import CaptureError, UnsupportedOperation
 
@@ -238,10 +238,11 @@ def _emit(
         if op == 1:
             assert before is not None
             changes = changes_of(plan, before, values, captured)
-            if not changes and all(
-                plan.compare[k](before.get(k), values.get(k)) for k in excluded
-            ):
+            redacted = [k for k in excluded
+                        if not plan.compare[k](before.get(k), values.get(k))]
+            if not changes and not redacted:
                 continue  # SET x = x: nothing changed, no event
+            changes.update(redacted_changes(plan, redacted))
         entity_id = plan.entity_id(_ident(plan, values))
         rows.append(factory.row(plan, default_schema, op, entity_id, plan.payload(values),
                                 changes))

@@ -22,7 +22,7 @@ from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.state import InstanceState
 
 from outbox._capture_plan import MapperPlan
-from outbox._capture_rows import RowFactory, changes_of
+from outbox._capture_rows import RowFactory, changes_of, redacted_changes
 from outbox.exceptions import CaptureError
 
 if TYPE_CHECKING:
@@ -270,7 +270,7 @@ def _update_changes(
     committed = state.committed_state
     old: dict[str, Any] = {}
     keys = []
-    excluded_changed = False
+    redacted = []
     for key, value in committed.items():
         if key in plan.keyset:
             keys.append(key)
@@ -278,10 +278,11 @@ def _update_changes(
         elif key in plan.excluded_keys and (
             value is NO_VALUE or not plan.compare[key](value, new.get(key))
         ):
-            excluded_changed = True
+            redacted.append(key)
     changes = changes_of(plan, old, new, keys)
-    if not changes and not excluded_changed:
+    if not changes and not redacted:
         return None
+    changes.update(redacted_changes(plan, redacted))
     if old_db:
         # Columns the UPDATE itself set (onupdate / server_onupdate / version counter).
         extra = [k for k in plan.onupdate_keys if k in old_db and k not in old]

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import ColumnProperty, Mapper
 
 from outbox import _json
+from outbox._capture_secrets import looks_secret
 from outbox.events import OutboxBase, event_type
 from outbox.exceptions import CaptureError, SerializationError
 
@@ -54,6 +55,7 @@ class MapperPlan:
         "compare",
         "entity",
         "excluded_keys",
+        "excluded_names",
         "keyset",
         "mapper",
         "model",
@@ -62,10 +64,13 @@ class MapperPlan:
         "pk_cols",
         "pk_keys",
         "schema",
+        "secret_names",
         "table",
     )
 
-    def __init__(self, mapper: Mapper[Any], exclude: frozenset[str]) -> None:
+    def __init__(
+        self, mapper: Mapper[Any], exclude: frozenset[str], include: frozenset[str] = frozenset()
+    ) -> None:
         table = mapper.local_table
         if not isinstance(table, sa.Table):
             raise CaptureError(
@@ -87,7 +92,8 @@ class MapperPlan:
         compare: dict[str, Any] = {}
         local: list[tuple[str, sa.Column[Any]]] = []
         seen: set[str] = set()
-        excluded: list[str] = []
+        excluded: dict[str, str] = {}
+        secret: list[str] = []
         onupdate: list[str] = []
         version_col = mapper.version_id_col
         for col in mapper.columns:
@@ -101,7 +107,12 @@ class MapperPlan:
             if col.table is table:
                 local.append((prop.key, col))
             if col.name in exclude or prop.key in exclude:
-                excluded.append(prop.key)
+                excluded[prop.key] = col.name
+                continue
+            if (looks_secret(col.name) or looks_secret(prop.key)) and not (
+                    col.name in include or prop.key in include):
+                excluded[prop.key] = col.name
+                secret.append(col.name)
                 continue
             cols.append((prop.key, col.name))
             if (col.onupdate is not None or col.server_onupdate is not None
@@ -111,12 +122,25 @@ class MapperPlan:
         self.keyset = frozenset(k for k, _ in cols)
         self.names: dict[str, str] = dict(cols)
         self.excluded_keys = frozenset(excluded)
+        #: attribute key -> column name of the columns left out of events
+        self.excluded_names = excluded
+        #: columns left out because their names look like secrets (no exclude= for them)
+        self.secret_names: tuple[str, ...] = tuple(secret)
         self.compare = compare
         self.onupdate_keys: tuple[str, ...] = tuple(onupdate)
         self.pk_cols: tuple[sa.ColumnElement[Any], ...] = tuple(mapper.primary_key)
         self.pk_keys: tuple[str, ...] = tuple(
             mapper._columntoproperty[c].key for c in mapper.primary_key
         )
+        hidden = [excluded[k] for k in self.pk_keys if k in excluded]
+        if hidden:
+            why = "looks like a secret" if hidden[0] in secret else "is in exclude="
+            raise CaptureError(
+                f"cannot capture {self.model}: its primary key {hidden[0]!r} {why}, yet it "
+                "would be every event's entity_id; give the table another key, leave the "
+                f"model out (models=...), or capture it (include={{{self.model}: "
+                f"{{{hidden[0]!r}}}}})"
+            )
         # ORM bulk INSERT/UPDATE/DELETE touch one table: RETURNING can only give its columns
         # (every column of it: excluded ones too, to tell a real change from none).
         local_keys = {k for k, _ in local}
@@ -213,12 +237,18 @@ class MapperPlan:
         return found
 
 
-def build_plan(mapper: Mapper[Any], exclude: Mapping[type, frozenset[str]]) -> MapperPlan:
-    """The plan for ``mapper``, with the excludes of it and its mapped superclasses."""
+def build_plan(
+    mapper: Mapper[Any],
+    exclude: Mapping[type, frozenset[str]],
+    include: Mapping[type, frozenset[str]] | None = None,
+) -> MapperPlan:
+    """The plan for ``mapper``, with the excludes/includes of it and its mapped superclasses."""
     names: set[str] = set()
+    kept: set[str] = set()
     for m in mapper.iterate_to_root():
         names |= exclude.get(m.class_, frozenset())
-    return MapperPlan(mapper, frozenset(names))
+        kept |= (include or {}).get(m.class_, frozenset())
+    return MapperPlan(mapper, frozenset(names), frozenset(kept))
 
 
 def column_names(mapper: Mapper[Any]) -> dict[str, str]:

@@ -19,7 +19,7 @@ from outbox.context import current_context
 from outbox.events import Event, get_instance_id, new_event_id, utcnow
 from outbox.tracing import current_trace_context
 
-__all__ = ["RowFactory", "changes_of"]
+__all__ = ["REDACTED", "RowFactory", "changes_of", "redacted_changes"]
 
 _TABLE: sa.Table = Event.__table__  # type: ignore[assignment]
 _INSERT = sa.insert(_TABLE)
@@ -125,6 +125,16 @@ def changes_of(
         name = names[key]
         out[name] = {"old": jsonable(model, name, before), "new": jsonable(model, name, after)}
     return out
+
+
+#: ``metadata.changes`` entry of a column left out of events (``exclude=`` or secret-looking)
+#: that changed: consumers learn *that* it changed (a password reset), never its values.
+REDACTED: dict[str, Any] = {"redacted": True}
+
+
+def redacted_changes(plan: MapperPlan, keys: Sequence[str]) -> dict[str, Any]:
+    """``{column: {"redacted": true}}`` for the excluded attribute ``keys`` that changed."""
+    return {plan.excluded_names[k]: dict(REDACTED) for k in keys}
 
 
 # PostgreSQL (psycopg): the rows of a flush travel as one JSON array and are expanded by the

@@ -19,6 +19,7 @@ How it works (SPEC §3):
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import weakref
 from collections.abc import Collection, Iterable, Mapping
@@ -42,6 +43,8 @@ __all__ = ["BULK_OPT_OUT", "Capture", "capture", "captures", "registration_for"]
 #: Execution option that exempts one statement from bulk capture:
 #: ``session.execute(stmt, execution_options={"outbox_capture": False})``.
 BULK_OPT_OUT = "outbox_capture"
+
+log = logging.getLogger("outbox.capture")
 
 _ALL_OPS = frozenset(op.value for op in Operation)
 _DEFAULT_OPS = ("create", "update", "delete")
@@ -130,32 +133,44 @@ def _mapper_of(cls: Any, what: str) -> Mapper[Any]:
     return mapper
 
 
-def _normalise_exclude(
-    exclude: Mapping[Any, Collection[str]] | None, models: _Models
+def _normalise_columns(
+    given: Mapping[Any, Collection[str]] | None, models: _Models, what: str
 ) -> dict[type, frozenset[str]]:
-    if not exclude:
+    """``exclude=`` / ``include=``: ``{Model: {"column", ...}}``, checked against the mapping."""
+    if not given:
         return {}
-    if not isinstance(exclude, Mapping):
-        raise CaptureError("capture(exclude=...) must map a model to column names")
+    if not isinstance(given, Mapping):
+        raise CaptureError(f"capture({what}=...) must map a model to column names")
     out: dict[type, frozenset[str]] = {}
-    for cls, names in exclude.items():
-        mapper = _mapper_of(cls, "exclude")
+    for cls, names in given.items():
+        mapper = _mapper_of(cls, what)
         if not models.includes(mapper):
             raise CaptureError(
-                f"capture(exclude=...): {cls.__qualname__} is not captured "
+                f"capture({what}=...): {cls.__qualname__} is not captured "
                 f"(models: {models.description})"
             )
         columns = column_names(mapper)
         known = set(columns) | set(columns.values())
-        name_set = frozenset(_iterable(names, f"exclude[{cls.__qualname__}]"))
+        name_set = frozenset(_iterable(names, f"{what}[{cls.__qualname__}]"))
         for name in sorted(name_set):
             if not isinstance(name, str) or name not in known:
                 raise CaptureError(
-                    f"capture(exclude=...): {cls.__qualname__} has no column {name!r} "
+                    f"capture({what}=...): {cls.__qualname__} has no column {name!r} "
                     f"(columns: {', '.join(sorted(columns.values()))})"
                 )
         out[mapper.class_] = name_set
     return out
+
+
+def _check_overlap(
+    exclude: dict[type, frozenset[str]], include: dict[type, frozenset[str]]
+) -> None:
+    for cls, names in include.items():
+        both = sorted(names & exclude.get(cls, frozenset()))
+        if both:
+            raise CaptureError(
+                f"capture(): {cls.__qualname__}.{both[0]} is in both exclude= and include="
+            )
 
 
 def _normalise_operations(operations: Iterable[str | Operation]) -> frozenset[str]:
@@ -262,12 +277,14 @@ class Capture:
         models: _Models,
         operations: frozenset[str],
         exclude: dict[type, frozenset[str]],
+        include: dict[type, frozenset[str]] | None = None,
     ) -> None:
         self.target = target
         self._key_ref: Any = key if isinstance(key, type) else weakref.ref(key)
         self.models = models
         self.operations = operations
         self.exclude = exclude
+        self.include = include or {}
         self.create = "create" in operations
         self.update = "update" in operations
         self.delete = "delete" in operations
@@ -294,7 +311,7 @@ class Capture:
         return resolved
 
     def _signature(self) -> tuple[object, ...]:
-        return (self.models.key(), self.operations, self.exclude)
+        return (self.models.key(), self.operations, self.exclude, self.include)
 
     def plan(self, mapper: Mapper[Any]) -> MapperPlan | None:
         """The capture plan of ``mapper``, or ``None`` when it is not captured."""
@@ -302,8 +319,15 @@ class Capture:
             return self._plans[mapper]
         except KeyError:
             pass
-        plan = build_plan(mapper, self.exclude) if self.models.includes(mapper) else None
+        plan = (build_plan(mapper, self.exclude, self.include)
+                if self.models.includes(mapper) else None)
         self._plans[mapper] = plan
+        if plan is not None and plan.secret_names:
+            log.info(
+                "capture: leaving %s out of events (the names look like secrets); "
+                "capture(..., include={%s: {%s}}) records them", ", ".join(
+                    f"{plan.model}.{name}" for name in plan.secret_names), plan.model,
+                ", ".join(repr(n) for n in plan.secret_names))
         return plan
 
     def mapper_for_table(self, table: Any) -> Mapper[Any] | None:
@@ -392,6 +416,7 @@ def capture(
     models: Any = None,
     operations: Iterable[str | Operation] = _DEFAULT_OPS,
     exclude: Mapping[Any, Collection[str]] | None = None,
+    include: Mapping[Any, Collection[str]] | None = None,
 ) -> Capture:
     """Write an event for every change flushed by sessions of ``target``, in the same transaction.
 
@@ -400,7 +425,11 @@ def capture(
     registry's models, also those mapped later), or mapped classes (and their subclasses);
     default: every mapped class except the outbox's own tables. ``operations``: any of
     ``"create"``, ``"update"``, ``"delete"``, ``"read"``. ``exclude``: ``{Model: {"column",
-    ...}}`` columns never written to events (secrets).
+    ...}}`` columns never written to events. Columns whose names look like secrets
+    (``password``, ``hashed_password``, ``api_key``, ``refresh_token``, … see
+    :mod:`outbox._capture_secrets`) are left out too unless listed in ``include={Model:
+    {"column", ...}}``. An update of a column left out still writes an event; its
+    ``metadata.changes`` has ``{"column": {"redacted": true}}``: that it changed, not its values.
 
     Call once per target at configuration time. Calling again with the same arguments returns the
     existing registration; a different registration that overlaps (same target, or a Session
@@ -411,8 +440,10 @@ def capture(
     key = _resolve_target(target)
     model_set = _Models(models)
     ops = _normalise_operations(operations)
-    excl = _normalise_exclude(exclude, model_set)
-    new = Capture(target, key, model_set, ops, excl)
+    excl = _normalise_columns(exclude, model_set, "exclude")
+    incl = _normalise_columns(include, model_set, "include")
+    _check_overlap(excl, incl)
+    new = Capture(target, key, model_set, ops, excl, incl)
     # Validate what exists now: a bad model fails here rather than at the first flush.
     for mapper in model_set.known():
         new.plan(mapper)

@@ -35,6 +35,7 @@ from sqlalchemy.engine import Engine
 
 from outbox import _json, ops, ops_console
 from outbox.console import cli as console_cli
+from outbox.engines import create_engine
 from outbox.events import Event, EventSource, EventStatus, Operation, utcnow
 from outbox.exceptions import OutboxError
 from outbox.logs import LOG_LEVELS, configure_logging, preserved_logging, redact
@@ -178,6 +179,11 @@ def _common(parser: argparse.ArgumentParser, *, top: bool) -> None:
     group.add_argument(
         "--config", default=default, metavar="PATH",
         help="outbox YAML config file (default: $OUTBOX_CONFIG); its database.url is used",
+    )
+    group.add_argument(
+        "--pgbouncer", action="store_true", default=False if top else argparse.SUPPRESS,
+        help="the URL is PgBouncer in transaction pooling: no prepared statements "
+        "(also $OUTBOX_DATABASE_PGBOUNCER, the config's database.pgbouncer)",
     )
     group.add_argument(
         "--log-level", default="WARNING" if top else argparse.SUPPRESS, type=str.upper,
@@ -358,7 +364,9 @@ def _engine(args: argparse.Namespace) -> Engine:
     except sa.exc.ArgumentError:
         raise UsageError(f"invalid database URL {redact(url)!r}") from None
     try:
-        engine = sa.create_engine(parsed)
+        engine = create_engine(parsed, pgbouncer=_pgbouncer(args))
+    except OutboxError as exc:  # a URL option refused, PgBouncer mode on another database
+        raise UsageError(str(exc)) from None
     except ImportError as exc:
         raise Failure(
             f"no driver for {parsed.drivername}: {exc} (for PostgreSQL: pip install "
@@ -374,6 +382,22 @@ def _engine(args: argparse.Namespace) -> Engine:
         engine.dispose()
         raise Failure(f"cannot connect to {safe}: {_first_line(exc.orig or exc)}") from None
     return engine
+
+
+def _pgbouncer(args: argparse.Namespace) -> bool:
+    """``--pgbouncer``, else the config's ``database.pgbouncer`` (file or environment)."""
+    if args.pgbouncer:
+        return True
+    from outbox.config import Config
+
+    env = dict(os.environ)
+    try:
+        return Config.load(args.config or env.get("OUTBOX_CONFIG") or None,
+                           env=env).database.pgbouncer
+    except OutboxError as exc:
+        raise Failure(f"config: {exc}") from None
+    except OSError as exc:
+        raise Failure(f"cannot read config {args.config}: {exc.strerror or exc}") from None
 
 
 def _first_line(exc: BaseException) -> str:

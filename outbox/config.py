@@ -110,6 +110,11 @@ class DatabaseConfig(_Section):
     batch_size: int = _at_least(100, 1)
     lease: float = _at_least(30.0, 0, above=True)
     notify: bool = True
+    # PgBouncer in transaction pooling between outbox and PostgreSQL (outbox/engines.py): no
+    # prepared statements, no session state, no LISTEN through it (poll, or listen_url).
+    pgbouncer: bool = False
+    #: a direct connection (not through the pooler) for LISTEN in PgBouncer mode
+    listen_url: str | None = _url("*")
     # Database provider consumers (outbox/providers/database): takes of an event from members
     # that died without settling it, before it is parked in outbox_dead_letters.
     max_deliveries: int = _at_least(10, 1)

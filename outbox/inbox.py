@@ -55,8 +55,9 @@ import anyio
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, scoped_session
 
+from outbox.engines import engine_args
 from outbox.events import utcnow
 from outbox.exceptions import OutboxError
 from outbox.schema import check_schema, create_schema, inbox_table, insert_missing
@@ -150,14 +151,17 @@ def _statement(dialect: sa.Dialect, group: str, event_id: uuid.UUID | str
     return statement, False
 
 
-def record(bind: Session | Connection, group: str, event_id: uuid.UUID | str) -> bool:
+def record(bind: Session | scoped_session[Any] | Connection, group: str,
+           event_id: uuid.UUID | str) -> bool:
     """Insert the inbox row in ``bind``'s transaction; ``False`` when it was already there.
 
-    Call it first thing inside the transaction that holds the handler's effects.
+    Call it first thing inside the transaction that holds the handler's effects. ``bind``: a
+    session, a ``scoped_session`` (Flask-SQLAlchemy's ``db.session``) or a connection.
     """
-    dialect = bind.get_bind().dialect if isinstance(bind, Session) else bind.dialect
+    target: Session | Connection = bind() if isinstance(bind, scoped_session) else bind
+    dialect = target.get_bind().dialect if isinstance(target, Session) else target.dialect
     statement, returning = _statement(dialect, group, event_id)
-    result = bind.execute(statement)
+    result = target.execute(statement)
     return result.first() is not None if returning else _rowcount(result) > 0
 
 
@@ -183,17 +187,19 @@ class Inbox:
     ``bind``: an :class:`~sqlalchemy.engine.Engine`, an
     :class:`~sqlalchemy.ext.asyncio.AsyncEngine`, or a URL (an async driver in the URL makes an
     async engine). :meth:`check` verifies the ``outbox_inbox`` table exists (created by
-    ``alembic upgrade head``; on SQLite it is created if missing).
+    ``alembic upgrade head``; on SQLite it is created if missing). ``pgbouncer``: the URL is
+    PgBouncer in transaction pooling (no prepared statements, see :mod:`outbox.engines`).
     """
 
-    def __init__(self, bind: Engine | AsyncEngine | str | sa.URL) -> None:
+    def __init__(self, bind: Engine | AsyncEngine | str | sa.URL, *,
+                 pgbouncer: bool = False) -> None:
         self._owns_engine = isinstance(bind, str | sa.URL)
         if isinstance(bind, str | sa.URL):
-            url = sa.make_url(bind)
+            url, connect_args = engine_args(bind, pgbouncer=pgbouncer)
             if url.get_driver_name() in _ASYNC_DRIVERS:
-                bind = create_async_engine(url, pool_pre_ping=True)
+                bind = create_async_engine(url, pool_pre_ping=True, connect_args=connect_args)
             else:
-                bind = sa.create_engine(url, pool_pre_ping=True)
+                bind = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
         self.engine: Engine | AsyncEngine = bind
         self.is_async = isinstance(bind, AsyncEngine)
 

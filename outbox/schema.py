@@ -10,14 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from outbox.events import (  # noqa: F401
-    PG_DONE_TABLE,
-    PG_LIVE_TABLE,
-    JSONType,
-    OutboxBase,
-    ShortText,
-    UTCDateTime,
-)
+from outbox.events import JSONType, OutboxBase, ShortText, UTCDateTime  # noqa: F401
 from outbox.exceptions import OutboxError, SchemaMissing
 
 __all__ = [
@@ -29,7 +22,6 @@ __all__ = [
     "dead_letters_table",
     "drop_schema",
     "inbox_table",
-    "include_object",
     "insert_missing",
     "storage_outdated",
 ]
@@ -165,29 +157,3 @@ def insert_missing(table: sa.Table, values: dict[str, object], dialect: str) -> 
     if dialect in ("mysql", "mariadb"):
         return sa.insert(table).values(values).prefix_with("IGNORE")
     raise OutboxError(f"the outbox does not support the {dialect!r} dialect")
-
-
-_PARTITIONS = frozenset({PG_LIVE_TABLE, PG_DONE_TABLE})
-
-
-def include_object(obj: object, name: str | None, type_: str, reflected: bool,
-                   compare_to: object | None) -> bool:
-    """Alembic ``include_object`` hook for an environment that compares ``outbox.Event.metadata``.
-
-    The mapping describes the single-table layout of SQLite and MariaDB; on PostgreSQL ``events``
-    is partitioned, with its keys and indexes on the partitions ``events_live`` and
-    ``events_done`` (docs/relay.md, "Storage"). This hides what autogenerate cannot compare: the
-    partitions, and the single-table indexes and keys where the database does not have them
-    (their DDL is conditional, ``ddl_if``). Everything else is compared as usual::
-
-        context.configure(..., target_metadata=[Base.metadata, outbox.Event.metadata],
-                          include_object=outbox.schema.include_object)
-    """
-    if type_ == "table" and reflected and name in _PARTITIONS:
-        return False
-    single_table_only = (
-        type_ in ("index", "unique_constraint") and not reflected and compare_to is None
-        and getattr(obj, "_ddl_if", None) is not None
-        and getattr(getattr(obj, "table", None), "metadata", None) is metadata
-    )
-    return not single_table_only

@@ -5,7 +5,8 @@
 - ``engine``: ``db_url`` with the outbox schema created (``outbox.create_schema``), on SQLite
   with ``outbox.sqlite_savepoints`` as recommended for applications;
 - ``redis_url`` + ``redis_prefix``, ``nats_url`` + ``nats_names``: shared servers, unique names;
-- ``private_redis`` / ``private_nats`` / ``private_postgres``: servers a test may stop and restart.
+- ``private_redis`` / ``private_nats`` / ``private_postgres``: servers a test may stop and restart;
+  ``private_pgbouncer``: a pgbouncer (transaction pooling) in front of the shared PostgreSQL.
 
 Async tests use anyio's pytest plugin on asyncio: ``@pytest.mark.anyio``.
 """
@@ -212,6 +213,16 @@ def private_nats() -> Iterator[servers.PrivateNats]:
 
 
 @pytest.fixture
+def private_pgbouncer() -> Iterator[servers.PrivatePgBouncer]:
+    """pgbouncer in transaction pooling in front of the shared PostgreSQL (its own process)."""
+    servers.require("PostgreSQL", servers.PG_HOST, servers.PG_PORT)
+    server = servers.PrivatePgBouncer()
+    server.start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
 def private_postgres() -> Iterator[servers.PrivatePostgres]:
     server = servers.PrivatePostgres()
     server.start()
@@ -267,14 +278,22 @@ def _leaves_process_state_alone(request: pytest.FixtureRequest) -> Iterator[None
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Importing test modules must not register handlers on the default broker: the guard above
-    runs per test, so a module-level ``@outbox.subscribe`` imported at collection would pass it
-    and leak into every test (``--app`` modules are for subprocesses only)."""
+    """Importing test modules must not register handlers on the default broker nor capture
+    sessions: the guard above runs per test, so a module-level ``@outbox.subscribe`` or
+    ``outbox.capture()`` imported at collection would pass it and leak into every test."""
     from outbox.broker import default
+    from outbox.capture import captures
 
     if default._registry:
         names = ", ".join(sorted(entry.name for entry in default._registry.values()))
         raise pytest.UsageError(
             f"collecting the tests registered handlers on the default broker: {names} "
             "(import --app modules only in the subprocesses that run them)"
+        )
+    # An application module that calls outbox.capture() at import (the examples do, as the docs
+    # recommend) captures sessions process-wide: its tests must import it in fixtures.
+    if captures():
+        raise pytest.UsageError(
+            f"collecting the tests called outbox.capture(): {captures()!r} (import application "
+            "modules in fixtures, and remove their registration when their tests are done)"
         )

@@ -215,3 +215,68 @@ class PrivatePostgres:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass
+class PrivatePgBouncer:
+    """A pgbouncer of the test's own in transaction pooling, in front of the shared PostgreSQL
+    (trust authentication, user postgres), on a free port. ``pool_size`` server connections
+    per database; ``stats()`` reads its SHOW STATS (admin console)."""
+
+    port: int = 0
+    pool_size: int = 10
+    proc: subprocess.Popen[bytes] | None = None
+
+    def __post_init__(self) -> None:
+        self.binary = _require_binary("pgbouncer")
+        self.port = self.port or free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="outbox-pgbouncer-"))
+        (self.dir / "users.txt").write_text(f'"{PG_USER}" ""\n')
+        (self.dir / "pgbouncer.ini").write_text(f"""
+[databases]
+* = host={PG_HOST} port={PG_PORT}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {self.port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {self.dir}/users.txt
+admin_users = {PG_USER}
+pool_mode = transaction
+default_pool_size = {self.pool_size}
+max_client_conn = 400
+logfile = {self.dir}/pgbouncer.log
+pidfile = {self.dir}/pgbouncer.pid
+""")
+        # pgbouncer refuses to run as root: run it as the PostgreSQL server's user.
+        self._user = "postgres" if os.geteuid() == 0 else None
+        if self._user:
+            shutil.chown(self.dir, self._user, self._user)
+            for child in self.dir.iterdir():
+                shutil.chown(child, self._user, self._user)
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg://{PG_USER}@127.0.0.1:{self.port}/{database}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, str(self.dir / "pgbouncer.ini")], user=self._user,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for_port("127.0.0.1", self.port)
+
+    def log(self) -> str:
+        path = self.dir / "pgbouncer.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+            self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inbox-database-url", metavar="URL",
                         help="record handled event ids in outbox_inbox of this database, in "
                              "the handlers' transaction (see outbox.inbox)")
+    parser.add_argument("--pgbouncer", action="store_true",
+                        help="the database URLs are PgBouncer in transaction pooling: no "
+                             "prepared statements, no LISTEN through it (database.pgbouncer)")
     parser.add_argument("--concurrency", type=int, default=None, metavar="N",
                         help="deliveries handled at once (default: worker_count, 10)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -163,7 +166,8 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         raise Failure("--concurrency must be >= 1")
     config = load_config(args.config, env, {"provider": args.provider,
                                             "database.url": args.database_url,
-                                            "log_level": args.log_level})
+                                            "log_level": args.log_level,
+                                            "database.pgbouncer": args.pgbouncer or None})
     configure_logging(config.log_level, args.log_format)
     if config.instance_id:
         set_instance_id(config.instance_id)
@@ -181,7 +185,8 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         raise Failure("--group is required")
     retry_policy = config.retry_policy
     concurrency = args.concurrency or config.worker_count
-    inbox = Inbox(args.inbox_database_url) if args.inbox_database_url else None
+    inbox = (Inbox(args.inbox_database_url, pgbouncer=config.database.pgbouncer)
+             if args.inbox_database_url else None)
     metrics = None
     if args.metrics_port is not None:
         from outbox.metrics import get_metrics

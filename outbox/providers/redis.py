@@ -87,8 +87,8 @@ from outbox.providers.base import (
 try:
     import redis.asyncio as aioredis
     from redis import exceptions as redis_errors
+    from redis.asyncio.retry import Retry
     from redis.backoff import ExponentialBackoff
-    from redis.retry import Retry
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise MissingDependency("RedisProvider", "redis", "redis") from exc
 

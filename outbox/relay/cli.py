@@ -5,13 +5,15 @@
     python -m outbox.relay [--database-url URL] [--config PATH] [--provider memory|redis|nats]
         [--app MODULE ...] [--batch-size N] [--poll-interval S] [--lease S]
         [--metrics-port PORT] [--metrics-host HOST] [--once] [--log-level LEVEL]
+        [--pgbouncer [--listen-url URL]]
 
 Every flag is also a config key (``event_broker.database.url``, ``provider``, ``apps``,
-``database.batch_size``/``poll_interval``/``lease``/``notify``, ``metrics.port``/``host``,
-``log_level``) and an ``OUTBOX_*`` variable (``OUTBOX_DATABASE_URL``, ``OUTBOX_PROVIDER``,
-``OUTBOX_APPS``, ``OUTBOX_DATABASE_BATCH_SIZE``, …); flags win over the environment, which wins
-over the file. With nothing set the relay runs on the embedded default: SQLite ``outbox.db`` in
-the working directory (schema created if missing) and the memory provider.
+``database.batch_size``/``poll_interval``/``lease``/``notify``/``pgbouncer``/``listen_url``,
+``metrics.port``/``host``, ``log_level``) and an ``OUTBOX_*`` variable
+(``OUTBOX_DATABASE_URL``, ``OUTBOX_PROVIDER``, ``OUTBOX_APPS``, ``OUTBOX_DATABASE_BATCH_SIZE``,
+``OUTBOX_DATABASE_PGBOUNCER``, …); flags win over the environment, which wins over the file.
+With nothing set the relay runs on the embedded default: SQLite ``outbox.db`` in the working
+directory (schema created if missing) and the memory provider.
 
 Startup errors (bad flags or config, unreachable database, missing ``events`` table, an ``--app``
 that does not import) print one line on stderr and exit 2. SIGTERM/SIGINT: finish the batch in
@@ -61,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long claimed events stay ours without renewal (default 30)")
     p.add_argument("--no-notify", action="store_true",
                    help="do not LISTEN for NOTIFY wake-ups (PostgreSQL); poll only")
+    p.add_argument("--pgbouncer", action="store_true",
+                   help="the database URL is PgBouncer in transaction pooling: no prepared "
+                        "statements, no session settings, no LISTEN through it")
+    p.add_argument("--listen-url", metavar="URL",
+                   help="with --pgbouncer: a direct connection to LISTEN on (default: poll)")
     p.add_argument("--metrics-port", type=int, metavar="PORT",
                    help="serve /metrics, /healthz, /readyz on this port (0: any free port)")
     p.add_argument("--metrics-host", metavar="HOST", help="address for --metrics-port "
@@ -85,6 +92,10 @@ def load_config(args: argparse.Namespace, env: Mapping[str, str]) -> Any:
     }
     if args.no_notify:
         overrides["database.notify"] = False
+    if args.pgbouncer:
+        overrides["database.pgbouncer"] = True
+    if args.listen_url:
+        overrides["database.listen_url"] = args.listen_url
     return _load_config(args.config, env, overrides)
 
 
@@ -109,6 +120,8 @@ def build_relay(config: Any) -> Any:
             lease=db.lease,
             notify=db.notify,
             retry_policy=config.retry_policy,
+            pgbouncer=db.pgbouncer,
+            listen_url=db.listen_url,
         )
     except OutboxError as exc:
         raise Failure(str(exc)) from None
@@ -137,8 +150,9 @@ async def _run(relay: Any, config: Any, once: bool) -> None:
                 await relay.start()
             except OutboxError as exc:
                 raise Failure(str(exc)) from None
-            log.info("relay %s on %s, provider %s, batch %d, lease %.0fs, %s", relay.owner,
-                     relay.url.render_as_string(hide_password=True), config.provider,
+            log.info("relay %s on %s%s, provider %s, batch %d, lease %.0fs, %s", relay.owner,
+                     relay.url.render_as_string(hide_password=True),
+                     " (PgBouncer mode)" if relay.pgbouncer else "", config.provider,
                      relay.batch_size, relay.lease,
                      "LISTEN/NOTIFY" if relay.notify else f"polling {relay.poll_interval}s")
             if config.metrics.port is not None and not once:

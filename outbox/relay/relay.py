@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 
 from outbox._wakeup import Idle, IdleLock
+from outbox.engines import create_engine, engine_args
 from outbox.events import get_instance_id
 from outbox.exceptions import OutboxError, ProviderUnavailable, SchemaMissing
 from outbox.relay._gc import DEFAULT_GC_THRESHOLD, young_gc_threshold
@@ -63,6 +64,10 @@ class Relay:
     Use ``await relay.run()`` until ``relay.stop()``, or ``await relay.run(once=True)`` to process
     what is due and return.
 
+    ``pgbouncer=True``: the URL points at PgBouncer in transaction pooling (no prepared
+    statements, settings per transaction, no LISTEN through it: polling, or LISTEN on
+    ``listen_url``, a direct connection; see :mod:`outbox.engines`).
+
     ``synchronous_commit=False`` (default, PostgreSQL): the relay's own status updates do not wait
     for the WAL flush; a database *server* crash can then only cause repeats of recently settled
     events, never a loss. ``create_schema`` defaults to True for SQLite only.
@@ -86,6 +91,8 @@ class Relay:
         create_schema: bool | None = None,
         synchronous_commit: bool = False,
         hooks: Iterable[RelayHooks] = (),
+        pgbouncer: bool = False,
+        listen_url: str | URL | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -94,15 +101,23 @@ class Relay:
         if lease <= 0:
             raise ValueError("lease must be > 0")
         self._own_engine = not isinstance(database, Engine)
-        self.engine = database if isinstance(database, Engine) else _make_engine(database)
+        self.engine = (database if isinstance(database, Engine)
+                       else _make_engine(database, pgbouncer=pgbouncer))
         self.url = self.engine.url
+        self.pgbouncer = pgbouncer
         self.owner = owner or f"{get_instance_id()}-{uuid.uuid4().hex[:6]}"
-        self.store = RelayStore(self.engine, owner=self.owner, own_engine=self._own_engine,
+        # Settings once per connection only where a connection is ours for its lifetime: behind
+        # PgBouncer each transaction may run on another server connection (SET LOCAL instead).
+        self.store = RelayStore(self.engine, owner=self.owner,
+                                own_engine=self._own_engine and not pgbouncer,
                                 synchronous_commit=synchronous_commit)
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.lease = lease
-        self.notify = notify and self.store.dialect == "postgresql"
+        # LISTEN needs a session of its own: never through PgBouncer, only on a direct URL.
+        self.listen_url = (engine_args(listen_url)[0] if listen_url is not None
+                           else None if pgbouncer else self.url)
+        self.notify = notify and self.store.dialect == "postgresql" and self.listen_url is not None
         self.concurrency = concurrency
         self.shutdown_timeout = (
             shutdown_timeout if shutdown_timeout is not None else max(5.0, min(30.0, lease / 2))
@@ -180,10 +195,7 @@ class Relay:
                     create_schema(conn)
                     conn.commit()
                 check_schema(conn)
-                if storage_outdated(conn):
-                    log.warning("events in %s is a single table (revision outbox_0001): run "
-                                "`alembic upgrade head` for the partitioned layout this relay "
-                                "is built for (docs/relay.md, 'Storage')", redacted)
+                _warn_if_behind(conn)
         except SchemaMissing:
             raise SchemaMissing(f"table events not found in {redacted}: {MIGRATE_HINT}") from None
         except sa.exc.DBAPIError as exc:
@@ -227,9 +239,12 @@ class Relay:
     async def _run(self, once: bool) -> None:
         async with anyio.create_task_group() as tg:
             if self.notify and not once:
-                listener = PgListener(self.url, self._on_notify, on_state=self._on_listener)
+                assert self.listen_url is not None
+                listener = PgListener(self.listen_url, self._on_notify,
+                                      on_state=self._on_listener)
                 tg.start_soon(listener.run)
-                self._idle = IdleLock(conninfo_from_url(self.url), channel=listener.channel)
+                self._idle = IdleLock(conninfo_from_url(self.listen_url),
+                                      channel=listener.channel)
             tg.start_soon(self._maintenance)
             try:
                 await self._loop(once)
@@ -598,7 +613,19 @@ async def _in_thread(fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
     return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
 
-def _make_engine(database: str | URL | None) -> Engine:
+def _warn_if_behind(conn: sa.Connection) -> None:
+    from outbox.migrations import mismatch
+
+    problem = mismatch(conn)
+    if problem:
+        log.warning("%s", problem)
+    elif storage_outdated(conn):  # e.g. a schema made before revisions were recorded
+        log.warning("events is a single table (revision outbox_0001): run `alembic upgrade "
+                    "head` for the partitioned layout this relay is built for (docs/relay.md, "
+                    "'Storage')")
+
+
+def _make_engine(database: str | URL | None, *, pgbouncer: bool = False) -> Engine:
     url = sa.make_url(database or DEFAULT_DATABASE_URL)
     backend = url.get_backend_name()
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
@@ -609,4 +636,4 @@ def _make_engine(database: str | URL | None) -> Engine:
         kwargs["isolation_level"] = "READ COMMITTED"
     else:
         kwargs.update(pool_size=4, max_overflow=4)
-    return sa.create_engine(url, **kwargs)
+    return create_engine(url, pgbouncer=pgbouncer, **kwargs)

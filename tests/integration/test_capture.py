@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -219,10 +220,46 @@ def test_exclude_keeps_secrets_out_of_payload_and_changes(db: Db) -> None:
     assert [e.operation for e in events] == ["create", "update", "update"]
     for ev in events:
         assert "password" not in ev.payload
-        assert "password" not in json.dumps(ev.meta)
-        assert "one" not in json.dumps(ev.payload) and "two" not in json.dumps(ev.meta)
-    assert events[1].meta["changes"] == {"name": {"old": "a", "new": "b"}}
-    assert events[2].meta["changes"] == {}
+        for value in ("one", "two", "three"):
+            assert value not in json.dumps(ev.payload) + json.dumps(ev.meta)
+    # An excluded column that changed says so, without its values.
+    assert events[1].meta["changes"] == {"name": {"old": "a", "new": "b"},
+                                         "password": {"redacted": True}}
+    assert events[2].meta["changes"] == {"password": {"redacted": True}}
+
+
+def test_columns_that_look_like_secrets_are_left_out_by_default(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="outbox.capture")
+    dbs = make_db(db_url)  # no exclude=
+    db = next(dbs)
+    try:
+        with db.Session() as s:
+            user = User(name="a", password="one")
+            s.add(user)
+            s.commit()
+            user.password = "two"
+            s.commit()
+            user_id = user.id
+            s.execute(sa.update(User).where(User.id == user_id).values(password="three"))
+            s.commit()
+        events = db.events()
+        assert [e.operation for e in events] == ["create", "update", "update"]
+        assert events[0].payload == {"id": user_id, "name": "a", "email": None}
+        assert [e.meta["changes"] for e in events[1:]] == [{"password": {"redacted": True}}] * 2
+        assert "User.password" in caplog.text and "include={User: {'password'}}" in caplog.text
+    finally:
+        dbs.close()
+    included = make_db(db_url, include={User: {"password"}})
+    db = next(included)
+    try:
+        with db.Session() as s:
+            s.add(User(name="b", password="kept"))
+            s.commit()
+        assert db.events()[-1].payload["password"] == "kept"
+    finally:
+        included.close()
 
 
 def test_composite_and_uuid_primary_keys(db: Db) -> None:

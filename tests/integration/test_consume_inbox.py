@@ -61,6 +61,13 @@ def test_record_returns_false_the_second_time(app_engine: sa.Engine) -> None:
     with app_engine.begin() as conn:
         assert record(conn, "g", event_id) is False
         assert record(conn, "other-group", event_id) is True
+    scoped = sa.orm.scoped_session(sa.orm.sessionmaker(app_engine))  # Flask-SQLAlchemy's kind
+    try:
+        assert record(scoped, "g", event_id) is False
+        assert record(scoped, "third-group", event_id) is True
+        scoped.commit()
+    finally:
+        scoped.remove()
 
 
 async def test_inbox_on_mariadb(mariadb_url: str) -> None:

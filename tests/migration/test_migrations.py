@@ -3,10 +3,9 @@
 - ``alembic upgrade head`` / ``downgrade base`` from the repository root (OUTBOX_DATABASE_URL);
 - the migrated database and one built by ``outbox.create_schema`` are identical (tables, columns,
   indexes with their WHERE clauses, constraints, triggers);
-- autogenerate against ``outbox.Event.metadata`` finds nothing to do after ``upgrade head``;
-- an application's own Alembic environment that adds ``outbox:migrations/versions`` to its
-  ``version_locations`` and ``outbox.Event.metadata`` to its ``target_metadata`` upgrades both
-  branches and then has an empty autogenerate diff (``alembic check``).
+- autogenerate against ``outbox.Event.metadata`` finds nothing to do after ``upgrade head``.
+
+An application's own Alembic environment: ``test_app_alembic.py``.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import contextlib
 import os
 import subprocess
 import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ from alembic.runtime.migration import MigrationContext
 
 import outbox
 from outbox.events import PG_DONE_TABLE, PG_LIVE_TABLE, OutboxBase
+from outbox.migrations import VERSION_TABLE
 
 ROOT = Path(__file__).resolve().parents[2]
 OUTBOX_TABLES = {t.name for t in OutboxBase.metadata.sorted_tables}
@@ -138,7 +137,9 @@ def test_upgrade_head_and_downgrade_base_from_the_repository_root(url: str) -> N
 
         down = alembic("downgrade", "base", url=url)
         assert down.returncode == 0, down.stderr
-        assert not (OUTBOX_TABLES | PARTITIONS) & set(sa.inspect(engine).get_table_names())
+        # Alembic keeps its (now empty) version table, which is outbox_alembic_version here.
+        tables = set(sa.inspect(engine).get_table_names())
+        assert not ((OUTBOX_TABLES | PARTITIONS) - {VERSION_TABLE}) & tables
         assert _triggers(engine) == []
         if engine.dialect.name == "postgresql":
             with engine.connect() as conn:
@@ -194,100 +195,9 @@ def test_autogenerate_sees_no_difference_after_upgrade(url: str) -> None:
     try:
         with engine.connect() as conn:
             ctx = MigrationContext.configure(conn, opts={
-                "compare_type": True, "include_object": outbox.schema.include_object})
+                "compare_type": True, "include_object": outbox.migrations.include_object})
             diff = compare_metadata(ctx, outbox.Event.metadata)
         assert diff == []
-    finally:
-        engine.dispose()
-
-
-APP_ENV = '''
-import contextlib
-import os
-import sqlalchemy as sa
-from alembic import context
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-
-import outbox
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Customer(Base):
-    __tablename__ = "customers"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(sa.String(100))
-
-
-target_metadata = [Base.metadata, outbox.Event.metadata]
-engine = sa.create_engine(os.environ["APP_DATABASE_URL"], poolclass=sa.NullPool)
-with engine.connect() as connection:
-    context.configure(connection=connection, target_metadata=target_metadata,
-                      compare_type=True, include_object=outbox.schema.include_object)
-    with context.begin_transaction():
-        context.run_migrations()
-'''
-
-APP_REVISION = '''
-"""customers"""
-import sqlalchemy as sa
-from alembic import op
-
-revision = "app_0001"
-down_revision = None
-branch_labels = ("app",)
-depends_on = None
-
-
-def upgrade():
-    op.create_table(
-        "customers",
-        sa.Column("id", sa.Integer(), primary_key=True),
-        sa.Column("name", sa.String(100), nullable=False),
-    )
-
-
-def downgrade():
-    op.drop_table("customers")
-'''
-
-
-def test_an_application_environment_includes_the_outbox_branch(url: str, tmp_path: Path) -> None:
-    app = tmp_path / "app"
-    (app / "migrations" / "versions").mkdir(parents=True)
-    (app / "alembic.ini").write_text(textwrap.dedent("""
-        [alembic]
-        script_location = %(here)s/migrations
-        version_locations = %(here)s/migrations/versions outbox:migrations/versions
-        path_separator = space
-    """))
-    (app / "migrations" / "env.py").write_text(APP_ENV)
-    (app / "migrations" / "script.py.mako").write_text(
-        (ROOT / "migrations" / "script.py.mako").read_text())
-    (app / "migrations" / "versions" / "app_0001.py").write_text(APP_REVISION)
-    env = {"APP_DATABASE_URL": url}
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "alembic", *args], cwd=app,
-                              env={**os.environ, **env}, capture_output=True, text=True,
-                              timeout=120)
-
-    heads = run("heads")
-    assert heads.returncode == 0, heads.stderr
-    assert "outbox_0002" in heads.stdout and "app_0001" in heads.stdout
-    up = run("upgrade", "heads")
-    assert up.returncode == 0, up.stderr
-    check = run("check")
-    assert check.returncode == 0, check.stdout + check.stderr
-    assert "No new upgrade operations detected" in check.stdout + check.stderr
-    # The outbox branch alone can be named by its label.
-    down = run("downgrade", "outbox@base")
-    assert down.returncode == 0, down.stderr
-    engine = sa.create_engine(url)
-    try:
-        assert not {"events", *PARTITIONS} & set(sa.inspect(engine).get_table_names())
     finally:
         engine.dispose()
 
@@ -402,11 +312,30 @@ async def test_a_relay_on_a_database_at_0001_says_to_upgrade(
     relay = Relay(pg_url, provider=None, broker=outbox.Broker(outbox.MemoryProvider()))
     await relay.start()
     relay.engine.dispose()
-    assert any("single table (revision outbox_0001)" in r.getMessage() for r in caplog.records)
+    assert any("outbox_0001" in r.getMessage() for r in caplog.records)
 
     caplog.clear()
     command.upgrade(cfg, "head")
     relay = Relay(pg_url, provider=None, broker=outbox.Broker(outbox.MemoryProvider()))
     await relay.start()
     relay.engine.dispose()
-    assert not [r for r in caplog.records if "single table" in r.getMessage()]
+    assert not [r for r in caplog.records if "outbox_0001" in r.getMessage()]
+
+
+def test_the_layout_warning_without_a_recorded_revision(pg_url: str) -> None:
+    """A schema made at outbox_0001 by hand (no revision recorded): the relay still tells from
+    the table itself that it is not partitioned."""
+    cfg = repo_config(pg_url)
+    command.upgrade(cfg, "outbox_0001")
+    engine = sa.create_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"DELETE FROM {VERSION_TABLE}")  # noqa: S608 (a constant)
+        with engine.connect() as conn:
+            assert outbox.schema.storage_outdated(conn)
+        command.stamp(cfg, "outbox_0001")
+        command.upgrade(cfg, "head")
+        with engine.connect() as conn:
+            assert not outbox.schema.storage_outdated(conn)
+    finally:
+        engine.dispose()

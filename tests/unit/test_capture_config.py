@@ -25,6 +25,13 @@ class Account(Base):
     secret: Mapped[str] = mapped_column("secret_hash")
 
 
+class Credential(Base):
+    __tablename__ = "cfg_credentials"
+
+    api_key: Mapped[str] = mapped_column(primary_key=True)
+    owner: Mapped[str]
+
+
 class Other(Base):
     __tablename__ = "cfg_other"
 
@@ -57,6 +64,13 @@ def factory() -> Iterator[sessionmaker[Session]]:
         ({"exclude": {Account: "secret"}}, "must be a collection"),
         ({"exclude": {NotMapped: {"x"}}}, "NotMapped is not a mapped class"),
         ({"models": [Account], "exclude": {Other: {"id"}}}, "Other is not captured"),
+        ({"include": {Account: {"pin"}}}, r"Account has no column 'pin'"),
+        ({"models": [Credential]}, r"Credential: its primary key 'api_key' looks like a "
+                                   r"secret, yet it would be every event's entity_id"),
+        ({"models": [Account], "exclude": {Account: {"id"}}},
+         r"primary key 'id' is in exclude="),
+        ({"include": {Account: {"secret"}}, "exclude": {Account: {"secret"}}},
+         r"Account.secret is in both exclude= and include="),
     ],
 )
 def test_bad_arguments(factory: sessionmaker[Session], kwargs: dict[str, object],
@@ -95,3 +109,31 @@ def test_outbox_tables_are_never_captured(factory: sessionmaker[Session]) -> Non
 def test_operations_accept_the_enum(factory: sessionmaker[Session]) -> None:
     handle = outbox.capture(factory, operations=[outbox.Operation.CREATE, "delete"])
     assert handle.operations == {"create", "delete"}
+
+
+def test_secret_looking_columns_are_excluded_unless_included(
+    factory: sessionmaker[Session],
+) -> None:
+    default = outbox.capture(factory)
+    plan = default.plan(sa.inspect(Account))
+    assert plan is not None
+    assert [name for _, name in plan.cols] == ["id", "login"]  # secret_hash looks like one
+    assert plan.secret_names == ("secret_hash",)
+    default.remove()
+    kept = outbox.capture(factory, include={Account: {"secret_hash"}})
+    plan = kept.plan(sa.inspect(Account))
+    assert plan is not None and [name for _, name in plan.cols] == ["id", "login", "secret_hash"]
+
+
+@pytest.mark.parametrize(("name", "secret"), [
+    ("password", True), ("hashed_password", True), ("passwordHash", True), ("api_key", True),
+    ("apiKey", True), ("APIKey", True), ("refresh_token", True), ("totp_secret", True),
+    ("salt", True), ("session_key", True), ("private_key_pem", True),
+    ("name", False), ("email", False), ("session_id", False), ("partition_key", False),
+    ("idempotency_key", False), ("tokens_used", False), ("is_superuser", False),
+    ("passage", False), ("secretary_id", False),
+])
+def test_which_names_look_like_secrets(name: str, secret: bool) -> None:
+    from outbox._capture_secrets import looks_secret
+
+    assert looks_secret(name) is secret

@@ -294,3 +294,19 @@ def test_nats_provider_works_without_the_redis_driver() -> None:
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["NATSProvider", "S1", "g1"]
+
+
+def test_pgbouncer_mode_from_env_and_flags() -> None:
+    from outbox.relay.cli import build_parser, load_config
+
+    env = {"OUTBOX_DATABASE_PGBOUNCER": "true",
+           "OUTBOX_DATABASE_LISTEN_URL": "postgresql+psycopg://u:pw@db/app"}
+    config = Config.load(env=env)
+    assert config.database.pgbouncer is True
+    assert config.database.listen_url == "postgresql+psycopg://u:pw@db/app"
+    assert "pw" not in repr(config)  # a URL with a password is redacted like database.url
+    args = build_parser().parse_args(["--pgbouncer", "--listen-url", "postgresql://direct/app"])
+    flagged = load_config(args, {})
+    assert (flagged.database.pgbouncer, flagged.database.listen_url) == (
+        True, "postgresql://direct/app")
+    assert load_config(build_parser().parse_args([]), {}).database.pgbouncer is False

@@ -30,6 +30,7 @@ from sqlalchemy.engine import Engine
 
 from outbox._txretry import retrying
 from outbox._wakeup import Idle, IdleLock
+from outbox.engines import create_engine, engine_args
 from outbox.events import Event, EventStatus, get_instance_id
 from outbox.exceptions import ConfigError, ProviderError, ProviderUnavailable, SchemaMissing
 from outbox.patterns import compile_pattern
@@ -103,6 +104,8 @@ class DatabaseProvider:
     settling it (a handler that crashes its process every time) before it is parked in
     ``outbox_dead_letters`` (the same default as the Redis and NATS providers; at least three
     takes in effect, the last of them with the event handed out alone).
+    ``pgbouncer``/``listen_url``: PgBouncer mode for a URL (see :mod:`outbox.engines`): no
+    prepared statements, LISTEN only on ``listen_url`` (a direct connection), else polling.
     ``blocked_poll``: the longest pause between looks while committed events wait behind an
     older transaction that is still running (its end sends no notification when it wrote no
     event; the pause starts at 1 ms and doubles up to this).
@@ -125,6 +128,8 @@ class DatabaseProvider:
         max_claims: int = 2,
         blocked_poll: float = 0.05,
         max_deliveries: int = 10,
+        pgbouncer: bool = False,
+        listen_url: str | sa.URL | None = None,
     ) -> None:
         if poll_interval <= 0:
             raise ValueError("database.poll_interval must be > 0 seconds")
@@ -136,7 +141,10 @@ class DatabaseProvider:
             raise ValueError("max_claims must be an integer >= 1")
         if not isinstance(max_deliveries, int) or max_deliveries < 1:
             raise ValueError("database.max_deliveries must be an integer >= 1")
-        self.engine, self._owns_engine = self._sync_engine(engine)
+        self.engine, self._owns_engine = self._sync_engine(engine, pgbouncer)
+        # LISTEN needs a session of its own: not through PgBouncer, only on a direct URL.
+        self.listen_url = (engine_args(listen_url)[0] if listen_url is not None
+                           else None if pgbouncer else self.engine.url)
         self.poll_interval = float(poll_interval)
         self.batch_size = batch_size
         self.lease = float(lease)
@@ -159,7 +167,7 @@ class DatabaseProvider:
         self._parked = 0
 
     @staticmethod
-    def _sync_engine(engine: Engine | Any) -> tuple[Engine, bool]:
+    def _sync_engine(engine: Engine | Any, pgbouncer: bool = False) -> tuple[Engine, bool]:
         if isinstance(engine, Engine):
             return engine, False
         if isinstance(engine, str | sa.URL):
@@ -176,7 +184,7 @@ class DatabaseProvider:
         options: dict[str, Any] = {"pool_pre_ping": True}
         if url.get_backend_name() != "sqlite":
             options.update(pool_size=5, max_overflow=10)
-        return sa.create_engine(url, **options), True
+        return create_engine(url, pgbouncer=pgbouncer, **options), True
 
     @classmethod
     def from_config(cls, config: Any) -> DatabaseProvider:
@@ -186,7 +194,8 @@ class DatabaseProvider:
         url = section.get("url")
         if not url:
             raise ConfigError("event_broker.database.url", "is required by the database provider")
-        known = ("poll_interval", "batch_size", "lease", "notify", "max_deliveries")
+        known = ("poll_interval", "batch_size", "lease", "notify", "max_deliveries",
+                 "pgbouncer", "listen_url")
         options = {k: section[k] for k in known if section.get(k) is not None}
         return cls(url, **options)
 
@@ -448,9 +457,10 @@ class DatabaseProvider:
 
     def _listen_args(self) -> dict[str, Any] | None:
         """psycopg connection arguments for LISTEN (None: not PostgreSQL with psycopg)."""
-        if self.dialect != "postgresql" or self.engine.dialect.driver != "psycopg":
+        if (self.dialect != "postgresql" or self.engine.dialect.driver != "psycopg"
+                or self.listen_url is None):
             return None
-        _args, kwargs = self.engine.dialect.create_connect_args(self.engine.url)
+        _args, kwargs = self.engine.dialect.create_connect_args(self.listen_url)
         kwargs = dict(kwargs)
         kwargs.pop("context", None)
         return kwargs

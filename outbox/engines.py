@@ -1,0 +1,95 @@
+"""The engines outbox makes from a URL (relay, CLI, database provider, inbox): driver options
+written in the URL, and PgBouncer mode.
+
+**URL options.** SQLAlchemy hands every ``?key=value`` of a URL to the driver as a string.
+libpq options (``sslmode``, ``connect_timeout``, ``options``, …) are strings and pass through;
+psycopg's own Python-level options are not: ``?prepare_threshold=0`` used to reach psycopg as
+``"0"`` and fail every query with ``TypeError``. :func:`engine_args` converts
+``prepare_threshold`` (a number from 1, or ``none``: no prepared statements) and refuses, in one
+line, ``0`` (psycopg then prepares every statement, which the relay's multi-command statements
+cannot be; it does not turn preparing off) and the options SQLAlchemy manages itself
+(``autocommit``, ``row_factory``, ``cursor_factory``, ``context``).
+
+**PgBouncer mode** (``database.pgbouncer``, ``--pgbouncer``, ``OUTBOX_DATABASE_PGBOUNCER``): for a
+URL that points at PgBouncer in transaction pooling, where consecutive transactions of one client
+connection may run on different server connections:
+
+- no server-side prepared statements (psycopg ``prepare_threshold=None``; a
+  ``?prepare_threshold=`` in the URL still wins, for PgBouncer ≥ 1.21 with
+  ``max_prepared_statements``);
+- no session state: the relay sets its settings with ``SET LOCAL`` in each transaction;
+- no ``LISTEN`` through the pooler: the relay and the database provider poll, or listen on a
+  direct connection given as ``database.listen_url``.
+
+Applications' own engines need only the first point: ``create_engine(url,
+connect_args={"prepare_threshold": None})`` (docs/pgbouncer.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import URL, Engine
+
+from outbox.exceptions import ConfigError
+
+__all__ = ["PGBOUNCER_CONNECT_ARGS", "create_engine", "engine_args"]
+
+#: ``connect_args`` for a psycopg engine behind PgBouncer in transaction pooling.
+PGBOUNCER_CONNECT_ARGS: dict[str, Any] = {"prepare_threshold": None}
+
+_PSYCOPG = ("psycopg", "psycopg_async")
+# psycopg.connect() keywords that are Python objects, not libpq options; SQLAlchemy sets these.
+_MANAGED = ("autocommit", "row_factory", "cursor_factory", "context")
+_NONE = ("none", "null", "")
+
+
+def _prepare_threshold(text: str) -> int | None:
+    if text.strip().lower() in _NONE:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError("", f"database URL option prepare_threshold={text!r}: expected a "
+                          "whole number (statements run that often are prepared) or none")
+    if value == 0:  # psycopg: 0 prepares *every* statement, it does not turn preparing off
+        raise ConfigError("", "database URL option prepare_threshold=0 prepares every "
+                          "statement (the relay's multi-command ones cannot be): use "
+                          "prepare_threshold=none to turn prepared statements off (PgBouncer), "
+                          "or a number from 1")
+    return value
+
+
+def engine_args(url: str | URL, *, pgbouncer: bool = False) -> tuple[URL, dict[str, Any]]:
+    """``(url, connect_args)`` for ``create_engine``: the URL without the driver options that
+    must be Python values, and those options converted (see the module doc)."""
+    parsed = sa.make_url(url)
+    is_psycopg = parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in _PSYCOPG
+    if pgbouncer and not is_psycopg:
+        raise ConfigError("database.pgbouncer", "PgBouncer mode is for PostgreSQL with "
+                          "psycopg (postgresql+psycopg://…)")
+    if not is_psycopg:
+        return parsed, {}
+    connect_args: dict[str, Any] = dict(PGBOUNCER_CONNECT_ARGS) if pgbouncer else {}
+    query = dict(parsed.query)
+    for name in _MANAGED:
+        if name in query:
+            raise ConfigError("", f"database URL option {name!r} is not supported: SQLAlchemy "
+                              "manages it")
+    if "prepare_threshold" in query:
+        value = query.pop("prepare_threshold")
+        connect_args["prepare_threshold"] = _prepare_threshold(
+            value if isinstance(value, str) else value[-1])
+        parsed = parsed.set(query=query)
+    return parsed, connect_args
+
+
+def create_engine(url: str | URL, *, pgbouncer: bool = False, **kwargs: Any) -> Engine:
+    """``sqlalchemy.create_engine`` with :func:`engine_args` applied (``kwargs`` as there)."""
+    parsed, connect_args = engine_args(url, pgbouncer=pgbouncer)
+    if connect_args:
+        kwargs["connect_args"] = {**connect_args, **kwargs.get("connect_args", {})}
+    return sa.create_engine(parsed, **kwargs)
