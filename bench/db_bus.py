@@ -47,9 +47,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import outbox  # noqa: E402
+from outbox._sql import bus as dbsql  # noqa: E402
+from outbox._sql import events as event_sql  # noqa: E402
 from outbox.providers.base import StartPosition  # noqa: E402
 from outbox.providers.database import DatabaseProvider  # noqa: E402
-from outbox.providers.database import sql as dbsql  # noqa: E402
 
 ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
@@ -96,7 +97,7 @@ def seed(url: str, n: int) -> None:
 def bare_keyset_read(url: str, n: int, batch: int) -> float:
     """Seconds to read ``n`` rows in bus order with plain keyset SELECTs of ``batch`` rows."""
     engine = sa.create_engine(url)
-    c = dbsql.c
+    c = event_sql.c
     pos = (0, 0)
     got = 0
     started = time.perf_counter()
@@ -104,7 +105,7 @@ def bare_keyset_read(url: str, n: int, batch: int) -> float:
         while got < n:
             with conn.begin():
                 rows = conn.execute(
-                    sa.select(*dbsql._COLUMNS)
+                    sa.select(*event_sql._COLUMNS)
                     .where(c.txid.is_not(None), c.txid < dbsql.WATERMARK,
                            sa.tuple_(c.txid, c.seq) > sa.tuple_(*pos))
                     .order_by(c.txid, c.seq).limit(batch)
@@ -169,7 +170,7 @@ def producer(url: str, rate: float, seconds: float, out: Any, go: Any) -> None:
         while time.perf_counter() < end:
             event = outbox.new_event("system", "bench.latency", {"t": time.time()})
             with conn.begin():
-                dbsql.insert_events(conn, [event], True)
+                event_sql.insert_events(conn, [event], True)
             out.put((str(event.id), time.time()))
             next_at += interval
             delay = next_at - time.perf_counter()

@@ -58,10 +58,10 @@ sys.path.insert(0, str(ROOT))
 
 import outbox  # noqa: E402
 from outbox import _capture_rows  # noqa: E402
+from outbox._sql import relay as relay_sql  # noqa: E402
 from outbox.events import new_event_id  # noqa: E402
 from outbox.providers.memory import MemoryProvider  # noqa: E402
 from outbox.relay import Relay  # noqa: E402
-from outbox.relay import store as relay_sql  # noqa: E402
 
 ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import anyio
 
-from outbox.events import NOTIFY_CHANNEL, WAKE_LOCK_CLASS, WAKE_LOCK_KEY_SQL
+from outbox._sql.ddl import NOTIFY_CHANNEL, WAKE_LOCK_CLASS, WAKE_LOCK_KEY_SQL
 
 __all__ = ["Idle", "IdleLock"]
 

@@ -33,7 +33,8 @@ from typing import IO, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from outbox import _json, ops, ops_console
+from outbox import _json, ops
+from outbox._sql import console as console_sql
 from outbox.console import cli as console_cli
 from outbox.engines import create_engine
 from outbox.events import Event, EventSource, EventStatus, Operation, utcnow
@@ -564,13 +565,13 @@ def cmd_stats(args: argparse.Namespace, engine: Engine, out: IO[str]) -> int:
 
 def cmd_failures(args: argparse.Namespace, engine: Engine, out: IO[str]) -> int:
     with engine.connect() as conn:
-        groups = ops_console.failure_groups(conn, args.limit)
-        blocked = ops_console.blocked_key_details(conn, args.limit)
-        failed = ops_console.failed_count(conn)
+        groups = console_sql.failure_groups(conn, args.limit)
+        blocked = console_sql.blocked_key_details(conn, args.limit)
+        failed = console_sql.failed_count(conn)
     if args.json:
         _dump({
             "failed": failed,
-            "grouped": min(failed, ops_console.FAILURE_SCAN),
+            "grouped": min(failed, console_sql.FAILURE_SCAN),
             "groups": [{"type": g.type, "error": g.error, "count": g.count,
                         "first_created_at": g.first_at, "last_created_at": g.last_at}
                        for g in groups],
@@ -582,7 +583,7 @@ def cmd_failures(args: argparse.Namespace, engine: Engine, out: IO[str]) -> int:
         return EXIT_OK
     _table(("COUNT", "TYPE", "LAST (UTC)", "ERROR"),
            [(g.count, g.type, _ts(g.last_at), _clip(g.error, 70)) for g in groups], out)
-    scope = f" (the newest {ops_console.FAILURE_SCAN})" if failed > ops_console.FAILURE_SCAN \
+    scope = f" (the newest {console_sql.FAILURE_SCAN})" if failed > console_sql.FAILURE_SCAN \
         else ""
     out.write(f"{failed} failed event(s); {len(groups)} group(s){scope}\n")
     if blocked:

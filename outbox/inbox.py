@@ -57,10 +57,11 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session, scoped_session
 
+from outbox._sql import inbox as inbox_sql
 from outbox.engines import engine_args
 from outbox.events import utcnow
 from outbox.exceptions import OutboxError
-from outbox.schema import check_schema, create_schema, inbox_table, insert_missing
+from outbox.schema import check_schema, create_schema
 
 __all__ = [
     "Inbox",
@@ -142,13 +143,7 @@ def _as_uuid(event_id: uuid.UUID | str) -> uuid.UUID:
 
 def _statement(dialect: sa.Dialect, group: str, event_id: uuid.UUID | str
                ) -> tuple[sa.Insert, bool]:
-    """The insert, and whether it says "inserted" with a returned row (else by rowcount:
-    some drivers report -1 for ``INSERT … ON CONFLICT``)."""
-    values = {"group_name": group, "event_id": _as_uuid(event_id), "handled_at": utcnow()}
-    statement = insert_missing(inbox_table, values, dialect.name)
-    if dialect.insert_returning:
-        return statement.returning(inbox_table.c.event_id), True
-    return statement, False
+    return inbox_sql.record_statement(dialect, group, _as_uuid(event_id))
 
 
 def record(bind: Session | scoped_session[Any] | Connection, group: str,
@@ -282,8 +277,7 @@ class Inbox:
 
     async def handled(self, group: str, event_id: uuid.UUID | str) -> bool:
         """True when ``group`` recorded ``event_id`` (a committed handling)."""
-        query = sa.select(sa.literal(1)).where(
-            inbox_table.c.group_name == group, inbox_table.c.event_id == _as_uuid(event_id))
+        query = inbox_sql.handled_statement(group, _as_uuid(event_id))
         if isinstance(self.engine, AsyncEngine):
             async with self.engine.connect() as conn:
                 return (await conn.execute(query)).first() is not None
@@ -298,16 +292,13 @@ class Inbox:
     async def cleanup(self, older_than: dt.timedelta, *, batch_size: int = 1000) -> int:
         """Delete rows handled more than ``older_than`` ago, in small batches; returns count."""
         cutoff = utcnow() - older_than
-        old = sa.select(inbox_table.c.group_name, inbox_table.c.event_id).where(
-            inbox_table.c.handled_at < cutoff).limit(batch_size)
+        old = inbox_sql.old_rows(cutoff, batch_size)
         total = 0
         while True:
             keys = await self._fetch(old)
             if not keys:
                 return total
-            delete = sa.delete(inbox_table).where(
-                sa.tuple_(inbox_table.c.group_name, inbox_table.c.event_id).in_(keys))
-            total += await self._execute(delete)
+            total += await self._execute(inbox_sql.delete_rows(keys))
 
     async def _fetch(self, query: sa.Select[Any]) -> list[tuple[Any, ...]]:
         if isinstance(self.engine, AsyncEngine):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from outbox._sql import ddl
 from outbox.events import JSONType, OutboxBase, ShortText, UTCDateTime  # noqa: F401
-from outbox.exceptions import OutboxError, SchemaMissing
+from outbox.exceptions import SchemaMissing
 
 __all__ = [
     "MIGRATE_HINT",
@@ -22,8 +23,6 @@ __all__ = [
     "dead_letters_table",
     "drop_schema",
     "inbox_table",
-    "insert_missing",
-    "storage_outdated",
 ]
 
 metadata = OutboxBase.metadata
@@ -112,8 +111,7 @@ def drop_schema(bind: Engine | Connection) -> None:
             drop_schema(conn)
         return
     metadata.drop_all(bind)
-    if bind.dialect.name == "postgresql":
-        bind.exec_driver_sql("DROP FUNCTION IF EXISTS outbox_notify() CASCADE")
+    ddl.drop_functions(bind)
 
 
 def check_schema(bind: Engine | Connection, tables: tuple[str, ...] = ("events",)) -> None:
@@ -129,31 +127,3 @@ def check_schema(bind: Engine | Connection, tables: tuple[str, ...] = ("events",
             f"table {', '.join(missing)} not found in {bind.engine.url.render_as_string()}: "
             f"{MIGRATE_HINT}"
         )
-
-
-def storage_outdated(bind: Connection) -> bool:
-    """True on PostgreSQL when ``events`` is still the single table of revision ``outbox_0001``
-    (not partitioned by status: docs/relay.md, "Storage"). Everything works on it, slower."""
-    if bind.dialect.name != "postgresql":
-        return False
-    kind = bind.exec_driver_sql(
-        "SELECT relkind FROM pg_class WHERE oid = to_regclass('events')"
-    ).scalar()
-    return kind is not None and kind != "p"
-
-
-def insert_missing(table: sa.Table, values: dict[str, object], dialect: str) -> sa.Insert:
-    """``INSERT`` of one row of ``table`` that does nothing when its key exists (the rowcount, or
-    the rows ``RETURNING`` gives, say whether it was inserted): ``ON CONFLICT DO NOTHING`` on
-    PostgreSQL and SQLite, ``INSERT IGNORE`` on MariaDB/MySQL."""
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        return pg_insert(table).values(values).on_conflict_do_nothing()
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        return sqlite_insert(table).values(values).on_conflict_do_nothing()
-    if dialect in ("mysql", "mariadb"):
-        return sa.insert(table).values(values).prefix_with("IGNORE")
-    raise OutboxError(f"the outbox does not support the {dialect!r} dialect")

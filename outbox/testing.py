@@ -32,15 +32,17 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
 
 if TYPE_CHECKING:
     from outbox.broker import Broker, DispatchResult
     from outbox.events import Event
+
+_T = TypeVar("_T")
 
 __all__ = ["EventRecorder", "outbox_broker", "outbox_recorder"]
 
@@ -259,41 +261,34 @@ class _TableWatch:
         self.bind = bind
         self.mark = self._max_seq()
 
-    def _execute(self, statement: Any) -> list[Any]:
+    def _run(self, fn: Callable[[Any], _T]) -> _T:
+        """``fn(connection)`` on the watched bind (a session's own connection: its writes)."""
         import sqlalchemy as sa
         from sqlalchemy.orm import Session
 
         bind = getattr(self.bind, "sync_engine", self.bind)  # AsyncEngine
         if isinstance(bind, sa.Engine):
             with bind.connect() as conn:
-                return list(conn.execute(statement))
+                return fn(conn)
         if isinstance(bind, sa.Connection):
-            return list(bind.execute(statement))
+            return fn(bind)
         if isinstance(bind, Session):
             with bind.no_autoflush:
-                return list(bind.execute(statement))
+                return fn(bind.connection())
         raise TypeError(
             "watch() takes an Engine, AsyncEngine, Connection or Session, not "
             f"{type(self.bind).__qualname__}"
         )
 
     def _max_seq(self) -> int:
-        import sqlalchemy as sa
+        from outbox._sql import events as event_sql
 
-        from outbox.events import Event
-
-        table = Event.__table__
-        rows = self._execute(sa.select(sa.func.coalesce(sa.func.max(table.c.seq), 0)))
-        return int(rows[0][0])
+        return self._run(event_sql.max_seq)
 
     def new_rows(self) -> list[Event]:
-        import sqlalchemy as sa
+        from outbox._sql import events as event_sql
 
-        from outbox.events import Event
-
-        table = Event.__table__
-        rows = self._execute(sa.select(table).where(table.c.seq > self.mark).order_by(table.c.seq))
-        return [Event.from_dict(dict(row._mapping)) for row in rows]
+        return self._run(lambda conn: event_sql.events_after(conn, self.mark))
 
 
 # -- fixtures --------------------------------------------------------------------------------------

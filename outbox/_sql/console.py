@@ -30,11 +30,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
-from outbox import ops
+from outbox._sql import bus, operator
+from outbox._sql.events import has_xids
 from outbox.events import Event, EventStatus, UTCDateTime, utcnow
 from outbox.patterns import compile_pattern
 from outbox.providers.base import EventFilter
-from outbox.providers.database import sql as dbsql
 from outbox.schema import consumers_table, dead_letters_table
 
 __all__ = [
@@ -199,7 +199,7 @@ def trail_page(conn: Connection, f: EventFilter | None = None, *, before: Cursor
     if limit < 1:
         raise ValueError("limit must be >= 1")
     f = f or EventFilter()
-    where = ops.filter_clauses(f, conn.dialect.name)
+    where = operator.filter_clauses(f, conn.dialect.name)
     order: list[sa.ColumnElement[Any]] = [c.created_at, c.seq]
     pin = _pinned_index(f)
     if pin is not None:
@@ -329,7 +329,7 @@ def failure_group_count(conn: Connection, type: str, error: str | None) -> int:
 
 
 def replay_failure_group(engine: Engine, type: str, error: str | None, *, dry_run: bool = False,
-                         batch_size: int = 1000) -> ops.ReplayResult:
+                         batch_size: int = 1000) -> operator.ReplayResult:
     """Replay every event failed with this type and error: their ids go to
     :func:`outbox.ops.replay` (``python -m outbox replay ID…``: failed → pending, retry budget
     reset), ``batch_size`` per transaction. Events that fail again during the replay are not
@@ -337,7 +337,7 @@ def replay_failure_group(engine: Engine, type: str, error: str | None, *, dry_ru
     where = _group_where(type, error)
     with engine.connect() as conn:
         ceiling = conn.execute(sa.select(sa.func.max(c.seq)).where(*where)).scalar_one()
-    total = ops.ReplayResult(dry_run=dry_run)
+    total = operator.ReplayResult(dry_run=dry_run)
     after = 0
     while ceiling is not None:
         with engine.connect() as conn:
@@ -348,7 +348,7 @@ def replay_failure_group(engine: Engine, type: str, error: str | None, *, dry_ru
         if not rows:
             break
         after = rows[-1][1]
-        result = ops.replay(engine, ids=[r[0] for r in rows], dry_run=dry_run,
+        result = operator.replay(engine, ids=[r[0] for r in rows], dry_run=dry_run,
                             batch_size=batch_size)
         total.replayed += result.replayed
         total.skipped.update(result.skipped)
@@ -529,7 +529,7 @@ def relays_seen(conn: Connection, sample: int = 1000) -> list[RelaySeen]:
 class ConsumerLag:
     """A database-bus consumer group, where it is, and how far behind."""
 
-    group: dbsql.GroupInfo
+    group: bus.GroupInfo
     #: ``created_at`` of the first event after the group's position (not settled yet).
     oldest_unsettled_at: dt.datetime | None
     #: Events after the position, counted up to ``COUNT_CAP + 1``.
@@ -555,9 +555,9 @@ def consumer_lags(conn: Connection) -> list[ConsumerLag]:
     on the bus, so the count includes events their pattern skips."""
     if not _has_table(conn, consumers_table):
         return []
-    xids = dbsql.has_xids(conn)
+    xids = has_xids(conn)
     out = []
-    for info in dbsql.list_groups(conn):
+    for info in bus.list_groups(conn):
         txid, seq = info.position
         if xids:
             after = [c.txid.is_not(None), sa.tuple_(c.txid, c.seq) > sa.tuple_(
@@ -643,7 +643,7 @@ def known_types(conn: Connection, limit: int = 200) -> list[str]:
 class HealthFigures:
     """Everything the health page shows, read in one go (see :func:`health_figures`)."""
 
-    backlog: ops.Backlog
+    backlog: operator.Backlog
     estimated_total: int
     throughput: list[ThroughputBucket]
     relays: list[RelaySeen]
@@ -657,7 +657,7 @@ def health_figures(conn: Connection, *, window: dt.timedelta = dt.timedelta(hour
                    buckets: int = 60) -> HealthFigures:
     now = utcnow()
     return HealthFigures(
-        backlog=ops.backlog(conn),
+        backlog=operator.backlog(conn),
         estimated_total=estimated_total(conn),
         throughput=throughput(conn, window=window, buckets=buckets, now=now),
         relays=relays_seen(conn),

@@ -28,11 +28,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from outbox._sql import events as event_sql
+from outbox._sql.ddl import NOTIFY_CHANNEL
 from outbox._txretry import retrying
-from outbox.events import NOTIFY_CHANNEL, Event, EventStatus, utcnow
+from outbox.events import Event, EventStatus, utcnow
 from outbox.patterns import compile_pattern
 from outbox.providers.base import EventFilter, as_event_id
-from outbox.providers.database import sql as dbsql
 
 __all__ = [
     "FINISHED",
@@ -64,7 +65,7 @@ FINISHED: tuple[str, ...] = (EventStatus.COMPLETED.value, EventStatus.FAILED.val
 #: The conditions of an EventFilter (without limit/offset/order) on a dialect's ``events``: the
 #: database provider's, so ``events list`` and ``replay`` select exactly what
 #: ``DatabaseProvider.list`` returns.
-filter_clauses = dbsql.where_clauses
+filter_clauses = event_sql.where_clauses
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,12 +74,12 @@ filter_clauses = dbsql.where_clauses
 
 def list_events(conn: Connection, f: EventFilter | None = None) -> list[Event]:
     """Events matching ``f`` in the filter's stable order (the database provider's ``list``)."""
-    return dbsql.list_events(conn, f or EventFilter())
+    return event_sql.list_events(conn, f or EventFilter())
 
 
 def get_event(conn: Connection, event_id: uuid.UUID | str) -> Event | None:
     """The event with that id, or ``None`` (``ValueError`` for text that is not a UUID)."""
-    return dbsql.get_event(conn, as_event_id(event_id))
+    return event_sql.get_event(conn, as_event_id(event_id))
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from outbox._sql import operator
 from outbox._txretry import retrying
 from outbox.events import COLUMNS, Event, EventStatus, JSONType, UTCDateTime
 
@@ -541,20 +542,16 @@ class RelayStore:
     # -- inspection (metrics, CLI) ----------------------------------------------------------
 
     def backlog(self) -> tuple[int, dt.datetime | None]:
-        """Pending events and the ``created_at`` of the oldest one (:func:`outbox.ops.backlog`)."""
-        from outbox import ops
-
+        """Pending events and the ``created_at`` of the oldest one (:func:`.operator.backlog`)."""
         with self.engine.connect() as conn:
-            found = ops.backlog(conn)
+            found = operator.backlog(conn)
         return found.pending, found.oldest_pending_at
 
     def blocked_keys(self, limit: int = 100) -> list[tuple[str, int, int]]:
         """Keys held back by a ``failed`` event: (key, oldest failed seq, failed count)
-        (:func:`outbox.ops.blocked_keys`)."""
-        from outbox import ops
-
+        (:func:`outbox._sql.operator.blocked_keys`)."""
         with self.engine.connect() as conn:
-            return ops.blocked_keys(conn, limit)
+            return operator.blocked_keys(conn, limit)
 
     # -- plumbing ---------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """The console as an ASGI application: Starlette routes, Jinja2 pages, sign-in and CSRF.
 
-Every page reads through :mod:`outbox.ops` and :mod:`outbox.ops_console` (no SQL here) on a
+Every page reads through :mod:`outbox.ops` and :mod:`outbox._sql.console` (no SQL here) on a
 synchronous SQLAlchemy engine, in worker threads. See :func:`create_app` and docs/console.md.
 """
 
@@ -25,7 +25,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from outbox import ops, ops_console
+from outbox import ops
+from outbox._sql import console as console_sql
 from outbox.console import views
 from outbox.console.auth import SESSION_MAX_AGE, Credentials, Signer, parse_basic
 from outbox.console.redact import Redactor
@@ -143,7 +144,7 @@ class Console:
         """``fn(connection, *args)`` in a worker thread, on a connection of its own."""
         def run() -> T:
             with self.engine.connect() as conn:
-                ops_console.limit_time(conn, self.query_timeout)
+                console_sql.limit_time(conn, self.query_timeout)
                 return fn(conn, *args, **kwargs)
 
         return await anyio.to_thread.run_sync(run)
@@ -157,7 +158,7 @@ class Console:
         cached = self._types
         if cached is not None and time.monotonic() - cached[0] < TYPES_TTL:
             return cached[1]
-        types = await self.read(ops_console.known_types)
+        types = await self.read(console_sql.known_types)
         self._types = (time.monotonic(), types)
         return types
 
@@ -341,12 +342,12 @@ def _safe_next(request: Request, target: str | None) -> str:
 # pages
 
 
-def _cursor(page: Page, name: str) -> ops_console.Cursor | None:
+def _cursor(page: Page, name: str) -> console_sql.Cursor | None:
     text = page.request.query_params.get(name)
     if not text:
         return None
     try:
-        return ops_console.Cursor.parse(text)
+        return console_sql.Cursor.parse(text)
     except ValueError as exc:
         raise HTTPError(400, str(exc)) from None
 
@@ -364,7 +365,7 @@ async def events_page(page: Page) -> Response:
     before, after = _cursor(page, "before"), _cursor(page, "after")
     if before is not None and after is not None:
         raise HTTPError(400, "give before or after, not both")
-    result = await c.read(ops_console.trail_page, form.filter, before=before, after=after,
+    result = await c.read(console_sql.trail_page, form.filter, before=before, after=after,
                           limit=c.page_size)
     return page.render("events.html", form=form, error=None, rows=result.rows,
                        newer=result.newer, older=result.older, types=await c.known_types())
@@ -415,7 +416,7 @@ async def entity_page(page: Page) -> Response:
         before_seq = int(before) if before else None
     except ValueError:
         raise HTTPError(400, f"invalid before {before!r}") from None
-    entries, older = await c.read(ops_console.entity_timeline, entity, entity_id,
+    entries, older = await c.read(console_sql.entity_timeline, entity, entity_id,
                                   schema_name=schema, before_seq=before_seq, limit=c.page_size)
     shown = [
         {"entry": e, "changes": c.redactor.changes(e.changes),
@@ -430,9 +431,9 @@ async def failures_page(page: Page) -> Response:
     c = page.console
 
     def read(conn: Connection) -> dict[str, Any]:
-        return {"groups": ops_console.failure_groups(conn),
-                "blocked": ops_console.blocked_key_details(conn),
-                "failed": ops_console.failed_count(conn), "scan": ops_console.FAILURE_SCAN}
+        return {"groups": console_sql.failure_groups(conn),
+                "blocked": console_sql.blocked_key_details(conn),
+                "failed": console_sql.failed_count(conn), "scan": console_sql.FAILURE_SCAN}
 
     return page.render("failures.html", **await c.read(read))
 
@@ -450,12 +451,12 @@ async def replay_group(page: Page) -> Response:
     page.check_csrf(form)
     type_, error = _group_fields(form)
     if form.get("confirm") != "yes":
-        count = await c.read(ops_console.failure_group_count, type_, error)
+        count = await c.read(console_sql.failure_group_count, type_, error)
         return page.render("replay_confirm.html", count=count, what="group", type=type_,
                            error=error, hidden={"type": type_, "error": error or "",
                                                 "no_error": "1" if error is None else ""},
                            action=page.url("/failures/replay"))
-    result = await c.call(ops_console.replay_failure_group, type_, error)
+    result = await c.call(console_sql.replay_failure_group, type_, error)
     log.warning("console: %s replayed %d failed %s event(s) with error %r",
                 _who(page.request, page.identity or ""), result.replayed, type_,
                 (error or "")[:200])
@@ -491,7 +492,7 @@ async def replay_matching(page: Page) -> Response:
 
 async def health_page(page: Page) -> Response:
     c = page.console
-    figures = await c.read(ops_console.health_figures)
+    figures = await c.read(console_sql.health_figures)
     template = "health_live.html" if page.request.query_params.get("live") else "health.html"
     return page.render(template, f=figures, lag=figures.backlog.lag_seconds(figures.now))
 

@@ -12,9 +12,9 @@ from typing import Any
 
 from markupsafe import Markup, escape
 
+from outbox._sql.console import ThroughputBucket
 from outbox.cli import parse_time
 from outbox.events import EventSource, EventStatus, Operation, utcnow
-from outbox.ops_console import ThroughputBucket
 from outbox.providers.base import EventFilter
 
 __all__ = [

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
-from outbox.events import PG_DONE_TABLE, PG_LIVE_TABLE, OutboxBase
+from outbox._sql.ddl import PG_DONE_TABLE, PG_LIVE_TABLE
+from outbox.events import OutboxBase
 from outbox.exceptions import OutboxError
 
 if TYPE_CHECKING:

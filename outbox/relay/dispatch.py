@@ -28,11 +28,11 @@ from typing import Any, Protocol
 
 import anyio
 
+from outbox._sql.relay import COMPLETED, FAILED, PENDING, Outcome
 from outbox.events import Event
 from outbox.exceptions import ProviderUnavailable
 from outbox.logs import event_context
 from outbox.providers.base import publish_many
-from outbox.relay.store import COMPLETED, FAILED, PENDING, Outcome
 from outbox.retry import RetryPolicy
 from outbox.tracing import continue_trace, set_error
 

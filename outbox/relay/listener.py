@@ -15,7 +15,7 @@ from collections.abc import Callable
 import anyio
 from sqlalchemy.engine import URL
 
-from outbox.events import NOTIFY_CHANNEL
+from outbox._sql.ddl import NOTIFY_CHANNEL
 from outbox.exceptions import MissingDependency
 
 __all__ = ["PgListener", "conninfo_from_url"]

@@ -3,7 +3,7 @@
 One batch is in hand at a time; the next one is claimed while the current one is dispatched
 (when the relay is busy), but it is dispatched only after the current batch's outcomes are
 committed — so a relay killed at any instant has run the handlers of at most one unsettled batch.
-All SQL is in :class:`~outbox.relay.store.RelayStore`, run in worker threads; the loop never holds
+All SQL is in :class:`~outbox._sql.relay.RelayStore`, run in worker threads; the loop never holds
 a database transaction open while handlers or the provider run.
 """
 
@@ -21,6 +21,8 @@ import anyio
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 
+from outbox._sql.ddl import storage_outdated
+from outbox._sql.relay import COMPLETED, FAILED, Claim, Outcome, RelayStore
 from outbox._wakeup import Idle, IdleLock
 from outbox.engines import create_engine, engine_args
 from outbox.events import get_instance_id
@@ -29,9 +31,8 @@ from outbox.relay._gc import DEFAULT_GC_THRESHOLD, young_gc_threshold
 from outbox.relay.dispatch import BatchResult, Dispatcher
 from outbox.relay.listener import PgListener, conninfo_from_url
 from outbox.relay.stats import RelayHooks, RelayStats
-from outbox.relay.store import COMPLETED, FAILED, Claim, Outcome, RelayStore
 from outbox.retry import RetryPolicy
-from outbox.schema import MIGRATE_HINT, check_schema, create_schema, storage_outdated
+from outbox.schema import MIGRATE_HINT, check_schema, create_schema
 
 __all__ = ["DEFAULT_DATABASE_URL", "DatabaseUnavailable", "Relay"]
 

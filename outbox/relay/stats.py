@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from outbox.relay.store import Claim, Outcome
+    from outbox._sql.relay import Claim, Outcome
 
 __all__ = ["RelayHooks", "RelayStats"]
 

@@ -1,4 +1,4 @@
-"""outbox.ops_console: the console's queries, on PostgreSQL and SQLite."""
+"""outbox._sql.console: the console's queries, on PostgreSQL and SQLite."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import pytest
 import sqlalchemy as sa
 
 import outbox
-from outbox import ops, ops_console
+from outbox import ops
+from outbox._sql import console as ops_console
+from outbox._sql.console import Cursor
 from outbox.events import Event, utcnow
-from outbox.ops_console import Cursor
 from outbox.providers.base import EventFilter
 from tests.integration.ops_seed import INJECTIONS, add, count, event, statuses
 

@@ -17,6 +17,8 @@ import pytest
 import sqlalchemy as sa
 
 import outbox
+from outbox._sql import bus as dbsql
+from outbox._sql import events as event_sql
 from outbox.events import Event, EventStatus, utcnow
 from outbox.patterns import compile_pattern
 from outbox.providers.base import EventFilter, EventNotFound, StartPosition
@@ -26,7 +28,6 @@ from outbox.providers.database import (
     DatabaseProvider,
     parse_start,
 )
-from outbox.providers.database import sql as dbsql
 from outbox.providers.database.rebase import rebase
 from outbox.schema import consumer_claims_table, consumers_table, dead_letters_table, inbox_table
 
@@ -559,7 +560,7 @@ async def test_stream_with_and_without_group(provider_factory: Any) -> None:
 
 
 def _insert_raw(conn: sa.Connection, event: Event) -> None:
-    dbsql.insert_events(conn, [event], True)
+    event_sql.insert_events(conn, [event], True)
 
 
 async def test_a_late_commit_is_not_skipped(pg_engine: sa.Engine, pg_factory: Any) -> None:
@@ -593,7 +594,7 @@ async def test_unrelated_long_transaction_delays_but_loses_nothing(
     it = p.consume(group="g")
     other = pg_engine.connect()
     tx = other.begin()
-    other.execute(sa.select(dbsql.CURRENT_XID))  # holds a transaction id, writes no event
+    other.execute(sa.select(event_sql.CURRENT_XID))  # holds a transaction id, writes no event
     e = ev()
     await p.publish(e)
     assert await nothing_more(it)

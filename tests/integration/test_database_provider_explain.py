@@ -23,9 +23,11 @@ import pytest
 import sqlalchemy as sa
 
 import outbox
-from outbox.events import PG_DONE_INDEXES, PG_DONE_TABLE, PG_LIVE_INDEXES, PG_LIVE_TABLE, Event
+from outbox._sql import bus as dbsql
+from outbox._sql import events as event_sql
+from outbox._sql.ddl import PG_DONE_INDEXES, PG_DONE_TABLE, PG_LIVE_INDEXES, PG_LIVE_TABLE
+from outbox.events import Event
 from outbox.providers.base import EventFilter, StartPosition
-from outbox.providers.database import sql as dbsql
 from tests.conftest import new_pg_database
 
 pytestmark = pytest.mark.slow
@@ -149,7 +151,7 @@ def _history_scans(scans: list[tuple[str, str | None, str | None]]) -> list[Any]
 @pytest.mark.parametrize("limit", [100, None])
 def test_selective_filters_use_their_index(big: sa.Engine, f: EventFilter, index: str | None,
                                            limit: int | None) -> None:
-    scans = _scans(big, dbsql.list_statement("postgresql", dataclasses.replace(f, limit=limit)))
+    scans = _scans(big, event_sql.list_statement("postgresql", dataclasses.replace(f, limit=limit)))
     assert {s[2] for s in scans} - {None} <= {PG_LIVE_TABLE, PG_DONE_TABLE}, scans
     if index is None:  # a status of unfinished rows: the history is not read at all
         assert not _history_scans(scans), scans
@@ -160,13 +162,13 @@ def test_selective_filters_use_their_index(big: sa.Engine, f: EventFilter, index
 
 @pytest.mark.parametrize("f", BROAD, ids=[_ids(f) for f in BROAD])
 def test_a_page_of_broad_filters_uses_an_index(big: sa.Engine, f: EventFilter) -> None:
-    scans = _scans(big, dbsql.list_statement("postgresql", dataclasses.replace(f, limit=100)))
+    scans = _scans(big, event_sql.list_statement("postgresql", dataclasses.replace(f, limit=100)))
     assert _history_scans(scans), scans
     assert not [s for s in _history_scans(scans) if s[0] == "Seq Scan"], scans
 
 
 def test_a_prefix_pattern_without_limit_uses_the_type_index(big: sa.Engine) -> None:
-    scans = _scans(big, dbsql.list_statement("postgresql", EventFilter(type="app.>")))
+    scans = _scans(big, event_sql.list_statement("postgresql", EventFilter(type="app.>")))
     assert "ix_events_type_created_at" in {s[1] for s in scans}, scans
     assert not [s for s in _history_scans(scans) if s[0] == "Seq Scan"], scans
 

@@ -23,10 +23,10 @@ import pytest
 import sqlalchemy as sa
 
 import outbox
+from outbox._sql import events as event_sql
 from outbox.events import Event
 from outbox.providers.base import StartPosition
 from outbox.providers.database import DatabaseProvider
-from outbox.providers.database import sql as dbsql
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -79,7 +79,7 @@ class Writers:
                     batch = [outbox.new_event("database", f"public.t{rnd.randint(0, 9)}.update",
                                               {"w": seed}) for _ in range(n)]
                     tx = conn.begin()
-                    dbsql.insert_events(conn, batch, True)
+                    event_sql.insert_events(conn, batch, True)
                     time.sleep(rnd.random() * 0.01)  # hold the transaction open
                     ids = [e.id for e in batch]
                     if rnd.random() < 0.05:

@@ -25,10 +25,11 @@ from sqlalchemy.orm import Session
 
 import outbox
 from outbox import ops
-from outbox.events import PG_DONE_TABLE, PG_LIVE_TABLE, Event
+from outbox._sql.ddl import PG_DONE_TABLE, PG_LIVE_TABLE
+from outbox._sql.relay import Outcome
+from outbox.events import Event
 from outbox.providers.database import DatabaseProvider
 from outbox.relay import RelayStore
-from outbox.relay.store import Outcome
 
 T = TypeVar("T")
 events = Event.__table__

@@ -9,9 +9,9 @@ import pytest
 import sqlalchemy as sa
 
 from outbox import ops
+from outbox._sql.relay import RelayStore
 from outbox.events import Event, utcnow
 from outbox.providers.base import EventFilter
-from outbox.relay.store import RelayStore
 from tests.integration.ops_seed import add, count, event, statuses
 
 DAY = dt.timedelta(days=1)

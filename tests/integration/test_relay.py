@@ -436,7 +436,7 @@ async def test_expired_lease_of_dead_relay_is_recovered_and_fenced(engine: sa.En
     assert sorted(e.id for e in rec.seen) == sorted(ids)
     assert relay.stats.recovered == 5
     # the dead relay comes back late: its outcomes are fenced out by the lease token
-    from outbox.relay.store import Outcome
+    from outbox._sql.relay import Outcome
 
     res = dead.finish(claim.token, [Outcome(e, "failed", error="late") for e in claim.events])
     assert res.settled == 0

@@ -12,8 +12,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 import outbox
+from outbox._sql.ddl import NOTIFY_CHANNEL
 from outbox._wakeup import Idle, IdleLock
-from outbox.events import NOTIFY_CHANNEL
 from outbox.relay.listener import conninfo_from_url
 from tests.integration.test_relay import counts, make, wait_for
 

@@ -27,7 +27,7 @@ from alembic.config import Config
 
 import outbox
 import outbox.migrations
-from outbox.events import PG_DONE_TABLE, PG_LIVE_TABLE
+from outbox._sql.ddl import PG_DONE_TABLE, PG_LIVE_TABLE
 from outbox.migrations import VERSION_TABLE, MigrationError
 from outbox.providers.memory import MemoryProvider
 from outbox.relay import Relay

@@ -26,7 +26,9 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 
 import outbox
-from outbox.events import PG_DONE_TABLE, PG_LIVE_TABLE, OutboxBase
+from outbox._sql import ddl
+from outbox._sql.ddl import PG_DONE_TABLE, PG_LIVE_TABLE
+from outbox.events import OutboxBase
 from outbox.migrations import VERSION_TABLE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -222,8 +224,8 @@ def test_upgrade_and_downgrade_keep_every_row_of_a_populated_database(url: str) 
     import datetime as dt
     import uuid
 
+    from outbox._sql import bus as dbsql
     from outbox.providers.base import StartPosition
-    from outbox.providers.database import sql as dbsql
     from outbox.relay import RelayStore
 
     cfg = repo_config(url)
@@ -334,10 +336,10 @@ def test_the_layout_warning_without_a_recorded_revision(pg_url: str) -> None:
         with engine.begin() as conn:
             conn.exec_driver_sql(f"DELETE FROM {VERSION_TABLE}")  # noqa: S608 (a constant)
         with engine.connect() as conn:
-            assert outbox.schema.storage_outdated(conn)
+            assert ddl.storage_outdated(conn)
         command.stamp(cfg, "outbox_0001")
         command.upgrade(cfg, "head")
         with engine.connect() as conn:
-            assert not outbox.schema.storage_outdated(conn)
+            assert not ddl.storage_outdated(conn)
     finally:
         engine.dispose()

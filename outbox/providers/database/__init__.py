@@ -7,8 +7,8 @@ watermark, so an event whose transaction commits late is never skipped. See
 ``docs/database-provider.md``.
 """
 
+from outbox._sql.bus import ClusterChanged, GroupInfo
 from outbox.providers.database.consumer import DatabaseDelivery
 from outbox.providers.database.provider import DatabaseProvider, parse_start
-from outbox.providers.database.sql import ClusterChanged, GroupInfo
 
 __all__ = ["ClusterChanged", "DatabaseDelivery", "DatabaseProvider", "GroupInfo", "parse_start"]

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 
+from outbox._sql import bus as sql
 from outbox.exceptions import OutboxError
-from outbox.providers.database import sql
 from outbox.providers.database.provider import parse_start
 from outbox.providers.database.rebase import rebase
 

@@ -36,12 +36,12 @@ import anyio
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from outbox._sql import bus as sql
+from outbox._sql.bus import Position
 from outbox.events import Event
 from outbox.exceptions import ProviderError, ProviderUnavailable
 from outbox.providers._bus import Backoff, OutageLog, exhausted
 from outbox.providers.base import StartPosition
-from outbox.providers.database import sql
-from outbox.providers.database.sql import Position
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession

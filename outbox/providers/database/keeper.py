@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from outbox._sql import bus as sql
+from outbox._sql.ddl import NOTIFY_CHANNEL
 from outbox._wakeup import IdleLock
-from outbox.events import NOTIFY_CHANNEL
 from outbox.providers._bus import Backoff
-from outbox.providers.database import sql
 
 if TYPE_CHECKING:
     from outbox.providers.database.provider import DatabaseProvider

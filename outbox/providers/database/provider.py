@@ -28,6 +28,8 @@ import anyio
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from outbox._sql import bus as sql
+from outbox._sql import events as event_sql
 from outbox._txretry import retrying
 from outbox._wakeup import Idle, IdleLock
 from outbox.engines import create_engine, engine_args
@@ -45,7 +47,6 @@ from outbox.providers.base import (
     parse_start,
     publish_each,
 )
-from outbox.providers.database import sql
 from outbox.providers.database.consumer import DatabaseDelivery, Signal, _GroupReader, _Tail
 from outbox.providers.database.keeper import run_keeper
 from outbox.providers.database.subscription import Deliveries, GroupStream, TailStream
@@ -275,12 +276,12 @@ class DatabaseProvider:
         On PostgreSQL the row gets no txid, so consumers never receive it; on SQLite every row is
         on the bus (there is no transaction id to tell them apart).
         """
-        await self._tx(sql.insert_events, [self._checked(event)], False)
+        await self._tx(event_sql.insert_events, [self._checked(event)], False)
 
     async def publish(self, event: Event) -> None:
         """Insert ``event`` (idempotent by id) and so deliver it to every consumer group and
         stream; returns after the commit. An event stored before joins the bus now."""
-        await self._tx(sql.insert_events, [self._checked(event)], True)
+        await self._tx(event_sql.insert_events, [self._checked(event)], True)
         self._published += 1
 
     async def publish_many(self, events: Sequence[Event]) -> builtins.list[BaseException | None]:
@@ -293,7 +294,7 @@ class DatabaseProvider:
         if not batch:
             return []
         try:
-            await self._tx(sql.insert_events, batch, True)
+            await self._tx(event_sql.insert_events, batch, True)
         except ProviderUnavailable:
             raise
         except Exception:
@@ -303,32 +304,32 @@ class DatabaseProvider:
 
     async def get(self, event_id: uuid.UUID | str) -> Event | None:
         self._check_open()
-        return await self._tx(sql.get_event, as_event_id(event_id))
+        return await self._tx(event_sql.get_event, as_event_id(event_id))
 
     async def list(self, filter: EventFilter | None = None) -> list[Event]:
         """Events matching ``filter`` ordered by ``created_at``, ``seq``, ``id`` (indexes: see
         docs/database-provider.md, 'Queries')."""
         self._check_open()
-        return await self._tx(sql.list_events, filter or EventFilter())
+        return await self._tx(event_sql.list_events, filter or EventFilter())
 
     async def update_status(
         self, event_id: uuid.UUID | str, status: EventStatus | str, error: str | None = None
     ) -> None:
         self._check_open()
         key = as_event_id(event_id)
-        if not await self._tx(sql.update_status, key, EventStatus(status), error):
+        if not await self._tx(event_sql.update_status, key, EventStatus(status), error):
             raise EventNotFound(f"no event with id {key}")
 
     async def delete(self, event_id: uuid.UUID | str) -> None:
         self._check_open()
         key = as_event_id(event_id)
-        if not await self._tx(sql.delete_event, key):
+        if not await self._tx(event_sql.delete_event, key):
             raise EventNotFound(f"no event with id {key}")
 
     async def stats(self) -> ProviderStats:
         """Counts by status (exact: one indexed scan of the table) and the consumer groups."""
         self._check_open()
-        counts = await self._tx(sql.count_by_status)
+        counts = await self._tx(event_sql.count_by_status)
         groups = await self._tx(sql.list_groups)
         return ProviderStats(
             provider=self.name,

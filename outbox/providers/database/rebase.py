@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
+from outbox._sql import bus as sql
+from outbox._sql import events as event_sql
+from outbox._sql.bus import BEGINNING, ClusterChanged, Position
 from outbox.exceptions import ProviderError
 from outbox.providers.base import StartPosition
-from outbox.providers.database import sql
-from outbox.providers.database.sql import BEGINNING, ClusterChanged, Position
 
 __all__ = ["RebaseReport", "rebase"]
 
@@ -67,7 +68,7 @@ def rebase(
                 )
             sql.stamp_cluster(conn, report.groups, cluster)
             return report
-        last = sql.max_seq(conn)
+        last = event_sql.max_seq(conn)
     while True:
         with engine.begin() as conn:
             done = sql.restamp_batch(conn, last, batch_size)
