@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import outbox  # noqa: E402
-from outbox import ops, ops_console  # noqa: E402
+from outbox import ops  # noqa: E402
+from outbox._sql import console as ops_console  # noqa: E402
 from outbox.events import Event  # noqa: E402
 from outbox.providers.base import EventFilter  # noqa: E402
 from outbox.schema import drop_schema  # noqa: E402
