@@ -14,6 +14,7 @@ the same statuses, plain SQL over ``events`` works on every one) with a differen
 - ``split-ff70``, ``split-ff100``: the same at fill factor 70 and 100 (less room for HOT);
 - ``split-nohot`` the same, with the claim index partial on ``status = 'pending'`` (as in
                ``single``): every claim writes the live indexes again — what HOT is worth;
+- ``split-no-NAME``: ``split`` without one audit index of the history (``AUDIT``): what it costs;
 - ``side``     ``events`` keeps the history and the audit indexes; a narrow ``event_deliveries``
                table holds the mutable delivery state (status, lease, next attempt) while an event
                is unfinished; the writer inserts into both, a claim updates only the narrow row, a
@@ -32,6 +33,7 @@ Per layout, alternating rounds in one process, on a scratch database each:
     .venv/bin/python bench/storage.py                         # everything, ~4 min
     .venv/bin/python bench/storage.py --only drain --events 100000 --rounds 3
     .venv/bin/python bench/storage.py --only writer --layouts single,split
+    .venv/bin/python bench/storage.py --only drain --layouts split,split-no-type,split-no-user
 """
 
 from __future__ import annotations
@@ -88,16 +90,21 @@ _AUTOVACUUM = ("autovacuum_vacuum_scale_factor = 0.0, autovacuum_vacuum_threshol
                "autovacuum_analyze_threshold = 20000")
 
 
-def _audit(table: str) -> str:
-    return f"""
-CREATE INDEX ON {table} (type, created_at);
-CREATE INDEX ON {table} (entity, entity_id) WHERE entity IS NOT NULL OR entity_id IS NOT NULL;
-CREATE INDEX ON {table} (user_id) WHERE user_id IS NOT NULL;
-CREATE INDEX ON {table} (session_id) WHERE session_id IS NOT NULL;
-CREATE INDEX ON {table} (instance_id, created_at);
-CREATE INDEX ON {table} (created_at);
-CREATE INDEX ON {table} (txid, seq) WHERE txid IS NOT NULL;
-"""
+#: The history's audit indexes, by a short name (``split-no-NAME`` leaves one out).
+AUDIT: dict[str, str] = {
+    "type": "(type, created_at)",
+    "entity": "(entity, entity_id) WHERE entity IS NOT NULL OR entity_id IS NOT NULL",
+    "user": "(user_id) WHERE user_id IS NOT NULL",
+    "session": "(session_id) WHERE session_id IS NOT NULL",
+    "instance": "(instance_id, created_at)",
+    "created": "(created_at)",
+    "txid": "(txid, seq) WHERE txid IS NOT NULL",
+}
+
+
+def _audit(table: str, without: str | None = None) -> str:
+    return "".join(f"CREATE INDEX ON {table} {spec};\n"
+                   for name, spec in AUDIT.items() if name != without)
 
 
 SINGLE = f"""
@@ -111,7 +118,7 @@ CREATE INDEX ON events (status, created_at) WHERE status <> 'completed';
 """
 
 
-def _split(fillfactor: int = 50, claim_where: str = "") -> str:
+def _split(fillfactor: int = 50, claim_where: str = "", without: str | None = None) -> str:
     return f"""
 CREATE TABLE events ({_COLUMNS}) PARTITION BY LIST (status);
 CREATE TABLE events_live PARTITION OF events FOR VALUES IN ('pending', 'processing', 'failed')
@@ -122,7 +129,7 @@ CREATE INDEX ON events_live (seq, next_attempt_at) {claim_where};
 CREATE INDEX ON events_live (ordering_key, seq) WHERE ordering_key IS NOT NULL;
 CREATE INDEX ON events_live (txid, seq) WHERE txid IS NOT NULL;
 ALTER TABLE events_done ADD PRIMARY KEY (id);
-{_audit("events_done")}
+{_audit("events_done", without)}
 """
 
 
@@ -250,6 +257,10 @@ LAYOUTS: dict[str, dict[str, str]] = {
                     "complete": _COMPLETE_EVENTS, "write": _WRITE_EVENTS, "hot": "events_live"},
     "side": {"ddl": SIDE, "claim": _CLAIM_SIDE, "complete": _COMPLETE_SIDE,
              "write": _WRITE_SIDE, "hot": "event_deliveries"},
+    # what each audit index of the history costs the relay's completions
+    **{f"split-no-{name}": {"ddl": _split(without=name), "claim": _CLAIM,
+                            "complete": _COMPLETE_EVENTS, "write": _WRITE_EVENTS,
+                            "hot": "events_live"} for name in AUDIT},
 }
 
 _ITEMS = """
