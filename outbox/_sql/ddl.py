@@ -22,6 +22,7 @@ __all__ = [
     "PG_DONE_TABLE",
     "PG_LIVE_INDEXES",
     "PG_LIVE_TABLE",
+    "PG_SECONDARY_INDEXES",
     "WAKE_LOCK_CLASS",
     "after_create",
     "drop_functions",
@@ -93,6 +94,12 @@ PG_DONE_INDEXES: tuple[str, ...] = (
     f"CREATE INDEX ix_events_instance_id_created_at ON {PG_DONE_TABLE} (instance_id, created_at)",
     f"CREATE INDEX ix_events_created_at ON {PG_DONE_TABLE} (created_at)",
     f"CREATE INDEX ix_events_txid_seq ON {PG_DONE_TABLE} (txid, seq) WHERE txid IS NOT NULL",
+)
+#: PostgreSQL's secondary indexes of both partitions, ``(name, CREATE INDEX statement)`` — for
+#: bulk loads that drop them first and build them after (tests, benchmarks).
+PG_SECONDARY_INDEXES: tuple[tuple[str, str], ...] = tuple(
+    (ddl.split()[2], ddl) for ddl in (*PG_LIVE_INDEXES, *PG_DONE_INDEXES)
+    if ddl.startswith("CREATE INDEX")
 )
 PG_TXID_DEFAULT = (
     "ALTER TABLE events ALTER COLUMN txid SET DEFAULT (pg_current_xact_id()::text::bigint)"

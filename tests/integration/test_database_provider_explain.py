@@ -25,7 +25,7 @@ import sqlalchemy as sa
 import outbox
 from outbox._sql import bus as dbsql
 from outbox._sql import events as event_sql
-from outbox._sql.ddl import PG_DONE_INDEXES, PG_DONE_TABLE, PG_LIVE_INDEXES, PG_LIVE_TABLE
+from outbox._sql.ddl import PG_DONE_TABLE, PG_LIVE_TABLE, PG_SECONDARY_INDEXES
 from outbox.events import Event
 from outbox.providers.base import EventFilter, StartPosition
 from tests.conftest import new_pg_database
@@ -65,14 +65,12 @@ def big() -> Iterator[sa.Engine]:
     with new_pg_database() as url:
         engine = sa.create_engine(url)
         outbox.create_schema(engine)
-        indexes = [ddl for ddl in (*PG_LIVE_INDEXES, *PG_DONE_INDEXES)
-                   if ddl.startswith("CREATE INDEX")]
         with engine.begin() as conn:
-            for ddl in indexes:
-                conn.exec_driver_sql(f'DROP INDEX "{ddl.split()[2]}"')
+            for name, _ddl in PG_SECONDARY_INDEXES:
+                conn.exec_driver_sql(f'DROP INDEX "{name}"')
             conn.exec_driver_sql("SET LOCAL maintenance_work_mem = '256MB'")
             conn.exec_driver_sql(GENERATE, {"rows": ROWS})
-            for ddl in indexes:
+            for _name, ddl in PG_SECONDARY_INDEXES:
                 conn.exec_driver_sql(ddl)
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.exec_driver_sql("VACUUM ANALYZE events")
@@ -143,7 +141,7 @@ def _ids(f: EventFilter) -> str:
                     if v is not None and k not in ("offset",))[:60]
 
 
-HISTORY_INDEXES = {ddl.split()[2] for ddl in PG_DONE_INDEXES if ddl.startswith("CREATE INDEX")}
+HISTORY_INDEXES = {name for name, ddl in PG_SECONDARY_INDEXES if f" ON {PG_DONE_TABLE} " in ddl}
 
 
 def _history_scans(scans: list[tuple[str, str | None, str | None]]) -> list[Any]:
