@@ -20,6 +20,7 @@ history:
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import uuid
 from collections.abc import Iterable
@@ -69,6 +70,7 @@ __all__ = [
 
 events: sa.Table = Event.__table__  # type: ignore[assignment]
 c = events.c
+COMPLETED = EventStatus.COMPLETED.value
 FAILED = EventStatus.FAILED.value
 PENDING = EventStatus.PENDING.value
 PROCESSING = EventStatus.PROCESSING.value
@@ -382,8 +384,8 @@ def blocked_key_details(conn: Connection, limit: int = 50,
                         scan: int = FAILURE_SCAN) -> list[BlockedKey]:
     """Ordering keys held back by a failed event, oldest first (as :func:`outbox.ops.
     blocked_keys` orders them), from the oldest ``scan`` failed events: for each, the holding
-    event, its failed events and the pending ones waiting behind it (index
-    ``ix_events_unfinished_key``; counts capped at ``COUNT_CAP + 1``)."""
+    event, its failed events and the pending ones waiting behind it (the live rows' key index;
+    counts capped at ``COUNT_CAP + 1``)."""
     oldest = (
         sa.select(c.ordering_key, c.seq)
         .where(c.status == FAILED, c.ordering_key.is_not(None))
@@ -399,7 +401,9 @@ def blocked_key_details(conn: Connection, limit: int = 50,
         r.seq: r for r in conn.execute(
             sa.select(c.seq, c.id, c.type, c.created_at,
                       sa.func.substr(c.error, 1, ERROR_CLIP).label("error"))
-            .where(c.seq.in_([int(seq) for _, seq in heads]))
+            # the holding events are failed: their status keeps the lookup in the live rows
+            # (no index on seq in the history, see docs/relay.md "Storage")
+            .where(c.seq.in_([int(seq) for _, seq in heads]), c.status == FAILED)
         )
     }
     out = []
@@ -457,27 +461,55 @@ def throughput(conn: Connection, *, window: dt.timedelta = dt.timedelta(hours=1)
     def at(i: int) -> sa.ColumnElement[dt.datetime]:
         return sa.literal(bounds[i], UTCDateTime())
 
+    # The history (completed events; PostgreSQL's events_done) is probed through its created_at
+    # index once per boundary. The unfinished events of the window (the live rows, which have
+    # no such index) are read once and bucketed here: probing them per boundary would scan them
+    # once per bucket. Past EXACT_THROUGHPUT of them (a backlog) the probes take both.
+    live: list[tuple[dt.datetime, int]] = [(r[0], r[1]) for r in conn.execute(
+        sa.select(c.created_at, c.seq)
+        .where(c.status != COMPLETED, c.created_at >= at(0), c.created_at < at(buckets))
+        .limit(EXACT_THROUGHPUT + 1)
+    )]
+    backlog = len(live) > EXACT_THROUGHPUT
+    history = [] if backlog else [c.status == COMPLETED]
+    if backlog:
+        live = []
+
     def first_seq(i: int) -> sa.ScalarSelect[Any]:
         return (
-            sa.select(c.seq).where(c.created_at >= at(i))
+            sa.select(c.seq).where(*history, c.created_at >= at(i))
             .order_by(c.created_at, c.seq).limit(1).scalar_subquery()
         )
 
-    top = sa.select(sa.func.max(c.seq)).scalar_subquery()
+    # the newest event's seq, through the created_at index like the bounds (max(seq) would read
+    # the whole history: seq is not indexed there)
+    top = (sa.select(c.seq).where(*history)
+           .order_by(c.created_at.desc(), c.seq.desc()).limit(1).scalar_subquery())
     row = conn.execute(sa.select(*(first_seq(i) for i in range(buckets)), top)).one()
-    last = (row[-1] or 0) + 1  # about the seq the next event gets
-    seqs = [last if s is None else s for s in row[:-1]] + [last]
+    last = max([row[-1] or 0, *(seq for _, seq in live)]) + 1  # about the seq the next event gets
+    # the smallest seq of the live rows created at or after each row's time (suffix minimum)
+    live.sort()
+    times = [created for created, _ in live]
+    suffix = [last] * (len(live) + 1)
+    for k in range(len(live) - 1, -1, -1):
+        suffix[k] = min(suffix[k + 1], live[k][1])
+    seqs = [min(last if row[i] is None else row[i], suffix[bisect.bisect_left(times, bounds[i])])
+            for i in range(buckets)]
+    seqs.append(last)
     counts = [max(0, seqs[i + 1] - seqs[i]) for i in range(buckets)]
     exact = sum(counts) <= EXACT_THROUGHPUT
     if exact:
         def count(i: int) -> sa.ScalarSelect[Any]:
             return (
                 sa.select(sa.func.count()).select_from(events)
-                .where(c.created_at >= at(i), c.created_at < at(i + 1)).scalar_subquery()
+                .where(*history, c.created_at >= at(i), c.created_at < at(i + 1))
+                .scalar_subquery()
             )
 
         counts = [int(n) for n in conn.execute(sa.select(*(count(i) for i in range(buckets))))
                   .one()]
+        for created, _seq in live:
+            counts[min(buckets - 1, int((created - bounds[0]) / step))] += 1
     return [ThroughputBucket(bounds[i], bounds[i + 1], counts[i], exact) for i in range(buckets)]
 
 
