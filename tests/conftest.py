@@ -109,8 +109,9 @@ def db_url(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def engine(db_url: str) -> Iterator[sa.Engine]:
-    """An engine on ``db_url`` with the outbox schema created; on SQLite configured as the README
-    recommends for applications (``outbox.sqlite_savepoints``: ``begin_nested()`` works)."""
+    """An engine on ``db_url`` with the outbox schema created; on SQLite configured as
+    docs/capture.md recommends for applications (``outbox.sqlite_savepoints``: ``begin_nested()``
+    works)."""
     eng = outbox.sqlite_savepoints(sa.create_engine(db_url))
     outbox.create_schema(eng)
     yield eng

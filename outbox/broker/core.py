@@ -152,7 +152,7 @@ _global_observers: list[BrokerObserver] = []
 
 
 class Broker:
-    """In-process event broker. See the module docstring and README "Publishing custom events".
+    """In-process event broker. See the module docstring and docs/broker.md.
 
     ``provider`` defaults to a new :class:`~outbox.MemoryProvider` (closed by ``stop``; a provider
     passed in is left open for its owner). On a provider that writes the relay's own table

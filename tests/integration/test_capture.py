@@ -98,7 +98,8 @@ def test_savepoint_rollback_removes_only_its_events(db: Db) -> None:
 
 def test_sqlite_savepoint_first_in_a_transaction_with_the_recipe(sqlite_url: str) -> None:
     """A savepoint opened before anything else in the transaction: rolling back the transaction
-    removes the change and its event only with ``outbox.sqlite_savepoints`` (README, SQLite)."""
+    removes the change and its event only with ``outbox.sqlite_savepoints`` (docs/capture.md,
+    "SQLite and savepoints")."""
     for recommended in (False, True):
         engine = sa.create_engine(sqlite_url.replace(".db", f"-{recommended}.db"))
         if recommended:
