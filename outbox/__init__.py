@@ -10,9 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-# Imported eagerly: a lazy import would let ``import outbox.capture`` (the module) shadow the
-# ``outbox.capture`` function on the package.
-from outbox.capture import Capture, capture
+from outbox._capture import Capture, capture
 from outbox.context import context, request_scope, set_context
 from outbox.events import (
     Event,
