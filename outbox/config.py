@@ -26,10 +26,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Union
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import yaml
 
+from outbox._duration import parse_duration
+from outbox._redact import redact as redact_url
 from outbox.exceptions import ConfigError, MissingDependency
 from outbox.retry import RetryPolicy
 
@@ -67,21 +69,6 @@ def _choice(default: str, *choices: str) -> Any:
 
 def _at_least(default: Any, minimum: float, *, above: bool = False) -> Any:
     return field(default=default, metadata={"min": minimum, "above": above})
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (safe to log)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 class _Section:
@@ -528,10 +515,9 @@ def _unwrap_optional(target: Any) -> tuple[Any, bool]:
     return target, False
 
 
+_SECONDS = re.compile(r"^\s*\d+(?:\.\d+)?\s*$")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def _parse_text(text: str, base: Any, key: str, secret: bool) -> Any:
@@ -556,11 +542,14 @@ def _parse_text(text: str, base: Any, key: str, secret: bool) -> Any:
 
 
 def _duration(text: str, key: str, shown: str) -> float:
-    match = _DURATION.match(text)
-    if match is None:
-        raise ConfigError(key, f"expected a number of seconds or a duration like 30s, 5m, "
-                          f"24h{shown}")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    """Seconds: a plain number, or a duration in the grammar of :mod:`outbox._duration`."""
+    if _SECONDS.match(text):
+        return float(text)
+    try:
+        return parse_duration(text).total_seconds()
+    except ValueError:
+        raise ConfigError(key, "expected a number of seconds or a duration like 30s, 5m, "
+                          f"24h, 1h30m{shown}") from None
 
 
 def _check_type(value: Any, base: Any, key: str, secret: bool) -> Any:
