@@ -27,6 +27,7 @@ from outbox.exceptions import (
     BrokerNotStarted,
     CaptureError,
     ConfigError,
+    EventNotFound,
     HandlerError,
     MalformedMessage,
     MissingDependency,
@@ -42,7 +43,7 @@ from outbox.exceptions import (
 
 # registers outbox_alembic_version on Event.metadata (the table outbox.migrations records in)
 from outbox.migrations import version_table as _version_table  # noqa: F401
-from outbox.providers.base import EventFilter, EventNotFound, ProviderStats
+from outbox.providers.base import EventFilter, ProviderStats
 from outbox.retry import RetryPolicy
 from outbox.schema import create_schema  # also registers the outbox_* tables on Event.metadata
 

@@ -59,7 +59,7 @@ from sqlalchemy.orm import Session, scoped_session
 
 from outbox.engines import engine_args
 from outbox.events import utcnow
-from outbox.exceptions import OutboxError
+from outbox.exceptions import NoInboxTransaction
 from outbox.schema import check_schema, create_schema, inbox_table, insert_missing
 
 __all__ = [
@@ -74,10 +74,6 @@ __all__ = [
 
 #: URL drivers that need create_async_engine.
 _ASYNC_DRIVERS = frozenset({"asyncpg", "psycopg_async", "aiosqlite", "asyncmy", "aiomysql"})
-
-
-class NoInboxTransaction(OutboxError, LookupError):
-    """:func:`current_session` was called outside a handler run by a consumer with an inbox."""
 
 
 @dataclass

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from outbox.events import Event, EventSource, EventStatus
-from outbox.exceptions import ProviderError, ProviderUnavailable
+from outbox.exceptions import EventNotFound, ProviderUnavailable
 from outbox.patterns import compile_pattern
 
 __all__ = [
@@ -49,13 +49,6 @@ __all__ = [
     "publish_each",
     "publish_many",
 ]
-
-
-class EventNotFound(ProviderError, KeyError):
-    """No event with that id."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "event not found"
 
 
 @dataclass(frozen=True, slots=True)

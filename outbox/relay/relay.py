@@ -24,7 +24,11 @@ from sqlalchemy.engine import URL, Engine
 from outbox._wakeup import Idle, IdleLock
 from outbox.engines import create_engine, engine_args
 from outbox.events import get_instance_id
-from outbox.exceptions import OutboxError, ProviderUnavailable, SchemaMissing
+from outbox.exceptions import (
+    DatabaseUnavailable,
+    ProviderUnavailable,
+    SchemaMissing,
+)
 from outbox.relay._gc import DEFAULT_GC_THRESHOLD, young_gc_threshold
 from outbox.relay.dispatch import BatchResult, Dispatcher
 from outbox.relay.listener import PgListener, conninfo_from_url
@@ -46,10 +50,6 @@ _UNSET: Any = object()
 _PING_EVERY = 0.5
 #: The window over which the arrival rate is measured, seconds.
 _RATE_WINDOW = 0.1
-
-
-class DatabaseUnavailable(OutboxError):
-    """The relay's database cannot be reached (raised at start; the loop retries later)."""
 
 
 class Relay:
