@@ -1,4 +1,4 @@
-"""``python -m outbox``: look at, replay and trim the ``events`` table (SPEC §10).
+"""``python -m outbox``: look at, replay and trim the ``events`` table.
 
 Commands (``--help`` on each)::
 

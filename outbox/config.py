@@ -1,4 +1,4 @@
-"""Configuration (SPEC §8): YAML under ``event_broker:``, ``${VAR}`` expansion, ``OUTBOX_*``
+"""Configuration: YAML under ``event_broker:``, ``${VAR}`` expansion, ``OUTBOX_*``
 overrides.
 
 Precedence, lowest first: defaults → the YAML file (``path``, else ``$OUTBOX_CONFIG``) →
@@ -216,7 +216,7 @@ class Config(_Section):
     """The whole ``event_broker:`` section. Build with :meth:`load` (or the constructor).
 
     ``instance_id`` ``None`` means hostname-pid (:func:`outbox.get_instance_id`). ``enabled`` is
-    kept for configuration files written for the seed; outbox itself does not consult it.
+    accepted for configuration files that set it; outbox itself does not consult it.
     """
 
     provider: str = _choice("memory", *PROVIDERS)

@@ -173,8 +173,8 @@ class EventRecorder:
         metadata: Mapping[str, Any] | None = None,
         **fields: Any,
     ) -> list[Event]:
-        """Recorded events whose type matches ``pattern`` (SPEC §4 syntax), whose payload and
-        metadata contain ``payload``/``metadata`` (nested dicts compared as subsets), and whose
+        """Recorded events whose type matches ``pattern`` (:mod:`outbox.patterns`), whose payload
+        and metadata contain ``payload``/``metadata`` (nested dicts compared as subsets), and whose
         attributes equal ``fields`` (``source=``, ``user_id=``, ``entity_id=`` …)."""
         from outbox.events import Event
         from outbox.patterns import compile_pattern

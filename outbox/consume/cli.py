@@ -1,4 +1,4 @@
-"""``python -m outbox.consume``: run subscribed handlers for events from the bus (SPEC §6b).
+"""``python -m outbox.consume``: run subscribed handlers for events from the bus.
 
 ::
 

@@ -1,4 +1,4 @@
-"""The provider contract every transport implements (SPEC §5), and its value types.
+"""The provider contract every transport implements, and its value types.
 
 A provider stores events and carries them between processes. The relay calls
 :meth:`Provider.publish` to forward an event; consumers in other processes read them back with
@@ -68,9 +68,9 @@ class Capabilities:
 class EventFilter:
     """Which events ``list`` returns. ``None`` fields do not filter.
 
-    ``type`` is a pattern (SPEC §4). ``start_time`` is inclusive and ``end_time`` exclusive, on
-    ``created_at``. Results are ordered by ``created_at``, then ``seq``, then ``id``, so
-    ``limit``/``offset`` pages are stable.
+    ``type`` is a pattern (:mod:`outbox.patterns`). ``start_time`` is inclusive and
+    ``end_time`` exclusive, on ``created_at``. Results are ordered by ``created_at``, then
+    ``seq``, then ``id``, so ``limit``/``offset`` pages are stable.
     """
 
     source: EventSource | str | None = None

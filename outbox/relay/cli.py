@@ -1,4 +1,4 @@
-"""``python -m outbox.relay``: the relay sidecar (SPEC §6).
+"""``python -m outbox.relay``: the relay sidecar (docs/relay.md).
 
 ::
 

@@ -53,7 +53,7 @@ _RATE_WINDOW = 0.1
 
 
 class Relay:
-    """Delivers committed events from the ``events`` table to handlers and a provider (SPEC §6).
+    """Delivers committed events from the ``events`` table to handlers and a provider.
 
     ``database`` is a URL or an :class:`~sqlalchemy.engine.Engine` (default: SQLite ``outbox.db``
     in the working directory, whose schema is created if missing). ``broker`` runs the local

@@ -24,6 +24,17 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "audit.md"
 _BLOCK = re.compile(r"(?:<!-- recipe: (?P<name>[\w-]+) -->\s*\n)?```sql\n(?P<sql>.*?)```", re.S)
 
 
+def test_every_column_of_events_is_documented() -> None:
+    """The column table (and the relay's bookkeeping paragraph) name every column, no more."""
+    text = DOC.read_text()
+    section = text[text.index("## The columns"):text.index("## Audit recipes")]
+    table = set(re.findall(r"^\| `(\w+)` \|", section, re.M))
+    bookkeeping = section[section.index("The relay's own bookkeeping"):]
+    named = table | set(re.findall(r"`(\w+)`", bookkeeping.split("\n\n")[0]))
+    columns = set(Event.__table__.c.keys())
+    assert table <= columns and columns <= named, (columns - named, table - columns)
+
+
 def recipes() -> dict[str, str]:
     found: dict[str, str] = {}
     for m in _BLOCK.finditer(DOC.read_text()):
