@@ -1,5 +1,4 @@
-"""Configuration: YAML under ``event_broker:``, ``${VAR}`` expansion, ``OUTBOX_*``
-overrides.
+"""Configuration: YAML under ``event_broker:``, ``${VAR}`` expansion, ``OUTBOX_*`` overrides.
 
 Precedence, lowest first: defaults → the YAML file (``path``, else ``$OUTBOX_CONFIG``) →
 ``OUTBOX_*`` environment variables → :meth:`Config.with_overrides` (command-line flags).
@@ -11,8 +10,11 @@ Every key has an environment variable named ``OUTBOX_`` + its path in capitals w
 
 Each section is a frozen dataclass; its fields *are* the schema: adding a key is adding one field
 (type annotation + default; ``secret``/``url`` flags in the field metadata). Values are checked
-against the annotation; errors raise :class:`ConfigError` naming the key
-(``event_broker.redis.port``) and never show secret values or URLs (which may embed passwords).
+against the annotation (seconds: a number, or a duration in the command line's grammar, ``30s``,
+``1h30m``, ``2w``: :mod:`outbox._duration`); errors raise :class:`ConfigError` naming the key
+(``event_broker.redis.port``) and never show secret values or URLs (which may embed
+credentials). ``repr()`` and :meth:`Config.to_dict` show secrets as ``***`` and URLs with their
+credentials hidden (:mod:`outbox._redact`).
 """
 
 from __future__ import annotations
