@@ -57,8 +57,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import outbox  # noqa: E402
-from outbox import _capture_rows  # noqa: E402
 from outbox._sql import relay as relay_sql  # noqa: E402
+from outbox._sql.capture import pg_uuid7_sql  # noqa: E402
 from outbox.events import new_event_id  # noqa: E402
 from outbox.providers.memory import MemoryProvider  # noqa: E402
 from outbox.relay import Relay  # noqa: E402
@@ -67,7 +67,7 @@ ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 # Bench-only SQL with constants and bound numbers (no user input). Ids are time-ordered (UUIDv7)
 # like the ones capture writes, with the time of each row's generation.
-_SEED_ID = _capture_rows.pg_uuid7_sql("clock_timestamp()")
+_SEED_ID = pg_uuid7_sql("clock_timestamp()")
 SEED = (
     "INSERT INTO events (id, source, type, status, payload, instance_id, schema_name, entity, "  # noqa: S608
     "entity_id, operation, created_at, completed_at, metadata, retry_count, next_attempt_at, "

@@ -10,9 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-# Imported eagerly: a lazy import would let ``import outbox.capture`` (the module) shadow the
-# ``outbox.capture`` function on the package.
-from outbox.capture import Capture, capture
+from outbox._capture import Capture, capture
 from outbox.context import context, request_scope, set_context
 from outbox.events import (
     Event,
@@ -29,6 +27,7 @@ from outbox.exceptions import (
     BrokerNotStarted,
     CaptureError,
     ConfigError,
+    EventNotFound,
     HandlerError,
     MalformedMessage,
     MissingDependency,
@@ -44,7 +43,7 @@ from outbox.exceptions import (
 
 # registers outbox_alembic_version on Event.metadata (the table outbox.migrations records in)
 from outbox.migrations import version_table as _version_table  # noqa: F401
-from outbox.providers.base import EventFilter, EventNotFound, ProviderStats
+from outbox.providers.base import EventFilter, ProviderStats
 from outbox.retry import RetryPolicy
 from outbox.schema import create_schema  # also registers the outbox_* tables on Event.metadata
 

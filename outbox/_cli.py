@@ -1,8 +1,10 @@
-"""Start-up pieces the sidecars share (``python -m outbox.relay``, ``python -m outbox.consume``).
+"""Pieces the command-line entry points share (``python -m outbox``, ``python -m outbox.relay``,
+``python -m outbox.consume``).
 
-Both load the config the same way (defaults < file < ``OUTBOX_*`` environment < flags), import
-the ``--app`` modules (and the config's ``apps``) so their handlers register, and report a start-up
-problem as one line on stderr with exit code 2 (:class:`Failure`), never a traceback.
+They load the config the same way (defaults < file < ``OUTBOX_*`` environment < flags), the
+sidecars import the ``--app`` modules (and the config's ``apps``) so their handlers register, and
+each reports a problem as one line on stderr (:class:`Failure`, :func:`print_error`: credentials
+in URLs hidden), never a traceback.
 """
 
 from __future__ import annotations
@@ -13,16 +15,26 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from outbox._redact import redact
 from outbox.exceptions import OutboxError
 
 if TYPE_CHECKING:
     from outbox.config import Config
 
-__all__ = ["Failure", "import_apps", "leaves", "load_config"]
+__all__ = ["Failure", "import_apps", "leaves", "load_config", "print_error"]
 
 
 class Failure(Exception):
-    """A start-up error: one line on stderr, exit code 2."""
+    """The command cannot do its job: one line on stderr, no traceback.
+
+    The exit code is the command's: 2 for the sidecars (every such error is a start-up error),
+    1 for ``python -m outbox`` (2 is its bad usage).
+    """
+
+
+def print_error(message: object, prog: str | None = None) -> None:
+    """``[prog: ]error: message`` on stderr, credentials in URLs hidden."""
+    print(f"{prog + ': ' if prog else ''}error: {redact(str(message))}", file=sys.stderr)
 
 
 def load_config(path: str | None, env: Mapping[str, str],
@@ -31,11 +43,12 @@ def load_config(path: str | None, env: Mapping[str, str],
     flags' ``overrides`` (dotted keys; ``None`` values are ignored) applied and validated."""
     from outbox.config import Config
 
+    path = path or env.get("OUTBOX_CONFIG") or None
     try:
-        config = Config.load(path or env.get("OUTBOX_CONFIG") or None, env=env)
+        config = Config.load(path, env=env)
         return config.with_overrides(dict(overrides)) if overrides else config
     except OutboxError as exc:
-        raise Failure(f"config: {exc}") from None
+        raise Failure(f"config {path}: {exc}" if path else f"config: {exc}") from None
     except OSError as exc:
         raise Failure(f"cannot read config {path}: {exc.strerror or exc}") from None
 

@@ -1,4 +1,4 @@
-"""Turning Python values into JSON-safe values (SPEC §3), and back to text.
+"""Turning Python values into JSON-safe values (event payloads and changes), and back to text.
 
 Rules: datetimes, dates and times as ISO 8601 (naive values stay naive, aware keep their offset);
 ``UUID`` and ``Decimal`` as strings; ``bytes`` as standard base64; ``Enum`` as its value;

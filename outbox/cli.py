@@ -1,4 +1,4 @@
-"""``python -m outbox``: look at, replay and trim the ``events`` table (SPEC §10).
+"""``python -m outbox``: look at, replay and trim the ``events`` table.
 
 Commands (``--help`` on each)::
 
@@ -23,7 +23,6 @@ import datetime as dt
 import json
 import logging
 import os
-import re
 import sys
 import uuid
 from collections.abc import Callable, Sequence
@@ -34,6 +33,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from outbox import _json, ops
+from outbox._cli import Failure, load_config, print_error
+from outbox._duration import parse_duration
 from outbox._sql import console as console_sql
 from outbox.console import cli as console_cli
 from outbox.engines import create_engine
@@ -55,32 +56,8 @@ class UsageError(Exception):
     """Bad command-line input (exit 2)."""
 
 
-class Failure(Exception):
-    """The command could not do its job (exit 1)."""
-
-
 # --------------------------------------------------------------------------------------------
 # value parsing
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)")
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_duration(text: str) -> dt.timedelta:
-    """``30d``, ``1h30m``, ``90s``, ``2w``, ``500ms`` → timedelta (``ValueError`` otherwise)."""
-    value = text.strip().lower()
-    pos, total, found = 0, 0.0, False
-    for m in _DURATION_PART.finditer(value):
-        if m.start() != pos or value[pos:m.start()].strip():
-            break
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos, found = m.end(), True
-    if not found or value[pos:].strip():
-        raise ValueError(
-            f"invalid duration {text!r}: use a number and a unit (ms, s, m, h, d, w), e.g. 30d or "
-            "1h30m"
-        )
-    return dt.timedelta(seconds=total)
 
 
 def parse_time(text: str, now: dt.datetime | None = None) -> dt.datetime:
@@ -343,18 +320,7 @@ def resolve_database_url(args: argparse.Namespace, env: dict[str, str] | None = 
 
 
 def _url_from_config(path: str, env: dict[str, str]) -> str | None:
-    try:
-        from outbox.config import Config
-    except ImportError as exc:  # pragma: no cover - the config module ships with the package
-        raise Failure(f"cannot read --config: {exc}") from None
-    try:
-        config = Config.load(path, env=env)
-    except OutboxError as exc:
-        raise Failure(f"config {path}: {exc}") from None
-    except OSError as exc:
-        raise Failure(f"cannot read config {path}: {exc.strerror or exc}") from None
-    database = getattr(config, "database", None)
-    url = getattr(database, "url", None)
+    url = load_config(path, env).database.url
     return str(url) if url else None
 
 
@@ -389,16 +355,7 @@ def _pgbouncer(args: argparse.Namespace) -> bool:
     """``--pgbouncer``, else the config's ``database.pgbouncer`` (file or environment)."""
     if args.pgbouncer:
         return True
-    from outbox.config import Config
-
-    env = dict(os.environ)
-    try:
-        return Config.load(args.config or env.get("OUTBOX_CONFIG") or None,
-                           env=env).database.pgbouncer
-    except OutboxError as exc:
-        raise Failure(f"config: {exc}") from None
-    except OSError as exc:
-        raise Failure(f"cannot read config {args.config}: {exc.strerror or exc}") from None
+    return bool(load_config(args.config, os.environ).database.pgbouncer)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -644,15 +601,15 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, out: IO[str
             engine.dispose()
     except UsageError as exc:
         parser.print_usage(sys.stderr)
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        print_error(exc, parser.prog)
         return EXIT_USAGE
     except Failure as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return EXIT_FAILED
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print_error(exc)
         return EXIT_USAGE
     except sa.exc.DBAPIError as exc:
-        print(f"error: database: {_first_line(exc.orig or exc)}", file=sys.stderr)
+        print_error(f"database: {_first_line(exc.orig or exc)}")
         return EXIT_FAILED
     return code

@@ -1,5 +1,4 @@
-"""Configuration (SPEC §8): YAML under ``event_broker:``, ``${VAR}`` expansion, ``OUTBOX_*``
-overrides.
+"""Configuration: YAML under ``event_broker:``, ``${VAR}`` expansion, ``OUTBOX_*`` overrides.
 
 Precedence, lowest first: defaults → the YAML file (``path``, else ``$OUTBOX_CONFIG``) →
 ``OUTBOX_*`` environment variables → :meth:`Config.with_overrides` (command-line flags).
@@ -11,8 +10,11 @@ Every key has an environment variable named ``OUTBOX_`` + its path in capitals w
 
 Each section is a frozen dataclass; its fields *are* the schema: adding a key is adding one field
 (type annotation + default; ``secret``/``url`` flags in the field metadata). Values are checked
-against the annotation; errors raise :class:`ConfigError` naming the key
-(``event_broker.redis.port``) and never show secret values or URLs (which may embed passwords).
+against the annotation (seconds: a number, or a duration in the command line's grammar, ``30s``,
+``1h30m``, ``2w``: :mod:`outbox._duration`); errors raise :class:`ConfigError` naming the key
+(``event_broker.redis.port``) and never show secret values or URLs (which may embed
+credentials). ``repr()`` and :meth:`Config.to_dict` show secrets as ``***`` and URLs with their
+credentials hidden (:mod:`outbox._redact`).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Union
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import yaml
 
+from outbox._duration import parse_duration
+from outbox._redact import redact as redact_url
 from outbox.exceptions import ConfigError, MissingDependency
 from outbox.retry import RetryPolicy
 
@@ -67,21 +71,6 @@ def _choice(default: str, *choices: str) -> Any:
 
 def _at_least(default: Any, minimum: float, *, above: bool = False) -> Any:
     return field(default=default, metadata={"min": minimum, "above": above})
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (safe to log)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 class _Section:
@@ -229,7 +218,7 @@ class Config(_Section):
     """The whole ``event_broker:`` section. Build with :meth:`load` (or the constructor).
 
     ``instance_id`` ``None`` means hostname-pid (:func:`outbox.get_instance_id`). ``enabled`` is
-    kept for configuration files written for the seed; outbox itself does not consult it.
+    accepted for configuration files that set it; outbox itself does not consult it.
     """
 
     provider: str = _choice("memory", *PROVIDERS)
@@ -528,10 +517,9 @@ def _unwrap_optional(target: Any) -> tuple[Any, bool]:
     return target, False
 
 
+_SECONDS = re.compile(r"^\s*\d+(?:\.\d+)?\s*$")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def _parse_text(text: str, base: Any, key: str, secret: bool) -> Any:
@@ -556,11 +544,14 @@ def _parse_text(text: str, base: Any, key: str, secret: bool) -> Any:
 
 
 def _duration(text: str, key: str, shown: str) -> float:
-    match = _DURATION.match(text)
-    if match is None:
-        raise ConfigError(key, f"expected a number of seconds or a duration like 30s, 5m, "
-                          f"24h{shown}")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+    """Seconds: a plain number, or a duration in the grammar of :mod:`outbox._duration`."""
+    if _SECONDS.match(text):
+        return float(text)
+    try:
+        return parse_duration(text).total_seconds()
+    except ValueError:
+        raise ConfigError(key, "expected a number of seconds or a duration like 30s, 5m, "
+                          f"24h, 1h30m{shown}") from None
 
 
 def _check_type(value: Any, base: Any, key: str, secret: bool) -> Any:

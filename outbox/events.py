@@ -1,4 +1,4 @@
-"""The ``events`` table and its ORM mapping :class:`Event` (SPEC §2), plus event constructors.
+"""The ``events`` table and its ORM mapping :class:`Event`, plus event constructors.
 
 ``Event`` lives on its own :class:`~sqlalchemy.MetaData` (``Event.metadata``) so that an
 application can add the outbox tables to its Alembic autogenerate (``target_metadata=[Base.metadata,
@@ -51,7 +51,7 @@ UTC = dt.UTC
 
 
 class EventSource(enum.StrEnum):
-    """Where an event came from (SPEC §2 ``source``)."""
+    """Where an event came from (the ``source`` column)."""
 
     DATABASE = "database"
     WEBSOCKET = "websocket"
@@ -237,7 +237,7 @@ def _single_table(
 
 
 class Event(OutboxBase):
-    """One event: a row of the ``events`` table (SPEC §2).
+    """One event: a row of the ``events`` table (its columns: docs/audit.md).
 
     Create events with :func:`new_event` (or let :func:`outbox.capture` do it) and add them to a
     session to make them part of that session's transaction.
@@ -278,7 +278,7 @@ class Event(OutboxBase):
     next_attempt_at: Mapped[dt.datetime] = mapped_column(
         UTCDateTime(), nullable=False, default=utcnow
     )
-    # Relay bookkeeping (SPEC §2 allows the relay its own columns).
+    # Relay bookkeeping: columns of the relay's own, next to the documented ones.
     # Compared for equality only: byte-wise on PostgreSQL, the cheapest for its index.
     ordering_key: Mapped[str | None] = mapped_column(
         TypeText, doc="Events with the same key are delivered in seq order."

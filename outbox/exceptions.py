@@ -10,10 +10,15 @@ __all__ = [
     "BrokerClosed",
     "BrokerNotStarted",
     "CaptureError",
+    "ClusterChanged",
     "ConfigError",
+    "DatabaseUnavailable",
+    "EventNotFound",
     "HandlerError",
     "MalformedMessage",
+    "MigrationError",
     "MissingDependency",
+    "NoInboxTransaction",
     "OutboxError",
     "ProviderError",
     "ProviderFull",
@@ -74,6 +79,14 @@ class SchemaMissing(OutboxError):
     """The outbox tables do not exist in the target database."""
 
 
+class MigrationError(OutboxError):
+    """An outbox migration cannot run as asked (the message says what to do)."""
+
+
+class DatabaseUnavailable(OutboxError):
+    """The relay's database cannot be reached (raised at start; the loop retries later)."""
+
+
 class BrokerNotStarted(OutboxError, RuntimeError):
     """``publish`` was called before ``Broker.start()``."""
 
@@ -103,6 +116,17 @@ class ProviderError(OutboxError):
     """A provider refused an operation for a reason specific to the request."""
 
 
+class ClusterChanged(ProviderError):
+    """A consumer group's positions come from another PostgreSQL cluster (dump/restore)."""
+
+
+class EventNotFound(ProviderError, KeyError):
+    """No event with that id."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "event not found"
+
+
 class ProviderFull(ProviderError):
     """The provider cannot accept more events without dropping pending ones."""
 
@@ -113,3 +137,8 @@ class ProviderUnavailable(ProviderError):
 
 class MalformedMessage(ProviderError):
     """A message on a stream is not a valid outbox CloudEvents document."""
+
+
+class NoInboxTransaction(OutboxError, LookupError):
+    """``outbox.inbox.current_session()`` was called outside a handler run by a consumer with an
+    inbox."""

@@ -1,4 +1,4 @@
-"""``/metrics``, ``/healthz`` and ``/readyz`` for the sidecars (SPEC §9).
+"""``/metrics``, ``/healthz`` and ``/readyz`` for the sidecars.
 
 Three parts, so the HTTP side never blocks on the database:
 

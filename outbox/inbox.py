@@ -60,7 +60,7 @@ from sqlalchemy.orm import Session, scoped_session
 from outbox._sql import inbox as inbox_sql
 from outbox.engines import engine_args
 from outbox.events import utcnow
-from outbox.exceptions import OutboxError
+from outbox.exceptions import NoInboxTransaction
 from outbox.schema import check_schema, create_schema
 
 __all__ = [
@@ -75,10 +75,6 @@ __all__ = [
 
 #: URL drivers that need create_async_engine.
 _ASYNC_DRIVERS = frozenset({"asyncpg", "psycopg_async", "aiosqlite", "asyncmy", "aiomysql"})
-
-
-class NoInboxTransaction(OutboxError, LookupError):
-    """:func:`current_session` was called outside a handler run by a consumer with an inbox."""
 
 
 @dataclass

@@ -9,8 +9,9 @@
   ``level``, ``logger``, ``message``, the event fields, ``trace_id``/``span_id`` when an
   OpenTelemetry span is active, any other ``extra`` keys, and ``exc`` for exceptions.
 
-Both formatters mask the password of URLs (``scheme://user:***@host``) as a last line of defence:
-code must still never log secrets.
+Both formatters hide the credentials of URLs (``scheme://user:***@host``, ``nats://***@host``:
+:func:`redact`, the rule reprs and error messages use too) as a last line of defence: code must
+still never log secrets.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import contextvars
 import datetime as dt
 import json
 import logging
-import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING, Any
+
+from outbox._redact import redact
+from outbox.tracing import current_span_context
 
 if TYPE_CHECKING:
     from outbox.events import Event
@@ -53,14 +56,6 @@ LOG_LEVELS: tuple[str, ...] = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _current_event: contextvars.ContextVar[Event | None] = contextvars.ContextVar(
     "outbox_log_event", default=None
 )
-
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@")
-
-
-def redact(text: str) -> str:
-    """``text`` with the passwords of URLs in it replaced by ``***``."""
-    return _URL_PASSWORD.sub(r"\g<head>***@", text)
-
 
 def event_extra(event: Event) -> dict[str, Any]:
     """``extra=`` for a record about ``event``: its id, type and seq."""
@@ -115,13 +110,8 @@ _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | 
 
 
 def _trace_ids() -> dict[str, str]:
-    from outbox.tracing import _otel
-
-    otel = _otel()
-    if otel is None:
-        return {}
-    ctx = otel.trace.get_current_span().get_span_context()
-    if not ctx.is_valid:
+    ctx = current_span_context()
+    if ctx is None:
         return {}
     return {"trace_id": f"{ctx.trace_id:032x}", "span_id": f"{ctx.span_id:016x}"}
 

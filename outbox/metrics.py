@@ -1,11 +1,11 @@
-"""Prometheus metrics of the broker and the relay (SPEC §9).
+"""Prometheus metrics of the broker and the relay.
 
 :class:`Metrics` owns every collector, registered on the ``registry`` you pass (default:
 ``prometheus_client.REGISTRY``, so an application's own ``/metrics`` shows them too). The broker
 and the relay call its small ``record`` methods; :class:`BacklogSampler` refreshes the table
 gauges (backlog, lag) from one cheap indexed query every few seconds — never per event.
 
-Names (``eventbroker_`` as in the seed plan)::
+Names (all ``eventbroker_``; dashboards and alerts depend on them, keep them)::
 
     eventbroker_events_published_total{source,type}             counter: events published
     eventbroker_events_processed_total{source,type,status}      counter: events handled, by outcome
@@ -96,7 +96,7 @@ class Metrics:
         self._types: set[str] = set()
         self._types_lock = threading.Lock()
         reg = self.registry
-        # -- the seed's broker metrics
+        # -- the broker
         self.published = Counter(
             "eventbroker_events_published", "Events published.", ["source", "type"], registry=reg
         )

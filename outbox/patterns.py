@@ -1,4 +1,4 @@
-"""Subscription patterns over dotted event types (SPEC §4).
+"""Subscription patterns over dotted event types.
 
 - ``*`` alone matches every type;
 - otherwise segments are separated by ``.``; a ``*`` segment matches exactly one segment;

@@ -10,7 +10,9 @@ __all__ = ["RetryPolicy"]
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """Exponential backoff with jitter, capped (SPEC §4; seed defaults).
+    """Exponential backoff with jitter, capped.
+
+    Defaults: 3 retries, 1 s before the first, doubling, at most 30 s, ±10 % jitter.
 
     ``max_retries`` counts retries after the first attempt: ``max_retries=2`` means at most three
     attempts. The delay before retry ``n`` (1-based) is

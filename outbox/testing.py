@@ -1,4 +1,6 @@
-"""pytest plugin for applications that use outbox (entry point ``pytest11``; SPEC §11).
+"""pytest plugin for applications that use outbox (entry point ``pytest11``): fixtures for a
+broker on the memory provider and for asserting the events a block of code emitted, usable in an
+application's own test suite.
 
 Fixtures:
 
@@ -25,6 +27,9 @@ Fixtures:
             emitted.assert_emitted("public.users.create", payload={"email": "a@example.com"})
             emitted.assert_not_emitted("public.users.delete")
 
+``captures()`` lists the active :func:`outbox.capture` registrations, so that a fixture can
+``.remove()`` the one an application module made at import.
+
 Importing this module loads nothing but pytest: outbox itself is imported when a fixture runs.
 """
 
@@ -39,12 +44,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pytest
 
 if TYPE_CHECKING:
+    from outbox._capture import Capture
     from outbox.broker import Broker, DispatchResult
     from outbox.events import Event
 
 _T = TypeVar("_T")
 
-__all__ = ["EventRecorder", "outbox_broker", "outbox_recorder"]
+__all__ = ["EventRecorder", "captures", "outbox_broker", "outbox_recorder"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -53,6 +59,14 @@ def pytest_configure(config: pytest.Config) -> None:
         "outbox(**options): options of the outbox_broker fixture (Broker keyword arguments, "
         "provider=..., inherit_subscriptions=False)",
     )
+
+
+def captures() -> list[Capture]:
+    """The active :func:`outbox.capture` registrations, e.g. to ``.remove()`` an application's
+    when its tests are done (``outbox.capture()`` is process-wide)."""
+    from outbox._capture import captures as active
+
+    return active()
 
 
 # -- the recorder ----------------------------------------------------------------------------------
@@ -161,8 +175,8 @@ class EventRecorder:
         metadata: Mapping[str, Any] | None = None,
         **fields: Any,
     ) -> list[Event]:
-        """Recorded events whose type matches ``pattern`` (SPEC §4 syntax), whose payload and
-        metadata contain ``payload``/``metadata`` (nested dicts compared as subsets), and whose
+        """Recorded events whose type matches ``pattern`` (:mod:`outbox.patterns`), whose payload
+        and metadata contain ``payload``/``metadata`` (nested dicts compared as subsets), and whose
         attributes equal ``fields`` (``source=``, ``user_id=``, ``entity_id=`` …)."""
         from outbox.events import Event
         from outbox.patterns import compile_pattern

@@ -28,6 +28,7 @@ __all__ = [
     "TRACE_KEYS",
     "available",
     "continue_trace",
+    "current_span_context",
     "current_trace_context",
     "refresh",
     "set_error",
@@ -92,18 +93,24 @@ def refresh() -> None:
     _sdk_seen, _next_look = False, 0.0
 
 
+def current_span_context() -> Any:
+    """The active span's ``SpanContext``, or ``None`` (no OpenTelemetry API, or no valid span)."""
+    otel = _otel()
+    if otel is None:
+        return None
+    span_context = otel.trace.get_current_span().get_span_context()
+    return span_context if span_context.is_valid else None
+
+
 def current_trace_context() -> dict[str, str]:
     """``traceparent`` (and ``tracestate`` when non-empty) of the active span, or ``{}``.
 
     Always W3C Trace Context, whatever global propagator the application configured, because
     the keys are part of the outbox's event format.
     """
+    if current_span_context() is None:
+        return {}
     otel = _otel()
-    if otel is None:
-        return {}
-    span_context = otel.trace.get_current_span().get_span_context()
-    if not span_context.is_valid:
-        return {}
     carrier: dict[str, str] = {}
     otel.propagator.inject(carrier)
     return {k: v for k, v in carrier.items() if k in TRACE_KEYS and v}

@@ -1,7 +1,7 @@
 """The wire format: an :class:`~outbox.Event` as a CloudEvents 1.0 structured JSON document.
 
-This is what the relay forwards to Redis Streams and NATS JetStream and what consumers parse back
-(SPEC §7).
+This is what the relay forwards to Redis Streams and NATS JetStream and what consumers parse back;
+any CloudEvents SDK reads it.
 
 ===================  =========================================  =================================
 event field          CloudEvents attribute                      notes

@@ -283,7 +283,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     sessions: the guard above runs per test, so a module-level ``@outbox.subscribe`` or
     ``outbox.capture()`` imported at collection would pass it and leak into every test."""
     from outbox.broker import default
-    from outbox.capture import captures
+    from outbox.testing import captures
 
     if default._registry:
         names = ", ".join(sorted(entry.name for entry in default._registry.values()))

@@ -12,6 +12,7 @@
   health);
 - :mod:`~outbox._sql.bus` — the database bus: consumer groups, reads below the watermark, claims,
   parking, rebase;
+- :mod:`~outbox._sql.capture` — capture's insert of a flush's event rows;
 - :mod:`~outbox._sql.inbox` — the consumers' inbox (handled event ids);
 - :mod:`~outbox._sql.common` — helpers the others share.
 

@@ -35,7 +35,7 @@ from outbox._sql.events import (
     type_clause,
 )
 from outbox.events import Event, UTCDateTime, utcnow
-from outbox.exceptions import ProviderError
+from outbox.exceptions import ClusterChanged
 from outbox.providers.base import StartPosition
 from outbox.schema import (
     consumer_claims_table,
@@ -61,10 +61,6 @@ REBASE_HINT = (
     "--from TIME` (events created since TIME are delivered again; or `--keep-positions` after "
     "pg_upgrade, which keeps transaction ids): see docs/database-provider.md, 'Restore'."
 )
-
-
-class ClusterChanged(ProviderError):
-    """A consumer group's positions come from another PostgreSQL cluster (dump/restore)."""
 
 
 #: ``(txid, seq)``; txid 0 where the dialect has no transaction ids.

@@ -1,4 +1,4 @@
-"""The SQL of the operator's jobs over the ``events`` table, in one place (SPEC §10).
+"""The operator's jobs over the ``events`` table: replay, cleanup, stats, backlog, blocked keys.
 
 - :func:`filter_clauses` — an :class:`~outbox.EventFilter` as SQL conditions (the database
   provider's :func:`~outbox.providers.database.sql.where_clauses`), for ``replay`` and anything

@@ -1,4 +1,4 @@
-"""The in-process broker (SPEC §4) and the module-level default broker (seed phase 6).
+"""The in-process broker and the module-level default broker.
 
 - :mod:`outbox.broker.core` — :class:`Broker`, the worker pool, :class:`BrokerStats`;
 - :mod:`outbox.broker.dispatch` — running the handlers of one event, :class:`DispatchResult`;

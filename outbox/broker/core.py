@@ -1,4 +1,4 @@
-"""The in-process broker (SPEC §4): subscriptions, sync and async publishing, a worker pool.
+"""The in-process broker: subscriptions, sync and async publishing, a worker pool.
 
 Life cycle: ``await broker.start()`` (or ``async with broker:``) → publish … →
 ``await broker.stop(timeout)``. The workers run in a host task of their own, so a broker may
@@ -88,7 +88,7 @@ _ENDING = (_State.STOPPING, _State.STOPPED)
 
 @dataclass(frozen=True, slots=True)
 class BrokerStats:
-    """Counters of one broker (SPEC §4) plus its provider's stats.
+    """Counters of one broker plus its provider's stats.
 
     ``total_published``: events accepted by ``publish*``/``submit``; ``total_processed`` /
     ``total_failed``: of those, finished ``completed`` / ``failed``; ``total_dispatched`` /

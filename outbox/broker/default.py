@@ -1,4 +1,4 @@
-"""The module-level default broker (seed phase 6): ``outbox.subscribe``, ``outbox.publish`` ….
+"""The module-level default broker: ``outbox.subscribe``, ``outbox.publish`` ….
 
 ``@outbox.subscribe("public.users.create")`` at import time of an app module registers the
 handler in a process-wide registry and on the current default broker. Whenever a broker becomes

@@ -25,8 +25,7 @@ from typing import IO, Any
 
 from sqlalchemy.engine import Engine
 
-from outbox._cli import Failure as ConfigFailure
-from outbox._cli import load_config
+from outbox._cli import Failure, load_config
 from outbox.exceptions import OutboxError
 
 __all__ = ["add_parser", "run"]
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace, engine: Engine, out: IO[str]) -> int:
         overrides["console.read_only"] = True
     try:
         settings = load_config(args.config, os.environ, overrides).console
-    except ConfigFailure as exc:
+    except Failure as exc:  # a bad config is bad usage here (exit 2)
         raise ValueError(str(exc)) from None
 
     from outbox.console import require_web
@@ -107,8 +106,6 @@ def _listen(host: str, port: int) -> socket.socket:
         sock.listen(128)
     except OSError as exc:
         sock.close()
-        from outbox.cli import Failure
-
         raise Failure(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.set_inheritable(True)
     return sock

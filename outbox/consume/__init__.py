@@ -1,4 +1,4 @@
-"""Consumers in other processes: :class:`Consumer` and ``python -m outbox.consume`` (SPEC §6b)."""
+"""Consumers in other processes: :class:`Consumer` and ``python -m outbox.consume``."""
 
 from outbox.consume.consumer import Consumer, ConsumerStats
 

@@ -1,4 +1,4 @@
-"""``python -m outbox.consume``: run subscribed handlers for events from the bus (SPEC §6b).
+"""``python -m outbox.consume``: run subscribed handlers for events from the bus.
 
 ::
 
@@ -24,15 +24,14 @@ import datetime as dt
 import logging
 import os
 import signal
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anyio
 
-from outbox._cli import Failure, import_apps, leaves, load_config
+from outbox._cli import Failure, import_apps, leaves, load_config, print_error
 from outbox.exceptions import OutboxError
-from outbox.logs import add_logging_arguments, configure_logging, preserved_logging, redact
+from outbox.logs import add_logging_arguments, configure_logging, preserved_logging
 from outbox.providers.base import StartPosition, parse_start
 
 __all__ = ["build_parser", "main"]
@@ -229,13 +228,13 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         with preserved_logging():
             return run(args, os.environ if env is None else env)
     except Failure as exc:
-        print(f"outbox.consume: error: {redact(str(exc))}", file=sys.stderr)
+        print_error(exc, "outbox.consume")
         return 2
     except OutboxError as exc:  # e.g. SchemaMissing from the inbox check, a refused durable
-        print(f"outbox.consume: error: {redact(str(exc))}", file=sys.stderr)
+        print_error(exc, "outbox.consume")
         return 2 if type(exc).__name__ == "SchemaMissing" else 1
     except ValueError as exc:
-        print(f"outbox.consume: error: {redact(str(exc))}", file=sys.stderr)
+        print_error(exc, "outbox.consume")
         return 1
     except KeyboardInterrupt:  # pragma: no cover - signals are handled inside the loop
         return 130

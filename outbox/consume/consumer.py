@@ -1,4 +1,4 @@
-"""``outbox.Consumer``: runs subscribed handlers for events that arrive from the bus (SPEC §6b).
+"""``outbox.Consumer``: runs subscribed handlers for events that arrive from the bus.
 
 For each delivery of the provider's consumer group (:meth:`SupportsConsume.consume`):
 

@@ -32,14 +32,14 @@ import sqlalchemy as sa
 
 from outbox._sql.ddl import PG_DONE_TABLE, PG_LIVE_TABLE
 from outbox.events import OutboxBase
-from outbox.exceptions import OutboxError
+from outbox.exceptions import MigrationError
 
 if TYPE_CHECKING:
     from alembic.script import Script
 
 __all__ = [
-    "VERSIONS", "VERSION_TABLE", "current", "downgrade", "head", "include_object", "mismatch",
-    "upgrade",
+    "VERSIONS", "VERSION_TABLE", "MigrationError", "current", "downgrade", "head",
+    "include_object", "mismatch", "upgrade",
 ]
 
 #: Where the outbox's revision files are.
@@ -55,10 +55,6 @@ version_table = sa.Table(
     sa.Column("version_num", sa.String(32), nullable=False),
     sa.PrimaryKeyConstraint("version_num", name=f"{VERSION_TABLE}_pkc"),
 )
-
-
-class MigrationError(OutboxError):
-    """An outbox migration cannot run as asked (the message says what to do)."""
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,4 +1,4 @@
-"""Transports and stores for events (SPEC §5). Optional drivers are imported lazily."""
+"""Transports and stores for events. Optional drivers are imported lazily."""
 
 from outbox.providers.base import (
     Capabilities,

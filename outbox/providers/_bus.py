@@ -20,9 +20,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 from outbox import _json, wire
+from outbox._redact import redact as redact_url
 from outbox.events import Event
 from outbox.exceptions import MalformedMessage, ProviderError
 from outbox.patterns import Pattern, compile_pattern
@@ -56,24 +56,6 @@ def validate_group(group: str) -> str:
             "(it is the Redis consumer-group name and the JetStream durable name)"
         )
     return group
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password / token replaced by ``***`` (for logs and reprs)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.password is None and parts.username is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    # nats://TOKEN@host: a lone user part is a token, hidden as well.
-    userinfo = (f"{user}:***" if user else ":***") if parts.password is not None else "***"
-    return urlunsplit((parts.scheme, f"{userinfo}@{host}", parts.path, parts.query,
-                       parts.fragment))
 
 
 @dataclass

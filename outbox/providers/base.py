@@ -1,4 +1,4 @@
-"""The provider contract every transport implements (SPEC §5), and its value types.
+"""The provider contract every transport implements, and its value types.
 
 A provider stores events and carries them between processes. The relay calls
 :meth:`Provider.publish` to forward an event; consumers in other processes read them back with
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from outbox.events import Event, EventSource, EventStatus
-from outbox.exceptions import ProviderError, ProviderUnavailable
+from outbox.exceptions import EventNotFound, ProviderUnavailable
 from outbox.patterns import compile_pattern
 
 __all__ = [
@@ -51,13 +51,6 @@ __all__ = [
 ]
 
 
-class EventNotFound(ProviderError, KeyError):
-    """No event with that id."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else "event not found"
-
-
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     """What a provider can do; the conformance suite skips what a provider does not claim."""
@@ -75,9 +68,9 @@ class Capabilities:
 class EventFilter:
     """Which events ``list`` returns. ``None`` fields do not filter.
 
-    ``type`` is a pattern (SPEC §4). ``start_time`` is inclusive and ``end_time`` exclusive, on
-    ``created_at``. Results are ordered by ``created_at``, then ``seq``, then ``id``, so
-    ``limit``/``offset`` pages are stable.
+    ``type`` is a pattern (:mod:`outbox.patterns`). ``start_time`` is inclusive and
+    ``end_time`` exclusive, on ``created_at``. Results are ordered by ``created_at``, then
+    ``seq``, then ``id``, so ``limit``/``offset`` pages are stable.
     """
 
     source: EventSource | str | None = None

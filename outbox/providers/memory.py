@@ -1,4 +1,4 @@
-"""In-process provider (SPEC §5 ``memory``): the embedded default and the provider for tests.
+"""In-process provider: the embedded default and the provider for tests.
 
 Bounded: at most ``max_events`` events are kept. When a new event needs room, the finished
 (``completed``/``failed``) event changed least recently is evicted, then the ``processing`` one

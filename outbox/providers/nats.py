@@ -1,4 +1,4 @@
-"""NATS JetStream provider (SPEC §5 ``nats``), on nats-py.
+"""NATS JetStream provider, on nats-py.
 
 Stream
     ``stream_name`` (default ``OUTBOX_EVENTS``) on subjects ``{subject_prefix}.>``, file storage,

@@ -1,4 +1,4 @@
-"""Redis Streams provider (SPEC §5 ``redis``), on redis-py's asyncio client.
+"""Redis Streams provider, on redis-py's asyncio client.
 
 Publishing
     One Lua call per chunk of events: for each event, ``SET NX`` of a dedupe key

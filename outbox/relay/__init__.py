@@ -1,4 +1,4 @@
-"""The relay: delivers committed events from the ``events`` table (SPEC §6).
+"""The relay: delivers committed events from the ``events`` table.
 
 ``Relay`` is the library entry point; ``python -m outbox.relay`` runs it as a sidecar. The SQL of
 every dialect is in :mod:`outbox._sql.relay`, the batch processing (handlers, provider, per-key

@@ -1,4 +1,4 @@
-"""``python -m outbox.relay``: the relay sidecar (SPEC §6).
+"""``python -m outbox.relay``: the relay sidecar (docs/relay.md).
 
 ::
 
@@ -26,13 +26,12 @@ import argparse
 import logging
 import os
 import signal
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anyio
 
-from outbox._cli import Failure, import_apps, leaves
+from outbox._cli import Failure, import_apps, leaves, print_error
 from outbox._cli import load_config as _load_config
 from outbox.exceptions import OutboxError
 from outbox.logs import add_logging_arguments, configure_logging, preserved_logging
@@ -186,7 +185,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         with preserved_logging():  # a main() called as a function leaves logging as it was
             _main(args, env)
     except Failure as exc:
-        print(f"outbox.relay: error: {exc}", file=sys.stderr)
+        print_error(exc, "outbox.relay")
         return 2
     except KeyboardInterrupt:  # a signal before the loop installed its handlers
         return 0

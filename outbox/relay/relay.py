@@ -26,7 +26,11 @@ from outbox._sql.relay import COMPLETED, FAILED, Claim, Outcome, RelayStore
 from outbox._wakeup import Idle, IdleLock
 from outbox.engines import create_engine, engine_args
 from outbox.events import get_instance_id
-from outbox.exceptions import OutboxError, ProviderUnavailable, SchemaMissing
+from outbox.exceptions import (
+    DatabaseUnavailable,
+    ProviderUnavailable,
+    SchemaMissing,
+)
 from outbox.relay._gc import DEFAULT_GC_THRESHOLD, young_gc_threshold
 from outbox.relay.dispatch import BatchResult, Dispatcher
 from outbox.relay.listener import PgListener, conninfo_from_url
@@ -49,12 +53,8 @@ _PING_EVERY = 0.5
 _RATE_WINDOW = 0.1
 
 
-class DatabaseUnavailable(OutboxError):
-    """The relay's database cannot be reached (raised at start; the loop retries later)."""
-
-
 class Relay:
-    """Delivers committed events from the ``events`` table to handlers and a provider (SPEC §6).
+    """Delivers committed events from the ``events`` table to handlers and a provider.
 
     ``database`` is a URL or an :class:`~sqlalchemy.engine.Engine` (default: SQLite ``outbox.db``
     in the working directory, whose schema is created if missing). ``broker`` runs the local

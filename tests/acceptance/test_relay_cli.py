@@ -107,6 +107,32 @@ def test_unreachable_database_is_one_line(tmp_path: Path) -> None:
     assert "cannot connect" in line and "s3cret" not in line
 
 
+TOKEN_APP = textwrap.dedent('''
+    """An app module that logs the bus URL it was given (a token in the user-info part)."""
+    import logging
+    import os
+
+    logging.getLogger("tokenapp").warning("events go to %s", os.environ["OUTBOX_NATS_URL"])
+''')
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_failed_start_never_shows_a_token_in_a_url(tmp_path: Path, log_format: str) -> None:
+    """Tokens in URLs (``nats://TOKEN@host``, a lone user-info part) are hidden like passwords:
+    in the error line of a failed start and in the log lines before it."""
+    (tmp_path / "tokenapp.py").write_text(TOKEN_APP)
+    port = servers.free_port()
+    res = relay("--database-url", f"postgresql+psycopg://s3cr3t@127.0.0.1:{port}/x",
+                "--provider", "nats", "--app", "tokenapp", "--once", "--log-format", log_format,
+                cwd=tmp_path, env={"OUTBOX_NATS_URL": f"nats://s3cr3t@127.0.0.1:{port}"})
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "s3cr3t" not in res.stderr
+    assert f"nats://***@127.0.0.1:{port}" in res.stderr  # the app's log line, redacted
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("outbox.relay: error: cannot connect to ")
+    assert f"postgresql+psycopg://***@127.0.0.1:{port}/x" in last
+
+
 def test_missing_events_table_says_to_migrate(pg_url: str, tmp_path: Path) -> None:
     line = one_line_error(relay("--database-url", pg_url, "--once", cwd=tmp_path))
     assert "events" in line and "alembic upgrade head" in line

@@ -1,4 +1,4 @@
-"""The provider conformance suite: every provider passes the same behavioural tests (SPEC §12).
+"""The provider conformance suite: every provider passes the same behavioural tests.
 
 Adding a provider takes a few lines here:
 

@@ -114,7 +114,7 @@ class Color(enum.Enum):
 
 
 class Kinds(Base):
-    """One column per serialised type (SPEC §3)."""
+    """One column per serialised type."""
 
     __tablename__ = "cap_kinds"
 

@@ -24,6 +24,16 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "audit.md"
 _BLOCK = re.compile(r"(?:<!-- recipe: (?P<name>[\w-]+) -->\s*\n)?```sql\n(?P<sql>.*?)```", re.S)
 
 
+def test_every_column_of_events_is_documented() -> None:
+    """The column table of docs/capture.md names every column, no more."""
+    text = (DOC.parent / "capture.md").read_text()
+    section = text[text.index("## The events table"):text.index("## Who:")]
+    rows = re.findall(r"^\| ((?:`\w+`(?:, )?)+) \|", section, re.M)
+    named = {name for row in rows for name in re.findall(r"`(\w+)`", row)}
+    columns = set(Event.__table__.c.keys())
+    assert named == columns, (columns - named, named - columns)
+
+
 def recipes() -> dict[str, str]:
     found: dict[str, str] = {}
     for m in _BLOCK.finditer(DOC.read_text()):

@@ -1,4 +1,4 @@
-"""How column values are written into payloads (SPEC §3), as created and as read back."""
+"""How column values are written into payloads, as created and as read back."""
 
 from __future__ import annotations
 

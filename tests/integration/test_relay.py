@@ -1,4 +1,4 @@
-"""The relay in-process, on real PostgreSQL and SQLite (and MariaDB where noted): SPEC §6.
+"""The relay in-process, on real PostgreSQL and SQLite (and MariaDB where noted).
 
 Handlers are real ``Broker`` subscriptions, the provider a real ``MemoryProvider``. Retry delays
 are made small through the retry policy; nothing asserts on elapsed time.

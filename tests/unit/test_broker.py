@@ -1,4 +1,4 @@
-"""Broker: subscriptions, sync and async publishing, retries, statuses, stats (SPEC §4)."""
+"""Broker: subscriptions, sync and async publishing, retries, statuses, stats."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The module-level default broker: outbox.subscribe / publish / initialize (seed phase 6)."""
+"""The module-level default broker: outbox.subscribe / publish / initialize."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Configuration loading (SPEC §8)."""
+"""Configuration loading: file, ``${VAR}`` expansion, ``OUTBOX_*`` overrides, validation."""
 
 from __future__ import annotations
 
@@ -218,6 +218,40 @@ def test_secret_from_environment_is_not_echoed() -> None:
 def test_redact_url() -> None:
     assert redact_url("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
     assert redact_url("redis://h:1/0") == "redis://h:1/0"
+    assert redact_url("nats://s3cr3t@h:4222") == "nats://***@h:4222"
+
+
+def test_tokens_in_urls_never_appear_in_repr_or_dict() -> None:
+    """A lone user-info part is a token (``nats://TOKEN@host``): hidden like a password."""
+    c = Config.from_dict({
+        "nats": {"url": "nats://s3cr3t@127.0.0.1:4222,nats://u:s3cr3t-pw@127.0.0.2:4222"},
+        "redis": {"url": "rediss://s3cr3t@127.0.0.1:6380/0"},
+        "database": {"url": "postgresql+psycopg://s3cr3t@db/app",
+                     "listen_url": "postgresql+psycopg://s3cr3t@db-direct/app"},
+    })
+    for text in (repr(c), str(c), repr(c.nats), repr(c.database), str(c.to_dict())):
+        assert "s3cr3t" not in text
+    assert "nats://***@127.0.0.1:4222,nats://u:***@127.0.0.2:4222" in repr(c.nats)
+    assert c.to_dict()["redis"]["url"] == "rediss://***@127.0.0.1:6380/0"
+    assert c.to_dict()["database"]["listen_url"] == "postgresql+psycopg://***@db-direct/app"
+    assert c.to_dict(redact=False)["nats"]["url"].startswith("nats://s3cr3t@")
+
+
+@pytest.mark.parametrize("text", ["30s", "500ms", "5m", "24h", "1d", "2w", "1h30m", "1.5h"])
+def test_config_durations_are_the_command_lines(text: str) -> None:
+    """One grammar: a config duration means what the same text means to ``python -m outbox``."""
+    from outbox.cli import parse_duration
+
+    seconds = parse_duration(text).total_seconds()
+    assert Config.from_dict({"nats": {"max_age": text}}).nats.max_age == seconds
+    assert Config.load(env={"OUTBOX_NATS_MAX_AGE": text}).nats.max_age == seconds
+
+
+def test_config_durations_also_take_plain_seconds() -> None:
+    assert Config.load(env={"OUTBOX_DATABASE_POLL_INTERVAL": "0.5"}).database.poll_interval == 0.5
+    for bad in ("nan", "inf", "1e3", "1h 30m", "30 days"):
+        with pytest.raises(ConfigError, match="duration like"):
+            Config.load(env={"OUTBOX_DATABASE_POLL_INTERVAL": bad})
 
 
 def test_provider_from_config_memory() -> None:

@@ -80,9 +80,16 @@ def test_passwords_in_urls_are_masked(stream: io.StringIO) -> None:
     assert redact("postgresql+psycopg://app:s3cret@db:5432/x") == \
         "postgresql+psycopg://app:***@db:5432/x"
     assert redact("redis://:pw@h/0 and nats://h:4222") == "redis://:***@h/0 and nats://h:4222"
+    # a lone user-info part is a token; a password may hold "@"; server lists; plain text stays
+    assert redact("nats://s3cr3t@h:4222") == "nats://***@h:4222"
+    assert redact("redis://:p@ss@h/0") == "redis://:***@h/0"
+    assert redact("nats://a:b@h1,nats://tok@h2 down") == "nats://a:***@h1,nats://***@h2 down"
+    assert redact("mail ada@example.com about http://h/x?a=b@c") == \
+        "mail ada@example.com about http://h/x?a=b@c"
     configure_logging("INFO", "json", stream)
     logging.getLogger("outbox.z").warning("cannot reach %s", "redis://u:topsecret@h")
-    assert "topsecret" not in stream.getvalue()
+    logging.getLogger("outbox.z").warning("cannot reach %s", "nats://t0psecret@h")
+    assert "topsecret" not in stream.getvalue() and "t0psecret" not in stream.getvalue()
     text = TextFormatter().format(logging.LogRecord("n", logging.INFO, "", 0,
                                                     "url mysql://a:b@c", (), None))
     assert "a:***@c" in text

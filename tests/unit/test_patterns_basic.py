@@ -1,4 +1,4 @@
-"""Pattern syntax (SPEC §4)."""
+"""Pattern syntax: ``*``, one-segment ``*``, a final ``>``, literal segments."""
 
 from __future__ import annotations
 

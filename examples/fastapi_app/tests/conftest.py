@@ -49,7 +49,7 @@ def database_url() -> Iterator[str]:
         from sqlmodel import Session
 
         from fastapi_app import db
-        from outbox.capture import captures
+        from outbox.testing import captures
 
         for registration in captures():
             if registration.target is Session:

@@ -30,7 +30,7 @@ def db() -> Any:
 @pytest.fixture(scope="package", autouse=True)
 def _remove_the_apps_capture() -> Iterator[None]:
     yield
-    from outbox.capture import captures
+    from outbox.testing import captures
 
     for registration in captures():
         if registration.target is db().session:

@@ -1,4 +1,4 @@
-"""The ``events`` table as the bus between instances (SPEC §5 ``database``).
+"""The ``events`` table as the bus between instances.
 
 ``DatabaseProvider(engine)`` stores events in the events table and carries them to consumers in
 other processes: ``consume(pattern, group=...)`` (consumer groups with a cursor per group in

@@ -1,4 +1,4 @@
-"""``DatabaseProvider``: the ``events`` table as the bus between instances (SPEC §5 database).
+"""``DatabaseProvider``: the ``events`` table as the bus between instances.
 
 Storage (``store``/``get``/``list``/``update_status``/``delete``/``stats``) is plain SQL on the
 events table. Transport: ``publish`` inserts the event (idempotent by id) and every process that

@@ -2,7 +2,8 @@
 
 Rows are plain dicts for a Core ``INSERT`` on ``Event.__table__`` (never ORM objects: a flush of
 100 changes must cost one statement, not 100 unit-of-work entries). See :meth:`RowFactory.write`
-for how the rows of a flush go out in one statement on each dialect.
+for how the rows of a flush go out in one statement on each dialect; the statements themselves
+are in :mod:`outbox._sql.capture`.
 """
 
 from __future__ import annotations
@@ -11,20 +12,15 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from outbox._capture_plan import MapperPlan, jsonable
+from outbox._capture.plan import MapperPlan, jsonable
+from outbox._sql.capture import INSERT_EVENTS, PG_INSERT_EVENTS
 from outbox.context import current_context
-from outbox.events import Event, get_instance_id, new_event_id, utcnow
+from outbox.events import Operation, get_instance_id, new_event_id, utcnow
 from outbox.tracing import current_trace_context
 
 __all__ = ["REDACTED", "RowFactory", "changes_of", "redacted_changes"]
-
-_TABLE: sa.Table = Event.__table__  # type: ignore[assignment]
-_INSERT = sa.insert(_TABLE)
-
-_OPS = ("create", "update", "delete", "read")
 
 
 class RowFactory:
@@ -54,12 +50,12 @@ class RowFactory:
         self,
         plan: MapperPlan,
         default_schema: str | None,
-        op_index: int,
+        op: Operation,
         entity_id: str,
         payload: dict[str, Any],
         changes: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """One row's own columns. ``op_index``: 0 create, 1 update, 2 delete, 3 read."""
+        """One row's own columns."""
         schema, types = plan.types(default_schema)
         if changes is not None:
             meta = dict(self.meta)
@@ -67,12 +63,12 @@ class RowFactory:
         else:
             meta = self.meta
         return {
-            "type": types[op_index],
+            "type": types[op],
             "payload": payload,
             "schema_name": schema,
             "entity": plan.entity,
             "entity_id": entity_id,
-            "operation": _OPS[op_index],
+            "operation": op.value,
             "metadata": meta,
             "ordering_key": f"{schema}.{plan.entity}:{entity_id}",
         }
@@ -85,7 +81,7 @@ class RowFactory:
         if (dialect.name == "postgresql" and dialect.driver == "psycopg"
                 and dialect.paramstyle == "pyformat"
                 and not connection.get_execution_options().get("schema_translate_map")):
-            connection.exec_driver_sql(_PG_INSERT, {
+            connection.exec_driver_sql(PG_INSERT_EVENTS, {
                 "rows": json.dumps(rows, separators=(",", ":"), ensure_ascii=False,
                                    allow_nan=False),
                 "user_id": self.user_id,
@@ -105,8 +101,7 @@ class RowFactory:
             "next_attempt_at": self.now,
         }
         full = [{"id": new_event_id(), **shared, **row} for row in rows]
-        # sqlite3 runs an executemany in C; PyMySQL rewrites it into one multi-row INSERT.
-        connection.execute(_INSERT, full[0] if len(full) == 1 else full)
+        connection.execute(INSERT_EVENTS, full[0] if len(full) == 1 else full)
 
 
 def changes_of(
@@ -135,32 +130,3 @@ REDACTED: dict[str, Any] = {"redacted": True}
 def redacted_changes(plan: MapperPlan, keys: Sequence[str]) -> dict[str, Any]:
     """``{column: {"redacted": true}}`` for the excluded attribute ``keys`` that changed."""
     return {plan.excluded_names[k]: dict(REDACTED) for k in keys}
-
-
-# PostgreSQL (psycopg): the rows of a flush travel as one JSON array and are expanded by the
-# server. The statement text does not depend on the number of rows, so psycopg prepares it once
-# per connection; the client does one json.dumps instead of adapting 17 values per row. Ids are
-# version-7 UUIDs like new_event_id()'s (time-ordered: see there why), built by the server from
-# gen_random_uuid() (PostgreSQL 13+): the flush's time in milliseconds over the first 48 bits,
-# version bits 0111. WITH ORDINALITY keeps seq in the flush's order.
-def pg_uuid7_sql(at: str) -> str:
-    """SQL for a version-7 UUID whose time is the ``timestamptz`` SQL expression ``at``."""
-    return (
-        "encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid()) placing "
-        f"substring(int8send(floor(extract(epoch FROM {at}) * 1000)::bigint) "
-        "FROM 3) FROM 1 FOR 6), 52, 1), 53, 1), 'hex')::uuid"
-    )
-
-
-_PG_EVENT_ID = pg_uuid7_sql("%(now)s::timestamptz")  # the flush's time
-_PG_INSERT = f"""
-INSERT INTO events (id, source, type, status, payload, user_id, session_id, instance_id,
-    schema_name, entity, entity_id, operation, created_at, metadata, retry_count,
-    next_attempt_at, ordering_key)
-SELECT {_PG_EVENT_ID}, 'database', e.doc->>'type', 'pending', e.doc->'payload',
-    %(user_id)s, %(session_id)s, %(instance_id)s, e.doc->>'schema_name', e.doc->>'entity',
-    e.doc->>'entity_id', e.doc->>'operation', %(now)s, e.doc->'metadata', 0, %(now)s,
-    e.doc->>'ordering_key'
-FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS e(doc, n)
-ORDER BY e.n
-"""  # noqa: S608 (fixed SQL fragments, every value a bound parameter)

@@ -18,46 +18,55 @@ dialect, upserts, joined-table inheritance, ...) — never silently run. Pass
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, CursorResult, Result
-from sqlalchemy.orm import Mapper
+from sqlalchemy.dialects.postgresql.dml import OnConflictDoNothing as PgDoNothing
+from sqlalchemy.dialects.sqlite.dml import OnConflictDoNothing as SqliteDoNothing
+from sqlalchemy.engine import Connection, Result
+from sqlalchemy.orm import Mapper, ORMExecuteState
 
-from outbox._capture_flush import poison
-from outbox._capture_plan import MapperPlan
-from outbox._capture_rows import RowFactory, changes_of, redacted_changes
-from outbox.events import Event
+from outbox._capture.flush import poison
+from outbox._capture.plan import MapperPlan
+from outbox._capture.rows import RowFactory, changes_of, redacted_changes
+from outbox._capture.scope import Scope
+from outbox._capture.sqlalchemy_internals import (
+    cursor_result,
+    returns_defaults,
+    set_rowcount,
+    upsert_clause,
+)
+from outbox._sql.capture import SQLITE_TAKE_WRITE_LOCK
+from outbox.events import Operation
 from outbox.exceptions import CaptureError, UnsupportedOperation
 
-if TYPE_CHECKING:
-    from sqlalchemy.orm import ORMExecuteState
+__all__ = ["OPT_OUT", "capture_bulk"]
 
-    from outbox.capture import Capture
+#: Execution option that exempts one statement from bulk capture:
+#: ``session.execute(stmt, execution_options={"outbox_capture": False})``.
+OPT_OUT = "outbox_capture"
 
-__all__ = ["capture_bulk"]
-
-_EVENTS: sa.Table = Event.__table__  # type: ignore[assignment]
-_OPT_OUT = "outbox_capture"
+_VERBS = {Operation.CREATE: "INSERT", Operation.UPDATE: "UPDATE", Operation.DELETE: "DELETE"}
 
 
-def capture_bulk(capture: Capture, orm_state: ORMExecuteState) -> Result[Any] | None:
+def capture_bulk(scope: Scope, orm_state: ORMExecuteState) -> Result[Any] | None:
     """``do_orm_execute`` hook: run a captured DML statement with its events, or refuse it."""
-    if orm_state.execution_options.get(_OPT_OUT, True) is False:
+    if orm_state.execution_options.get(OPT_OUT, True) is False:
         return None
-    op = 0 if orm_state.is_insert else 1 if orm_state.is_update else 2
-    if not (capture.create, capture.update, capture.delete)[op]:
+    op = (Operation.CREATE if orm_state.is_insert
+          else Operation.UPDATE if orm_state.is_update else Operation.DELETE)
+    if op not in scope.operations:
         return None
     stmt: Any = orm_state.statement
-    mapper = _target_mapper(capture, stmt)
+    mapper = _target_mapper(scope, stmt)
     if mapper is None:
         return None
-    plan = capture.plan(mapper)
+    plan = scope.plan(mapper)
     if plan is None:
         return None
     session = orm_state.session
     conn = session.connection(bind_arguments=orm_state.bind_arguments)
-    verb = ("INSERT", "UPDATE", "DELETE")[op]
+    verb = _VERBS[op]
     dialect = conn.dialect
 
     def refuse(why: str) -> UnsupportedOperation:
@@ -69,30 +78,30 @@ def capture_bulk(capture: Capture, orm_state: ORMExecuteState) -> Result[Any] | 
 
     if not plan.bulk_ok:
         raise refuse("its columns span several tables (joined-table inheritance)")
-    if getattr(stmt, "_return_defaults", False):
+    if returns_defaults(stmt):
         raise refuse("return_defaults() cannot be combined with capture's RETURNING")
     if session.autoflush:
         session.flush()  # the old images below must see this session's pending changes
 
-    if op == 0:
-        post = getattr(stmt, "_post_values_clause", None)
-        if post is not None and not _is_do_nothing(post):
+    if op is Operation.CREATE:
+        post = upsert_clause(stmt)
+        if post is not None and not isinstance(post, PgDoNothing | SqliteDoNothing):
             raise refuse("an upsert cannot tell inserted rows from updated ones")
         if not dialect.insert_returning or (
             orm_state.is_executemany and not dialect.insert_executemany_returning
         ):
             raise refuse(f"{dialect.name} has no INSERT ... RETURNING")
         rows, result = _run_returning(orm_state, stmt, plan)
-        _emit(conn, plan, [(0, row, None) for row in rows])
+        _emit(conn, plan, [(Operation.CREATE, row, None) for row in rows])
         return result
 
-    if op == 2:
+    if op is Operation.DELETE:
         if orm_state.is_executemany:
             raise refuse("a DELETE with several parameter sets")
         if not dialect.delete_returning:
             raise refuse(f"{dialect.name} has no DELETE ... RETURNING")
         rows, result = _run_returning(orm_state, stmt, plan)
-        _emit(conn, plan, [(2, row, None) for row in rows])
+        _emit(conn, plan, [(Operation.DELETE, row, None) for row in rows])
         return result
 
     # UPDATE
@@ -115,25 +124,18 @@ def capture_bulk(capture: Capture, orm_state: ORMExecuteState) -> Result[Any] | 
             )
             poison(session, reason)
             raise CaptureError(reason + "; roll back and retry")
-        items.append((1, row, before))
+        items.append((Operation.UPDATE, row, before))
     _emit(conn, plan, items, keys)
     return result
 
 
-def _target_mapper(capture: Capture, stmt: Any) -> Mapper[Any] | None:
-    table = stmt.table
-    entity = getattr(table, "_annotations", {}).get("parententity")
+def _target_mapper(scope: Scope, stmt: Any) -> Mapper[Any] | None:
+    """The mapper of ``insert(Model)`` & co., else the captured mapper of a Core DML's table."""
+    entity = stmt.entity_description.get("entity")
     if entity is not None:
-        mapper: Mapper[Any] = entity.mapper
+        mapper: Mapper[Any] = sa.inspect(entity).mapper
         return mapper
-    return capture.mapper_for_table(table)
-
-
-def _is_do_nothing(clause: Any) -> bool:
-    from sqlalchemy.dialects.postgresql.dml import OnConflictDoNothing as PgDoNothing
-    from sqlalchemy.dialects.sqlite.dml import OnConflictDoNothing as SqliteDoNothing
-
-    return isinstance(clause, PgDoNothing | SqliteDoNothing)
+    return scope.mapper_for_table(stmt.table)
 
 
 def _take_write_lock(conn: Connection) -> None:
@@ -143,7 +145,7 @@ def _take_write_lock(conn: Connection) -> None:
     matches no row takes SQLite's single write lock without changing anything.)
     """
     if conn.dialect.name == "sqlite":
-        conn.execute(sa.update(_EVENTS).where(sa.false()).values(seq=_EVENTS.c.seq))
+        conn.execute(SQLITE_TAKE_WRITE_LOCK)
 
 
 def _old_images(
@@ -168,22 +170,20 @@ def _run_returning(
 ) -> tuple[list[dict[str, Any]], Result[Any]]:
     """Run ``stmt`` with RETURNING of the table's columns; give the caller its own result back."""
     keys = [k for k, _ in plan.bulk_columns]
-    n_user = len(getattr(stmt, "_returning", ()) or ())
     result = orm_state.invoke_statement(
         statement=stmt.returning(*[c for _, c in plan.bulk_columns])
     )
+    # The caller's own RETURNING (columns, or an entity: one element per row) comes first.
+    n_user = len(result.keys()) - len(keys)
     if n_user == 0:
         rows = [dict(zip(keys, tuple(r), strict=True)) for r in result.all()]
         # The caller expects the statement's CursorResult (rowcount); ORM wraps it when the
         # statement has RETURNING.
-        raw = result if isinstance(result, CursorResult) else getattr(result, "raw", None)
-        if not isinstance(raw, CursorResult):
+        raw = cursor_result(result)
+        if raw is None:
             return rows, result
         if not orm_state.is_insert and raw.rowcount != len(rows):
-            # pysqlite reports rowcount 0 for UPDATE/DELETE ... RETURNING until fetched; the
-            # rows returned are exactly the rows affected.
-            raw.context._rowcount = len(rows)
-            raw.__dict__.pop("rowcount", None)
+            set_rowcount(raw, len(rows))
         return rows, raw
     frozen = result.freeze()
     rows = [dict(zip(keys, tuple(r)[n_user:], strict=True)) for r in frozen().all()]
@@ -213,7 +213,7 @@ def _update_by_primary_key(
         if ident in seen or ident not in new or ident not in old:
             continue
         seen.add(ident)
-        items.append((1, new[ident], old[ident]))
+        items.append((Operation.UPDATE, new[ident], old[ident]))
     _emit(conn, plan, items, keys)
     return result
 
@@ -225,7 +225,7 @@ def _ident(plan: MapperPlan, values: Mapping[str, Any]) -> tuple[Any, ...]:
 def _emit(
     conn: Connection,
     plan: MapperPlan,
-    items: Sequence[tuple[int, dict[str, Any], dict[str, Any] | None]],
+    items: Sequence[tuple[Operation, dict[str, Any], dict[str, Any] | None]],
     keys: Sequence[str] = (),
 ) -> None:
     factory = RowFactory()
@@ -235,7 +235,7 @@ def _emit(
     rows = []
     for op, values, before in items:
         changes = None
-        if op == 1:
+        if op is Operation.UPDATE:
             assert before is not None
             changes = changes_of(plan, before, values, captured)
             redacted = [k for k in excluded

@@ -18,8 +18,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import ColumnProperty, Mapper
 
 from outbox import _json
-from outbox._capture_secrets import looks_secret
-from outbox.events import OutboxBase, event_type
+from outbox._capture.secret_columns import looks_secret
+from outbox.events import Operation, OutboxBase, event_type
 from outbox.exceptions import CaptureError, SerializationError
 
 __all__ = ["MapperPlan", "build_plan", "is_outbox_table", "jsonable"]
@@ -99,7 +99,7 @@ class MapperPlan:
         for col in mapper.columns:
             if not isinstance(col, sa.Column) or col.table not in tables:
                 continue  # column_property(<expression>) etc.: not part of the row
-            prop = mapper._columntoproperty[col]
+            prop = mapper.get_property_by_column(col)
             if not isinstance(prop, ColumnProperty) or prop.key in seen:
                 continue  # joined inheritance maps parent.id and child.id to one attribute
             seen.add(prop.key)
@@ -130,7 +130,7 @@ class MapperPlan:
         self.onupdate_keys: tuple[str, ...] = tuple(onupdate)
         self.pk_cols: tuple[sa.ColumnElement[Any], ...] = tuple(mapper.primary_key)
         self.pk_keys: tuple[str, ...] = tuple(
-            mapper._columntoproperty[c].key for c in mapper.primary_key
+            mapper.get_property_by_column(c).key for c in mapper.primary_key
         )
         hidden = [excluded[k] for k in self.pk_keys if k in excluded]
         if hidden:
@@ -148,31 +148,22 @@ class MapperPlan:
             k in local_keys for k, _ in cols
         )
         self.bulk_columns: tuple[tuple[str, sa.Column[Any]], ...] = tuple(local)
-        self._types: dict[str, tuple[str, tuple[str, str, str, str]]] = {}
+        self._types: dict[str, tuple[str, dict[Operation, str]]] = {}
 
     def __repr__(self) -> str:
         return f"<MapperPlan {self.model} -> {self.entity} ({len(self.cols)} columns)>"
 
     # -- naming -------------------------------------------------------------------------------
 
-    def types(self, default_schema: str | None) -> tuple[str, tuple[str, str, str, str]]:
-        """``(schema, (create, update, delete, read) types)`` for a dialect's default schema."""
+    def types(self, default_schema: str | None) -> tuple[str, dict[Operation, str]]:
+        """``(schema, {operation: event type})`` for a dialect's default schema."""
         cache_key = default_schema or ""
         try:
             return self._types[cache_key]
         except KeyError:
             pass
         schema = self.schema or default_schema or ""
-        entity = self.entity
-        found = (
-            schema,
-            (
-                event_type(schema, entity, "create"),
-                event_type(schema, entity, "update"),
-                event_type(schema, entity, "delete"),
-                event_type(schema, entity, "read"),
-            ),
-        )
+        found = (schema, {op: event_type(schema, self.entity, op.value) for op in Operation})
         self._types[cache_key] = found
         return found
 
@@ -257,6 +248,6 @@ def column_names(mapper: Mapper[Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     for col in mapper.columns:
         if isinstance(col, sa.Column) and col.table in tables:
-            prop = mapper._columntoproperty[col]
+            prop = mapper.get_property_by_column(col)
             out.setdefault(prop.key, col.name)
     return out

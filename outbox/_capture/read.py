@@ -2,36 +2,32 @@
 
 After the ORM loads an instance of a captured model in a session whose registration asks for
 reads, a ``schema.entity.read`` event with the loaded columns goes to
-``outbox.get_default_broker().submit`` (synchronous, non-blocking, thread-safe).
+``outbox.get_default_broker().submit`` (synchronous, non-blocking, thread-safe). The registry's
+``load`` listener finds the registration and calls :func:`emit_read`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.state import InstanceState
 
-from outbox._capture_plan import jsonable
+from outbox._capture.plan import jsonable
+from outbox._capture.scope import Scope
+from outbox.events import EventSource, Operation, new_event
 
-__all__ = ["on_load"]
+__all__ = ["emit_read"]
 
 
-def on_load(target: Any, context: Any) -> None:
-    """Mapper ``load`` listener."""
-    from outbox.capture import registration_for
-
-    state = instance_state(target)
-    session = state.session or getattr(context, "session", None)
-    if session is None:
-        return
-    reg = registration_for(session)
-    if reg is None or not reg.read:
-        return
-    plan = reg.plan(state.mapper)
+def emit_read(scope: Scope, state: InstanceState[Any], session: Session) -> None:
+    """Submit the read event of the instance ``state`` just loaded by ``session``."""
+    plan = scope.plan(state.mapper)
     if plan is None:
         return
+    # Imported here, not at the top: ``import outbox`` does not load the broker, and only
+    # applications that opt into read events need it.
     from outbox.broker import get_default_broker
-    from outbox.events import new_event
 
     bind = session.get_bind(mapper=state.mapper)
     schema, types = plan.types(bind.dialect.default_schema_name)
@@ -41,16 +37,15 @@ def on_load(target: Any, context: Any) -> None:
                if key in dict_}
     entity_id = plan.entity_id([dict_.get(k) for k in plan.pk_keys])
     event = new_event(
-        source="database",
-        type=types[3],
+        source=EventSource.DATABASE,
+        type=types[Operation.READ],
         payload=payload,
         schema_name=schema,
         entity=plan.entity,
         entity_id=entity_id,
-        operation="read",
+        operation=Operation.READ,
         ordering_key=f"{schema}.{plan.entity}:{entity_id}",
     )
     # Raises QueueFull / BrokerNotStarted: opting into read events without a running broker
     # (or with a saturated one) is an error the reader must see, not a silent drop.
     get_default_broker().submit(event)
-

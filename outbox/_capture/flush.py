@@ -12,8 +12,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Mapper, Session
@@ -21,12 +21,11 @@ from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.base import NO_VALUE
 from sqlalchemy.orm.state import InstanceState
 
-from outbox._capture_plan import MapperPlan
-from outbox._capture_rows import RowFactory, changes_of, redacted_changes
+from outbox._capture.plan import MapperPlan
+from outbox._capture.rows import RowFactory, changes_of, redacted_changes
+from outbox._capture.scope import Scope
+from outbox.events import Operation
 from outbox.exceptions import CaptureError
-
-if TYPE_CHECKING:
-    from outbox.capture import Capture
 
 __all__ = [
     "MAPPER_LISTENERS",
@@ -43,12 +42,12 @@ _POISON = "_outbox_poison"
 _MUTABLE = (dict, list, set, bytearray)
 
 
-def begin_batch(capture: Capture, session: Session) -> None:
+def begin_batch(scope: Scope, session: Session) -> None:
     """``before_flush``: a new batch for this flush, with the old values it will need."""
-    batch = _Batch(capture)
+    batch = _Batch(scope)
     session.__dict__[_BATCH] = batch
-    if capture.update or capture.delete:
-        _prefetch_old_values(capture, session, batch)
+    if scope.update or scope.delete:
+        _prefetch_old_values(scope, session, batch)
 
 
 def end_batch(session: Session) -> None:
@@ -61,12 +60,12 @@ def end_batch(session: Session) -> None:
 class _Batch:
     """Changes recorded during one flush of one session."""
 
-    __slots__ = ("capture", "items", "old")
+    __slots__ = ("items", "old", "scope")
 
-    def __init__(self, capture: Capture) -> None:
-        self.capture = capture
-        # (plan, state, op index 0/1/2, connection), in the order the unit of work ran them
-        self.items: list[tuple[MapperPlan, InstanceState[Any], int, Connection]] = []
+    def __init__(self, scope: Scope) -> None:
+        self.scope = scope
+        # (plan, state, operation, connection), in the order the unit of work ran them
+        self.items: list[tuple[MapperPlan, InstanceState[Any], Operation, Connection]] = []
         # state -> {attribute key: stored value} read from the database before the flush
         self.old: dict[InstanceState[Any], dict[str, Any]] = {}
 
@@ -88,20 +87,20 @@ def _needs_db(plan: MapperPlan, state: InstanceState[Any], deleting: bool) -> li
     return need
 
 
-def _prefetch_old_values(capture: Capture, session: Session, batch: _Batch) -> None:
+def _prefetch_old_values(scope: Scope, session: Session, batch: _Batch) -> None:
     """One locked SELECT per model for stored values of dirty/deleted objects not in memory."""
     wanted: dict[MapperPlan, list[tuple[InstanceState[Any], list[str]]]] = {}
     groups: list[tuple[Iterable[Any], bool]] = []
-    if capture.update:
+    if scope.update:
         groups.append((session.dirty, False))
-    if capture.delete:
+    if scope.delete:
         groups.append((session.deleted, True))
     for objects, deleting in groups:
         for obj in objects:
             state = instance_state(obj)
             if state.key is None:
                 continue
-            plan = capture.plan(state.mapper)
+            plan = scope.plan(state.mapper)
             if plan is None:
                 continue
             dict_ = state.dict
@@ -122,37 +121,25 @@ def _prefetch_old_values(capture: Capture, session: Session, batch: _Batch) -> N
                 batch.old.setdefault(state, {}).update({k: row[k] for k in need})
 
 
-def _batch_for(state: InstanceState[Any]) -> _Batch | None:
-    session = state.session
-    if session is None:
-        return None
-    batch: _Batch | None = session.__dict__.get(_BATCH)
-    return batch
+def _read_missing_old_values(
+    batch: _Batch, plan: MapperPlan, state: InstanceState[Any], connection: Connection,
+    deleting: bool,
+) -> None:
+    """Read, before its UPDATE/DELETE runs, what the object's old image still misses.
 
-
-def _on_after_insert(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
-    state = instance_state(target)
-    batch = _batch_for(state)
-    if batch is not None and batch.capture.create:
-        plan = batch.capture.plan(mapper)
-        if plan is not None:
-            batch.items.append((plan, state, 0, connection))
-
-
-def _on_before_update(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
-    # Objects that became dirty during the flush (foreign keys synchronised from relationships)
-    # were not seen by _prefetch_old_values: read what they miss now, before the UPDATE runs.
-    state = instance_state(target)
-    batch = _batch_for(state)
-    if batch is None or not batch.capture.update:
-        return
-    plan = batch.capture.plan(mapper)
-    if plan is None or state.key is None:
+    Objects that became dirty during the flush (foreign keys synchronised from relationships)
+    and orphans deleted by cascade were not in ``session.dirty``/``session.deleted`` when
+    :func:`_prefetch_old_values` ran.
+    """
+    if state.key is None:
         return
     old = batch.old.get(state)
-    need = [k for k in _needs_db(plan, state, False) if old is None or k not in old]
-    dict_ = state.dict
-    snap = {k: dict_[k] for k in plan.onupdate_keys if k in dict_ and (old is None or k not in old)}
+    need = [k for k in _needs_db(plan, state, deleting) if old is None or k not in old]
+    snap: dict[str, Any] = {}
+    if not deleting:
+        dict_ = state.dict
+        snap = {k: dict_[k] for k in plan.onupdate_keys
+                if k in dict_ and (old is None or k not in old)}
     if need:
         row = plan.fetch(connection, [state.key[1]], need, lock=True).get(tuple(state.key[1]))
         if row is not None:
@@ -161,31 +148,27 @@ def _on_before_update(mapper: Mapper[Any], connection: Connection, target: Any) 
         batch.old.setdefault(state, {}).update(snap)
 
 
-def _on_after_update(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
-    state = instance_state(target)
-    batch = _batch_for(state)
-    if batch is not None and batch.capture.update:
-        plan = batch.capture.plan(mapper)
-        if plan is not None:
-            batch.items.append((plan, state, 1, connection))
+def _mapper_listener(
+    op: Operation, *, read_old: bool = False, record: bool = False
+) -> Callable[[Mapper[Any], Connection, Any], None]:
+    """A ``Mapper`` listener for ``op``: reads the old values the object misses before its
+    UPDATE/DELETE runs (``read_old``), and/or records the change in the flush's batch."""
 
+    def listener(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
+        state = instance_state(target)
+        session = state.session
+        batch: _Batch | None = None if session is None else session.__dict__.get(_BATCH)
+        if batch is None or op not in batch.scope.operations:
+            return
+        plan = batch.scope.plan(mapper)
+        if plan is None:
+            return
+        if read_old:
+            _read_missing_old_values(batch, plan, state, connection, op is Operation.DELETE)
+        if record:
+            batch.items.append((plan, state, op, connection))
 
-def _on_before_delete(mapper: Mapper[Any], connection: Connection, target: Any) -> None:
-    state = instance_state(target)
-    batch = _batch_for(state)
-    if batch is None or not batch.capture.delete:
-        return
-    plan = batch.capture.plan(mapper)
-    if plan is None:
-        return
-    # Orphans deleted by cascade were not in session.deleted before the flush.
-    old = batch.old.get(state)
-    need = [k for k in _needs_db(plan, state, True) if old is None or k not in old]
-    if need and state.key is not None:
-        row = plan.fetch(connection, [state.key[1]], need, lock=True).get(tuple(state.key[1]))
-        if row is not None:
-            batch.old.setdefault(state, {}).update(row)
-    batch.items.append((plan, state, 2, connection))
+    return listener
 
 
 def _stored_values(
@@ -212,10 +195,10 @@ def _write_batch(batch: _Batch) -> None:
     fetched: dict[tuple[MapperPlan, Connection], dict[tuple[Any, ...], dict[str, Any]]] = {}
     missing: dict[tuple[MapperPlan, Connection], tuple[list[tuple[Any, ...]], set[str]]] = {}
     for plan, state, op, conn in items:
-        if op == 2:
+        if op is Operation.DELETE:
             continue
         dict_ = state.dict
-        if op == 0:
+        if op is Operation.CREATE:
             # After an INSERT only expired attributes (server defaults not fetched) are unknown;
             # others the object never had were inserted as NULL.
             expired = state.expired_attributes
@@ -233,7 +216,7 @@ def _write_batch(batch: _Batch) -> None:
     by_conn: dict[Connection, list[dict[str, Any]]] = {}
     for plan, state, op, conn in items:
         dict_ = state.dict
-        if op == 2:
+        if op is Operation.DELETE:
             values: Mapping[str, Any] = _stored_values(plan, state, old_values.get(state, {}))
         elif (plan, conn) in fetched:
             extra = fetched[(plan, conn)].get(_identity(plan, dict_), {})
@@ -241,7 +224,7 @@ def _write_batch(batch: _Batch) -> None:
         else:
             values = dict_
         changes = None
-        if op == 1:
+        if op is Operation.UPDATE:
             changes = _update_changes(plan, state, values, old_values.get(state))
             if changes is None:
                 continue  # nothing really changed: no event
@@ -317,10 +300,10 @@ def poison(session: Session, reason: str) -> None:
 
 #: (event name, listener) pairs installed on ``Mapper`` while a registration is active.
 MAPPER_LISTENERS: tuple[tuple[str, Any], ...] = (
-    ("after_insert", _on_after_insert),
-    ("before_update", _on_before_update),
-    ("after_update", _on_after_update),
-    ("before_delete", _on_before_delete),
+    ("after_insert", _mapper_listener(Operation.CREATE, record=True)),
+    ("before_update", _mapper_listener(Operation.UPDATE, read_old=True)),
+    ("after_update", _mapper_listener(Operation.UPDATE, record=True)),
+    ("before_delete", _mapper_listener(Operation.DELETE, read_old=True, record=True)),
 )
 #: Session listeners every registration adds next to its own before/after_flush.
 SESSION_LISTENERS: tuple[tuple[str, Any], ...] = (

@@ -1,0 +1,34 @@
+"""The one duration grammar of outbox: command-line flags and config values alike.
+
+A duration is one or more ``<number><unit>`` parts, units ``ms``, ``s``, ``m``, ``h``, ``d``,
+``w``, written together (``30d``, ``1h30m``, ``90s``, ``2w``, ``500ms``, ``1.5h``; any case).
+Config values that are durations also take a plain number of seconds (``0.5``); the
+command line does not (``--older-than 30`` would be ambiguous).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+
+__all__ = ["parse_duration"]
+
+_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """``30d``, ``1h30m``, ``90s``, ``2w``, ``500ms`` → timedelta (``ValueError`` otherwise)."""
+    value = text.strip().lower()
+    pos, total, found = 0, 0.0, False
+    for m in _PART.finditer(value):
+        if m.start() != pos or value[pos:m.start()].strip():
+            break
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos, found = m.end(), True
+    if not found or value[pos:].strip():
+        raise ValueError(
+            f"invalid duration {text!r}: use a number and a unit (ms, s, m, h, d, w), e.g. 30d or "
+            "1h30m"
+        )
+    return dt.timedelta(seconds=total)
