@@ -4,8 +4,7 @@ Order: events are grouped into *lanes*, one per ordering key (an event without a
 its own). A lane's events go to the handlers one at a time in ``seq`` order; lanes run
 concurrently (``concurrency``). Events whose handlers all succeeded are then forwarded to the
 provider in *rounds* — round ``r`` holds the ``r``-th event of every lane — so an event reaches
-the provider only after the earlier events of its key were accepted. Finished lanes are forwarded
-in a few groups while the handlers of the others go on.
+the provider only after the earlier events of its key were accepted.
 
 When an event fails (a handler raised, or the provider refused that event) the later events of
 its lane are handed back (released, not a retry): they wait behind the failing event, which keeps
@@ -28,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from outbox._sql.relay import COMPLETED, FAILED, PENDING, Outcome
 from outbox.events import Event
@@ -40,8 +38,6 @@ from outbox.tracing import continue_trace, set_error
 
 __all__ = ["BatchResult", "Dispatcher", "handled_names", "lanes"]
 
-#: A batch is forwarded in groups of about ``1 / PARTS`` of it (see :meth:`Dispatcher.run`).
-PARTS = 4
 _META_KEY = "outbox"
 _HANDLED = "handled"
 _MAX_ERROR = 4000
@@ -133,74 +129,27 @@ class Dispatcher:
         self.concurrency = max(1, concurrency)
 
     async def run(self, events: Sequence[Event], result: BatchResult) -> None:
-        """Fill ``result.outcomes`` for ``events``; on cancellation the caller releases the rest.
-
-        Lanes whose handlers are done are forwarded to the provider in groups of about a
-        :data:`PARTS`-th of the batch, by a task of their own, while the handlers of the other
-        lanes go on: the provider's round trips overlap the handlers' work. Lanes share no key,
-        so the order of the groups does not matter.
-        """
+        """Fill ``result.outcomes`` for ``events``; on cancellation the caller releases the rest."""
         all_lanes = lanes(events)
         # per lane: events whose handlers all succeeded, with their handled names
         ready: list[list[tuple[Event, tuple[str, ...]]]] = [[] for _ in all_lanes]
-        done, finished = anyio.create_memory_object_stream[int](len(all_lanes))
-        group = max(1, len(events) // PARTS)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._forwarder, finished, ready, group, result)
-            async with done:
-                await self._handle(all_lanes, ready, done, result)
-
-    async def _handle(self, all_lanes: list[list[Event]],
-                      ready: list[list[tuple[Event, tuple[str, ...]]]],
-                      done: MemoryObjectSendStream[int], result: BatchResult) -> None:
-        """Run every lane's handlers (``concurrency`` lanes at a time); send each finished lane's
-        index to ``done``."""
         if self.broker is None:
             for i, lane in enumerate(all_lanes):
                 ready[i] = [(e, handled_names(e)) for e in lane]
-                done.send_nowait(i)
         elif self.concurrency == 1 or len(all_lanes) == 1:
             for i, lane in enumerate(all_lanes):
                 await self._lane(lane, ready[i], result)
-                done.send_nowait(i)
         else:
             index = iter(range(len(all_lanes)))
 
             async def worker() -> None:
                 for i in index:
                     await self._lane(all_lanes[i], ready[i], result)
-                    done.send_nowait(i)
 
             async with anyio.create_task_group() as tg:
                 for _ in range(min(self.concurrency, len(all_lanes))):
                     tg.start_soon(worker)
-
-    async def _forwarder(self, finished: MemoryObjectReceiveStream[int],
-                         ready: list[list[tuple[Event, tuple[str, ...]]]], group: int,
-                         result: BatchResult) -> None:
-        """Forward the finished lanes in groups of at least ``group`` events (the last group
-        whatever is left); after an outage, hand back what is not forwarded yet."""
-        waiting: list[list[tuple[Event, tuple[str, ...]]]] = []
-        count = 0
-        async with finished:
-            async for i in finished:
-                if not ready[i]:
-                    continue
-                waiting.append(ready[i])
-                count += len(ready[i])
-                if count >= group:
-                    await self._forward_or_release(waiting, result)
-                    waiting, count = [], 0
-        if waiting:
-            await self._forward_or_release(waiting, result)
-
-    async def _forward_or_release(
-        self, part: list[list[tuple[Event, tuple[str, ...]]]], result: BatchResult
-    ) -> None:
-        if result.outage is not None:  # an earlier group met an outage
-            self._release_unforwarded(part, result)
-        else:
-            await self._forward(part, result)
+        await self._forward(ready, all_lanes, result)
 
     async def _lane(
         self, lane: list[Event], ready: list[tuple[Event, tuple[str, ...]]], result: BatchResult
@@ -230,7 +179,10 @@ class Dispatcher:
             return
 
     async def _forward(
-        self, ready: list[list[tuple[Event, tuple[str, ...]]]], result: BatchResult
+        self,
+        ready: list[list[tuple[Event, tuple[str, ...]]]],
+        all_lanes: list[list[Event]],
+        result: BatchResult,
     ) -> None:
         if self.provider is None:
             for lane in ready:
