@@ -18,7 +18,13 @@ from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["NotSerialisable", "dumps", "loads", "to_jsonable"]
+__all__ = ["NotSerialisable", "dumps", "dumps_safe", "loads", "to_jsonable"]
+
+_orjson: Any
+try:  # the postgres extra brings it: parsing and writing JSON several times faster
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - stdlib json then
+    _orjson = None
 
 
 class NotSerialisable(TypeError):
@@ -105,10 +111,28 @@ def to_jsonable(value: Any, path: str = "") -> Any:
 
 def dumps(value: Any) -> str:
     """Compact JSON text of ``value`` (converted with :func:`to_jsonable`)."""
-    return json.dumps(to_jsonable(value), separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False)
+    return dumps_safe(to_jsonable(value))
+
+
+def dumps_safe(value: Any) -> str:
+    """Compact JSON text of a value that is JSON-safe already (what :func:`to_jsonable` returns):
+    with orjson when it is installed, else (and for what orjson refuses: integers beyond 64
+    bits) with the standard library, to the same text."""
+    if _orjson is not None:
+        try:
+            text: str = _orjson.dumps(value).decode()
+            return text
+        except (TypeError, _orjson.JSONEncodeError):
+            pass
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def loads(text: str | bytes) -> Any:
-    """Parse JSON text."""
+    """Parse JSON text (orjson when installed; the standard library for what it refuses,
+    integers beyond 64 bits, so the result is the same)."""
+    if _orjson is not None:
+        try:
+            return _orjson.loads(text)
+        except _orjson.JSONDecodeError:
+            pass
     return json.loads(text)

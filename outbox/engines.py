@@ -32,6 +32,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 
+from outbox import _json
 from outbox.exceptions import ConfigError
 
 __all__ = ["PGBOUNCER_CONNECT_ARGS", "create_engine", "engine_args"]
@@ -88,8 +89,19 @@ def engine_args(url: str | URL, *, pgbouncer: bool = False) -> tuple[URL, dict[s
 
 
 def create_engine(url: str | URL, *, pgbouncer: bool = False, **kwargs: Any) -> Engine:
-    """``sqlalchemy.create_engine`` with :func:`engine_args` applied (``kwargs`` as there)."""
+    """``sqlalchemy.create_engine`` with :func:`engine_args` applied (``kwargs`` as there); on
+    psycopg, ``jsonb`` values are parsed with :func:`outbox._json.loads` (orjson when installed:
+    the relay and the database bus parse two documents per event)."""
     parsed, connect_args = engine_args(url, pgbouncer=pgbouncer)
     if connect_args:
         kwargs["connect_args"] = {**connect_args, **kwargs.get("connect_args", {})}
-    return sa.create_engine(parsed, **kwargs)
+    engine = sa.create_engine(parsed, **kwargs)
+    if engine.dialect.driver == "psycopg":
+        sa.event.listen(engine, "connect", _fast_json)
+    return engine
+
+
+def _fast_json(dbapi_connection: Any, _record: Any) -> None:
+    from psycopg.types.json import set_json_loads
+
+    set_json_loads(_json.loads, dbapi_connection)

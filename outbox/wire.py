@@ -46,12 +46,12 @@ naming what is wrong; providers park such messages instead of crashing or blocki
 from __future__ import annotations
 
 import datetime as dt
-import json
 import uuid
 from functools import lru_cache
 from typing import Any
 from urllib.parse import quote, unquote
 
+from outbox import _json
 from outbox.events import Event, EventStatus
 from outbox.exceptions import MalformedMessage
 
@@ -86,7 +86,7 @@ _METADATA = "metadata"
 _TRACE_KEYS = ("traceparent", "tracestate")
 _SEQ_WIDTH = 20  # a bigint has at most 19 digits; fixed width keeps lexicographic order
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_dumps = _json.dumps_safe
 
 
 @lru_cache(maxsize=1024)
@@ -192,7 +192,7 @@ def decode(raw: bytes | bytearray | memoryview | str) -> Event:
     ``metadata``, binary ``data_base64``).
     """
     try:
-        doc = json.loads(bytes(raw) if isinstance(raw, bytearray | memoryview) else raw)
+        doc = _json.loads(bytes(raw) if isinstance(raw, bytearray | memoryview) else raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedMessage(f"message is not JSON: {exc}") from None
     if not isinstance(doc, dict):
@@ -237,7 +237,7 @@ def decode(raw: bytes | bytearray | memoryview | str) -> Event:
     if meta_value is not None:
         if isinstance(meta_value, str):
             try:
-                meta_value = json.loads(meta_value)
+                meta_value = _json.loads(meta_value)
             except ValueError:
                 raise MalformedMessage("CloudEvent 'metadata' is not JSON text") from None
         if not isinstance(meta_value, dict):

@@ -8,12 +8,12 @@ are in :mod:`outbox._sql.capture`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy.engine import Connection
 
+from outbox import _json
 from outbox._capture.plan import MapperPlan, jsonable
 from outbox._sql.capture import INSERT_EVENTS, PG_INSERT_EVENTS
 from outbox.context import current_context
@@ -82,8 +82,7 @@ class RowFactory:
                 and dialect.paramstyle == "pyformat"
                 and not connection.get_execution_options().get("schema_translate_map")):
             connection.exec_driver_sql(PG_INSERT_EVENTS, {
-                "rows": json.dumps(rows, separators=(",", ":"), ensure_ascii=False,
-                                   allow_nan=False),
+                "rows": _json.dumps_safe(rows),
                 "user_id": self.user_id,
                 "session_id": self.session_id,
                 "instance_id": self.instance_id,

@@ -112,3 +112,18 @@ def test_to_jsonable(value: object, expected: object) -> None:
 def test_to_jsonable_refuses(value: object) -> None:
     with pytest.raises(_json.NotSerialisable):
         _json.to_jsonable(value)
+
+
+def test_fast_json_falls_back_to_the_standard_library_for_what_orjson_refuses() -> None:
+    """Integers beyond 64 bits (jsonb keeps them): the same text and values either way."""
+    import json
+
+    from outbox import _json
+
+    big = {"n": 2**70, "s": "é", "l": [1.5, None, True]}
+    text = _json.dumps_safe(big)
+    assert text == json.dumps(big, separators=(",", ":"), ensure_ascii=False)
+    assert _json.loads(text) == big
+    assert _json.loads(text.encode()) == big
+    small = {"a": [1, 2, {"b": "c"}], "é": 0.1}
+    assert _json.dumps_safe(small) == json.dumps(small, separators=(",", ":"), ensure_ascii=False)
