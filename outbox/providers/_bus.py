@@ -1,28 +1,25 @@
 """Pieces shared by the consumer-group providers (Redis Streams, NATS JetStream, the database).
 
-Kept out of ``redis.py``/``nats.py`` so they behave the same: group-name rules, the one-pattern-
+Kept out of ``redis/`` and ``nats/`` so they behave the same: group-name rules, the one-pattern-
 per-group rule inside a process, reconnect backoff, outage logging, URL redaction, the life cycle
-of a group member (:class:`GroupReader`), the dead-letter rule for exhausted deliveries, and the
-JSON records the buses keep for ``store``/``update_status``.
+of a group member (:class:`GroupReader`) and the dead-letter rule for exhausted deliveries.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import random
 import re
 import time
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from outbox import _json, wire
+from outbox import wire
 from outbox.events import Event
 from outbox.exceptions import MalformedMessage, ProviderError
 from outbox.patterns import Pattern, compile_pattern
@@ -37,9 +34,7 @@ __all__ = [
     "config_section",
     "decode_or_none",
     "exhausted",
-    "from_record",
     "redact_url",
-    "to_record",
     "validate_group",
 ]
 
@@ -179,6 +174,7 @@ class BusDelivery(SettleOnce):
 
     def __init__(self, event: Event, attempt: int, reader: Any) -> None:
         self.event = event
+        self.group: str = reader.group
         self.attempt = attempt
         self.last_error: str | None = None
         self._reader = reader
@@ -376,24 +372,3 @@ def decode_or_none(raw: bytes | None, where: str | None = None) -> Event | None:
         if where is not None:
             log.warning("skipping malformed %s: %s", where, exc)
         return None
-
-
-_RECORD_TIMES = ("created_at", "processed_at", "completed_at", "next_attempt_at",
-                 "lease_expires_at")
-
-
-def to_record(event: Event) -> str:
-    """Every field of ``event`` as JSON (what ``store`` keeps; the wire document has no status)."""
-    return _json.dumps(event.to_dict())
-
-
-def from_record(record: bytes | str) -> Event:
-    """The event of a :func:`to_record` document."""
-    data = _json.loads(record)
-    for name in _RECORD_TIMES:
-        if data.get(name) is not None:
-            data[name] = dt.datetime.fromisoformat(data[name])
-    for name in ("id", "lease_token"):
-        if data.get(name) is not None:
-            data[name] = uuid.UUID(data[name])
-    return Event.from_dict(data)

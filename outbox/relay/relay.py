@@ -25,6 +25,7 @@ from outbox._wakeup import Idle, IdleLock
 from outbox.engines import create_engine, engine_args
 from outbox.events import get_instance_id
 from outbox.exceptions import OutboxError, ProviderUnavailable, SchemaMissing
+from outbox.providers.base import Publisher
 from outbox.relay._gc import DEFAULT_GC_THRESHOLD, young_gc_threshold
 from outbox.relay.dispatch import BatchResult, Dispatcher
 from outbox.relay.listener import PgListener, conninfo_from_url
@@ -78,7 +79,7 @@ class Relay:
         database: str | URL | Engine | None = None,
         *,
         broker: Any = None,
-        provider: Any = _UNSET,
+        provider: Publisher | None = _UNSET,
         batch_size: int = 100,
         poll_interval: float = 1.0,
         lease: float = 30.0,
@@ -180,6 +181,9 @@ class Relay:
         provider = self._provider
         if provider is _UNSET:
             provider = getattr(broker, "provider", None)
+        if provider is not None and not isinstance(provider, Publisher):
+            raise TypeError(f"the relay forwards to a Publisher (publish_many, publish, ping, "
+                            f"stats, close), not {type(provider).__qualname__}")
         policy = self._retry_policy or getattr(broker, "retry_policy", None) or RetryPolicy()
         self.broker, self.provider, self.retry_policy = broker, provider, policy
         self.dispatcher = Dispatcher(broker, provider, retry_policy=policy, now=self.store.now,

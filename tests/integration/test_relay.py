@@ -426,6 +426,20 @@ async def test_provider_error_about_one_event_is_a_retry_and_keeps_key_order(
 
 
 @pytest.mark.anyio
+async def test_a_provider_that_cannot_publish_is_refused_at_start(sqlite_url: str) -> None:
+    """A provider without ``publish_many`` would fail every event it was given; the relay says
+    so at start instead."""
+
+    class StoreOnly:
+        async def store(self, event: Event) -> None: ...
+
+    store_only: Any = StoreOnly()
+    relay = Relay(sqlite_url, broker=Broker(MemoryProvider()), provider=store_only)
+    with pytest.raises(TypeError, match=r"forwards to a Publisher.*StoreOnly"):
+        await relay.start()
+
+
+@pytest.mark.anyio
 async def test_expired_lease_of_dead_relay_is_recovered_and_fenced(engine: sa.Engine) -> None:
     ids = add_events(engine, 8)
     dead = RelayStore(engine, owner="dead-relay")
