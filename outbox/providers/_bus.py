@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import random
 import re
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -31,6 +32,7 @@ __all__ = [
     "GroupRegistry",
     "OutageLog",
     "SettleOnce",
+    "config_options",
     "config_section",
     "decode_or_none",
     "exhausted",
@@ -359,6 +361,17 @@ def config_section(config: Any, name: str) -> dict[str, Any]:
     if hasattr(section, "__dataclass_fields__"):
         return {f: getattr(section, f) for f in section.__dataclass_fields__}
     return dict(vars(section))
+
+
+def config_options(config: Any, name: str, known: Collection[str]) -> dict[str, Any]:
+    """The options of section ``name`` a provider takes (``known``) that are set, durations as
+    seconds: the keyword arguments of its ``from_config``."""
+    options = {k: v for k, v in config_section(config, name).items()
+               if k in known and v is not None}
+    for key, value in options.items():
+        if isinstance(value, dt.timedelta):
+            options[key] = value.total_seconds()
+    return options
 
 
 def decode_or_none(raw: bytes | None, where: str | None = None) -> Event | None:

@@ -23,6 +23,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from outbox import Event, ProviderError, new_event
 from outbox.providers.base import Delivery, GroupMember, Provider, StartPosition
 from tests.conformance.conftest import Backend, DeadLetter, ProviderFactory
+from tests.helpers import nothing_more, take
 
 pytestmark = pytest.mark.anyio
 
@@ -36,26 +37,6 @@ def events(n: int, type_: str = "public.users.create") -> list[Event]:
 
 def ids(items: list[Delivery] | list[Event]) -> list[uuid.UUID]:
     return [d.event.id if isinstance(d, Delivery) else d.id for d in items]
-
-
-async def take(member: GroupMember, n: int, *, ack: bool = True,
-               within: float = WAIT) -> list[Delivery]:
-    """The next ``n`` deliveries (acknowledged unless ``ack=False``)."""
-    got: list[Delivery] = []
-    with anyio.fail_after(within):
-        while len(got) < n:
-            delivery = await member.__anext__()
-            if ack:
-                await delivery.ack()
-            got.append(delivery)
-    return got
-
-
-async def nothing_more(member: GroupMember, wait: float = 0.8) -> None:
-    """Fails when ``member`` hands out anything within ``wait`` seconds (the time under test)."""
-    with anyio.move_on_after(wait):
-        extra = await member.__anext__()
-        pytest.fail(f"unexpected delivery {extra!r}")
 
 
 def require(provider: Provider, capability: str) -> None:

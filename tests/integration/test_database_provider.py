@@ -30,6 +30,7 @@ from outbox.providers.database import (
 from outbox.providers.database import sql as dbsql
 from outbox.providers.database.rebase import rebase
 from outbox.schema import consumer_claims_table, consumers_table, dead_letters_table, inbox_table
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -244,10 +245,11 @@ async def test_dead_member_is_taken_over_and_fenced(engine: sa.Engine,
     await held[0].ack()
     await held[1].ack()
     # lease renewals (every lease/3) record the acknowledged prefix of the claim
-    with anyio.fail_after(TIMEOUT):
-        while (await anyio.to_thread.run_sync(_claims, engine))[0]["lo_seq"] != \
-                held[1].position[1]:  # noqa: ASYNC110 - polling the database
-            await anyio.sleep(0.05)
+    async def prefix_recorded() -> bool:
+        claims = await anyio.to_thread.run_sync(_claims, engine)
+        return bool(claims[0]["lo_seq"] == held[1].position[1])
+
+    await eventually(prefix_recorded, within=TIMEOUT, every=0.05)
     # "crash": renewals stop (as when the process dies) and the lease runs out
     assert crashed._keeper is not None
     crashed._keeper.cancel()

@@ -19,6 +19,7 @@ from outbox.providers.base import Delivery
 from outbox.providers.nats import NATSProvider, filter_subject
 from tests import servers
 from tests.conftest import NatsNames
+from tests.helpers import eventually, nothing_more, take
 
 pytestmark = pytest.mark.anyio
 
@@ -48,26 +49,17 @@ async def js(nats_url: str) -> AsyncIterator[Any]:
     await nc.close()
 
 
-async def _take(it: AsyncIterator[Delivery], n: int, *, ack: bool = True,
-                within: float = 10.0) -> list[Delivery]:
-    got: list[Delivery] = []
-    with anyio.fail_after(within):
-        while len(got) < n:
-            delivery = await it.__anext__()
-            if ack:
-                await delivery.ack()
-            got.append(delivery)
-    return got
-
-
-async def _nothing_more(it: AsyncIterator[Delivery], wait: float = 0.8) -> None:
-    with anyio.move_on_after(wait):
-        extra = await it.__anext__()
-        pytest.fail(f"unexpected delivery {extra!r}")
-
-
 def _ids(deliveries: list[Delivery]) -> list[uuid.UUID]:
     return [d.event.id for d in deliveries]
+
+
+async def _publishes(p: NATSProvider, events: list[Event]) -> bool:
+    """True once ``events`` were published, False while the server is unavailable."""
+    try:
+        assert await p.publish_many(events) == [None] * len(events)
+    except ProviderUnavailable:
+        return False
+    return True
 
 
 # -- stream and publishing ---------------------------------------------------------------------
@@ -139,8 +131,8 @@ async def test_pattern_becomes_the_durables_filter(provider: NATSProvider, js: A
     orders = _events(3, "public.orders.create")
     async with provider.consume("public.users.*", group="users-only", start="beginning") as it:
         await provider.publish_many([x for pair in zip(users, orders, strict=True) for x in pair])
-        got = await _take(it, 3)
-        await _nothing_more(it)
+        got = await take(it, 3)
+        await nothing_more(it)
     assert sorted(_ids(got)) == sorted(e.id for e in users)
     info = await js.consumer_info(provider.stream_name, "users-only")
     assert info.config.filter_subject == f"{provider.subject_prefix}.*.public.users.*"
@@ -157,7 +149,7 @@ async def test_a_dead_letter_keeps_the_subject_and_the_document(provider: NATSPr
     events = _events(2)
     async with provider.consume(group="g", start="beginning") as it:
         await provider.publish_many(events)
-        first, second = await _take(it, 2, ack=False)
+        first, second = await take(it, 2, ack=False)
         await first.park("handler gave up: ValueError: nope")
         await second.ack()
     (dead,) = await provider.dead_letters()
@@ -182,13 +174,8 @@ async def test_outage_raises_provider_unavailable_then_recovers() -> None:
             with pytest.raises(ProviderUnavailable):
                 await p.ping()
         server.start()
-        with anyio.fail_after(15):
-            while True:
-                try:
-                    assert await p.publish_many(_events(2)) == [None, None]
-                    break
-                except ProviderUnavailable:
-                    await anyio.sleep(0.2)  # the client reconnects on its own
+        await eventually(lambda: _publishes(p, _events(2)), within=15, every=0.2,
+                         what="the client to reconnect on its own")
     finally:
         await p.close()
         server.close()
@@ -211,23 +198,18 @@ async def test_consumer_survives_a_restart() -> None:
             earlier = _events(2)
             first = {e.id for e in earlier}
             await p.publish_many(earlier)
-            await _take(it, 2)
+            await take(it, 2)
             server.stop()
             await anyio.sleep(0.5)
             server.start()
             later = _events(2)
-            with anyio.fail_after(20):
-                while True:
-                    try:
-                        await p.publish_many(later)
-                        break
-                    except ProviderUnavailable:
-                        await anyio.sleep(0.2)
+            await eventually(lambda: _publishes(p, later), within=20, every=0.2,
+                             what="the client to reconnect on its own")
             wanted = {e.id for e in later}
             seen: set[uuid.UUID] = set()
             with anyio.fail_after(20):
                 while not wanted <= seen:
-                    (d,) = await _take(it, 1)
+                    (d,) = await take(it, 1)
                     # At-least-once: an ack the killed server had not written to disk yet
                     # brings an earlier event back, with its own id.
                     seen.add(d.event.id)

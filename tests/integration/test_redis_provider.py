@@ -18,6 +18,7 @@ from outbox.events import Event
 from outbox.providers.base import Delivery
 from outbox.providers.redis import RedisProvider
 from tests import servers
+from tests.helpers import take
 
 pytestmark = pytest.mark.anyio
 
@@ -39,18 +40,6 @@ async def raw(redis_url: str) -> AsyncIterator[Any]:
     client = aioredis.Redis.from_url(redis_url)
     yield client
     await client.aclose()
-
-
-async def _take(it: AsyncIterator[Delivery], n: int, *, ack: bool = True,
-                within: float = 10.0) -> list[Delivery]:
-    got: list[Delivery] = []
-    with anyio.fail_after(within):
-        while len(got) < n:
-            delivery = await it.__anext__()
-            if ack:
-                await delivery.ack()
-            got.append(delivery)
-    return got
 
 
 def _ids(deliveries: list[Delivery]) -> list[uuid.UUID]:
@@ -161,13 +150,13 @@ async def test_consumer_survives_a_restart() -> None:
         it = p.consume(group="g", start="beginning")
         async with contextlib.aclosing(it):
             await p.publish_many(_events(2))
-            await _take(it, 2)
+            await take(it, 2)
             server.stop()
             await anyio.sleep(0.5)
             server.start()
             later = _events(2)
             await p.publish_many(later)
-            got = await _take(it, 2, within=20)
+            got = await take(it, 2, within=20)
         assert sorted(_ids(got)) == sorted(e.id for e in later)
     finally:
         await p.close()

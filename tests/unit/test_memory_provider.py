@@ -122,14 +122,8 @@ async def test_slow_stream_consumer_gets_backpressure_not_drops() -> None:
     stream = p.stream("test.*")
     events = [ev() for _ in range(6)]
     published: list[int] = []
-
-    async def publisher() -> None:
-        for i, e in enumerate(events):
-            await p.publish(e)
-            published.append(i)
-
     async with anyio.create_task_group() as tg:
-        tg.start_soon(publisher)
+        tg.start_soon(_publish_noting, p, events, published)
         await anyio.wait_all_tasks_blocked()
         # Two events fill the buffer, the third publish waits for room.
         assert published == [0, 1]
@@ -174,6 +168,13 @@ async def _publish_all(p: MemoryProvider, events: list[Event]) -> None:
         await p.publish(e)
 
 
+async def _publish_noting(p: MemoryProvider, events: list[Event], published: list[int]) -> None:
+    """Publish ``events`` one by one, noting the index of each one ``publish`` returned for."""
+    for i, e in enumerate(events):
+        await p.publish(e)
+        published.append(i)
+
+
 # -- consumer groups -----------------------------------------------------------------------------
 
 
@@ -182,14 +183,8 @@ async def test_a_full_group_holds_publishing_up_until_it_has_room_or_is_deleted(
     member = p.consume(group="slow")
     published: list[int] = []
     events = [ev(status="completed") for _ in range(5)]  # the store may evict them, the group not
-
-    async def publisher() -> None:
-        for i, e in enumerate(events):
-            await p.publish(e)
-            published.append(i)
-
     async with anyio.create_task_group() as tg:
-        tg.start_soon(publisher)
+        tg.start_soon(_publish_noting, p, events, published)
         await anyio.wait_all_tasks_blocked()
         assert published == [0, 1, 2]  # three wait for the group: the fourth publish waits
         delivery = await member.__anext__()

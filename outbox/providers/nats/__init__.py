@@ -16,8 +16,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
     raise MissingDependency("NATSProvider", "nats", "nats-py") from exc
 
+from outbox.providers.nats._connection import MSG_ID_HEADER
 from outbox.providers.nats._consumer import NATSDelivery, NATSGroupReader
 from outbox.providers.nats._provider import NATSProvider
 from outbox.providers.nats._subjects import filter_subject
 
-__all__ = ["NATSDelivery", "NATSGroupReader", "NATSProvider", "filter_subject"]
+__all__ = ["MSG_ID_HEADER", "NATSDelivery", "NATSGroupReader", "NATSProvider", "filter_subject"]

@@ -17,7 +17,7 @@ import nats.js.errors as js_errors
 from outbox.events import Event, get_instance_id
 from outbox.exceptions import ProviderError
 from outbox.patterns import compile_pattern
-from outbox.providers._bus import config_section, validate_group
+from outbox.providers._bus import config_options, validate_group
 from outbox.providers.base import Capabilities, ProviderStats, StartPosition, publish_one
 from outbox.providers.nats._connection import (
     DEFAULT_URL,
@@ -125,19 +125,13 @@ class NATSProvider:
     @classmethod
     def from_config(cls, config: Any) -> NATSProvider:
         """Build from an outbox :class:`~outbox.Config` (its ``nats`` section)."""
-        section = config_section(config, "nats")
-        known = {
+        options = config_options(config, "nats", {
             "url", "stream_name", "subject_prefix", "max_age", "duplicate_window", "durable",
             "user", "password", "token", "tls", "ca_file", "cert_file", "key_file",
             "connect_timeout", "request_timeout", "reconnect_wait", "claim_idle",
             "max_deliveries", "max_ack_pending", "block", "prefetch", "publish_window",
-        }
-        options = {k: v for k, v in section.items() if k in known and v is not None}
-        for name in ("max_age", "duplicate_window", "claim_idle"):
-            if isinstance(options.get(name), dt.timedelta):
-                options[name] = options[name].total_seconds()
-        url = options.pop("url", None)
-        return cls(url, **options)
+        })
+        return cls(options.pop("url", None), **options)
 
     def __repr__(self) -> str:
         return f"<NATSProvider {self._display} stream={self.stream_name!r}>"

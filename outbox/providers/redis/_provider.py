@@ -22,7 +22,7 @@ from redis import exceptions as redis_errors
 from outbox.events import Event, get_instance_id
 from outbox.exceptions import ProviderError
 from outbox.patterns import compile_pattern
-from outbox.providers._bus import config_section, redact_url, validate_group
+from outbox.providers._bus import config_options, redact_url, validate_group
 from outbox.providers.base import Capabilities, ProviderStats, StartPosition, publish_one
 from outbox.providers.redis._connection import (
     DEFAULT_URL,
@@ -123,16 +123,13 @@ class RedisProvider:
     @classmethod
     def from_config(cls, config: Any) -> RedisProvider:
         """Build from an outbox :class:`~outbox.Config` (its ``redis`` section)."""
-        section = config_section(config, "redis")
-        known = {
+        options = config_options(config, "redis", {
             "url", "host", "port", "db", "username", "password", "stream_name", "consumer_group",
             "max_len", "tls", "ca_file", "cert_file", "key_file", "socket_timeout",
             "connect_timeout", "claim_idle", "max_deliveries", "duplicate_window", "block",
             "prefetch", "publish_chunk",
-        }
-        options = {k: v for k, v in section.items() if k in known and v is not None}
-        url = options.pop("url", None)
-        return cls(url, **options)
+        })
+        return cls(options.pop("url", None), **options)
 
     def __repr__(self) -> str:
         return f"<RedisProvider {self._display} stream={self.stream_name!r}>"
