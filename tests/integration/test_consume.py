@@ -1,4 +1,5 @@
-"""outbox.Consumer on Redis and NATS: ack after success, retries, parking, order, graceful stop."""
+"""outbox.Consumer on Redis, NATS and the memory provider: ack after success, retries, parking,
+order, graceful stop."""
 
 from __future__ import annotations
 
@@ -22,11 +23,19 @@ pytestmark = pytest.mark.anyio
 FAST = RetryPolicy(max_retries=2, initial_delay=0.05, max_delay=0.2, jitter=0)
 
 
-@pytest.fixture(params=["redis", "nats"])
+@pytest.fixture(params=["redis", "nats", "memory"])
 async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Any]]:
-    """A factory of providers on one stream of the test's own (several may share it)."""
+    """A factory of providers on one stream of the test's own (several may share it; the memory
+    provider is one process's bus, so its factory hands out the same one)."""
     made: list[Any] = []
-    if request.param == "redis":
+    if request.param == "memory":
+        memory = MemoryProvider()
+
+        def make(**kw: Any) -> Any:
+            if not made:
+                made.append(memory)
+            return memory
+    elif request.param == "redis":
         url = request.getfixturevalue("redis_url")
         prefix = request.getfixturevalue("redis_prefix")
 
@@ -72,6 +81,8 @@ def _events(n: int, type_: str = "public.users.create", **kw: Any) -> list[Event
 async def _pending(provider: Any, group: str) -> int:
     stats = await provider.stats()
     g = stats.extra["groups"][group]
+    if isinstance(provider, MemoryProvider):
+        return int(g["waiting"] + g["delayed"] + g["held"])
     return int(g.get("pending", 0)) + int(g.get("ack_pending", 0)) if isinstance(
         provider, NATSProvider) else int(g["pending"])
 
