@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import eventually, eventually_sync
+
 ROOT = Path(__file__).resolve().parents[1]
 
 APP_SOURCE = '''
@@ -90,15 +92,15 @@ class ConsumerProcess:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Until it logs that it consumes (its group exists then)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
             text = self.log.read_text() if self.log.exists() else ""
-            if "consuming group" in text:
-                return
             if self.proc.poll() is not None:
                 raise AssertionError(f"consumer exited {self.proc.returncode}: {text}")
-            time.sleep(0.05)
-        raise AssertionError(f"consumer not ready after {timeout}s: {self.log.read_text()}")
+            return "consuming group" in text
+
+        eventually_sync(ready, within=timeout, every=0.05,
+                        what=lambda: f"the consumer to be ready: {self.log.read_text()}")
 
     def terminate(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
@@ -134,15 +136,6 @@ def handled(directory: Path, group: str) -> dict[int, list[str]]:
         pid = int(path.stem.rsplit("-", 1)[1])
         out[pid] = [line for line in path.read_text().splitlines() if line]
     return out
-
-
-def wait_for(condition: object, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # -- relay → bus scenarios (tests/integration/test_redis_relay.py, test_nats_relay.py) ----------
@@ -276,16 +269,16 @@ def fanout_scenario(directory: Path, config: Path, provider_name: str, engine: A
         def group_ids(group: str) -> list[str]:
             return [i for done in handled(directory, group).values() for i in done]
 
-        wait_for(lambda: len(group_ids("b")) >= 201, what="group b got every event")
-        wait_for(lambda: (directory / f"hung-{hang_id}").exists(), what="a member hanging")
-        wait_for(lambda: len(group_ids("a")) >= 200, what="group a got the other events")
+        eventually_sync(lambda: len(group_ids("b")) >= 201, what="group b got every event")
+        eventually_sync(lambda: (directory / f"hung-{hang_id}").exists(), what="a member hanging")
+        eventually_sync(lambda: len(group_ids("a")) >= 200, what="group a got the other events")
         hung_pid = int((directory / f"hung-{hang_id}").read_text())
         victim = next(c for c in (a1, a2) if c.pid == hung_pid)
         survivor = a2 if victim is a1 else a1
         victim.kill()  # mid-handler: its entry was never acknowledged
-        wait_for(lambda: hang_id in handled(directory, "a").get(survivor.pid, []), timeout=60,
+        eventually_sync(lambda: hang_id in handled(directory, "a").get(survivor.pid, []), within=60,
                  what="the survivor took over the killed member's event")
-        wait_for(lambda: len(group_ids("a")) >= 201, what="group a complete")
+        eventually_sync(lambda: len(group_ids("a")) >= 201, what="group a complete")
         by_member = handled(directory, "a")
         assert len(by_member.get(a1.pid, [])) > 0 and len(by_member.get(a2.pid, [])) > 0, \
             "both members of group a had a share"
@@ -408,11 +401,5 @@ def make_certificates(directory: Path) -> Certificates:
 
 
 async def _wait_until(condition: Any, seconds: float, what: str, engine: Any, relay: Any) -> None:
-    import anyio
-
-    with anyio.move_on_after(seconds):
-        while not condition():  # noqa: ASYNC110 - polls the database
-            await anyio.sleep(0.05)
-        return
-    raise AssertionError(f"timed out after {seconds}s waiting for {what}: statuses "
-                         f"{statuses(engine)}, relay {relay.stats}")
+    await eventually(condition, within=seconds,
+                     what=lambda: f"{what}: statuses {statuses(engine)}, relay {relay.stats}")

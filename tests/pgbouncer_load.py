@@ -22,6 +22,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 import outbox
 from outbox.providers.memory import MemoryProvider
 from outbox.relay import Relay
+from tests.helpers import eventually
 
 
 class Base(DeclarativeBase):
@@ -120,8 +121,8 @@ def run_load(
                         await anyio.to_thread.run_sync(t.join)
                     written = await anyio.to_thread.run_sync(_count, pgbouncer_url,
                                                              connect_args, False)
-                    while relay.stats.completed < written:  # noqa: ASYNC110 - the relay's counter
-                        await anyio.sleep(0.05)
+                    await eventually(lambda: relay.stats.completed >= written, within=timeout,
+                                     every=0.05)
                 relay.stop()
             return int(relay.stats.completed)
 

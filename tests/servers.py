@@ -16,11 +16,12 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import eventually_sync
 
 PG_HOST = os.environ.get("OUTBOX_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("OUTBOX_TEST_PG_PORT", "5432"))
@@ -61,21 +62,13 @@ def free_port() -> int:
 
 
 def wait_for_port(host: str, port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if reachable(host, port, 0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+    eventually_sync(lambda: reachable(host, port, 0.2), within=timeout, every=0.05,
+                    what=f"a server listening on {host}:{port}")
 
 
 def wait_for_port_closed(host: str, port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not reachable(host, port, 0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{host}:{port} still accepting after {timeout}s")
+    eventually_sync(lambda: not reachable(host, port, 0.2), within=timeout, every=0.05,
+                    what=f"{host}:{port} to stop accepting")
 
 
 def _require_binary(name: str) -> str:

@@ -1,9 +1,9 @@
 """The operator's jobs over the ``events`` table: replay, cleanup, stats, backlog, blocked keys.
 
-- :func:`filter_clauses` — an :class:`~outbox.EventFilter` as SQL conditions (the database
-  provider's :func:`~outbox.providers.database.sql.where_clauses`), for ``replay`` and anything
+- :func:`filter_clauses` — an :class:`~outbox.EventFilter` as SQL conditions (the
+  events module's :func:`~outbox._sql.events.where_clauses`), for ``replay`` and anything
   else that filters by SQL;
-- :func:`list_events` / :func:`get_event` — the CLI's read path (the database provider's SQL);
+- :func:`list_events` / :func:`get_event` — the CLI's read path (:mod:`outbox._sql.events`);
 - :func:`replay` — ``failed`` → ``pending`` with a fresh retry budget;
 - :func:`cleanup` — delete finished events older than a cutoff, in small batches, one short
   transaction per batch, so writers and relays never wait behind it;

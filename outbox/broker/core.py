@@ -9,6 +9,13 @@ retries per the retry policy) and marks the event ``completed`` or ``failed`` wi
 error. An event no handler matches is stored ``completed`` with a note in its metadata
 (:data:`NOTE_KEY`). The caller's event object gets the same status, timestamps and error.
 
+The provider keeps these statuses only when it is an event store
+(:class:`~outbox.providers.base.EventStore`: the memory and database providers). On a provider
+that only carries events (Redis, NATS) the broker stores nothing there: the status lives on the
+event object (and in the observers' metrics), and ``stop`` reports what it did not finish, as on
+any provider. Nothing transactional is at stake: events of the ``events`` table are claimed,
+dispatched (:meth:`Broker.dispatch`, which never touches the provider) and settled by a relay.
+
 A provider that stores into the relay's own ``events`` table (``DatabaseProvider``:
 ``capabilities.relay_table``) gets the event as ``processing`` from the start instead, owned by
 ``lease_owner = "broker:<instance id>"`` and without a lease expiry: a relay claims only
@@ -48,7 +55,7 @@ from outbox.broker.subscriptions import (
 from outbox.events import Event, EventStatus, get_instance_id, new_event_id, utcnow
 from outbox.exceptions import BrokerClosed, BrokerNotStarted, HandlerError, QueueFull
 from outbox.patterns import SubscriptionIndex, compile_pattern
-from outbox.providers.base import Provider, ProviderStats
+from outbox.providers.base import EventStore, Provider, ProviderStats
 from outbox.retry import RetryPolicy
 
 __all__ = [
@@ -155,7 +162,8 @@ class Broker:
     """In-process event broker. See the module docstring and docs/broker.md.
 
     ``provider`` defaults to a new :class:`~outbox.MemoryProvider` (closed by ``stop``; a provider
-    passed in is left open for its owner). On a provider that writes the relay's own table
+    passed in is left open for its owner); statuses are recorded only on a provider that is an
+    :class:`~outbox.providers.base.EventStore`. On a provider that writes the relay's own table
     (``DatabaseProvider``) events are stored ``processing`` from the start, so no relay takes them
     while this broker has them; ``stop`` sets what it could not finish back to ``pending``.
     ``mode`` picks what :meth:`publish` does. In async mode ``worker_count`` workers take events
@@ -200,9 +208,12 @@ class Broker:
         self.retry_policy: RetryPolicy = retry_policy or RetryPolicy()
         self.instance_id: str = instance_id or get_instance_id()
         self.sync_handlers = sync_handlers
+        # Statuses are recorded only where the provider keeps events (see the module docstring).
+        self._store: EventStore | None = provider if isinstance(provider, EventStore) else None
         # The relay's own table: store as processing (see the module docstring).
         capabilities = getattr(provider, "capabilities", None)
-        self._stores_claimed = bool(getattr(capabilities, "relay_table", False))
+        self._stores_claimed = self._store is not None and bool(
+            getattr(capabilities, "relay_table", False))
 
         self._index: SubscriptionIndex[str, Subscription] = SubscriptionIndex()
         self._names: dict[str, str] = {}  # name -> subscription id
@@ -523,7 +534,8 @@ class Broker:
         if not subs:
             await self._finish_unhandled(event)
             return
-        await self.provider.store(event)
+        if self._store is not None:
+            await self._store.store(event)
         self._accepted(event)
         self._sync_keys += 1
         key = self._sync_keys
@@ -560,7 +572,8 @@ class Broker:
             return
         await self._reserve(timeout)
         try:
-            await self.provider.store(event)
+            if self._store is not None:
+                await self._store.store(event)
         except BaseException:
             self._release()
             raise
@@ -812,7 +825,8 @@ class Broker:
                 await self._finish_unhandled(event, accepted=True)
                 return
             try:
-                await self.provider.store(event)
+                if self._store is not None:
+                    await self._store.store(event)
             except Exception as exc:
                 log.warning("broker %s: could not store event %s (%s: %s); running its "
                             "handlers anyway", self.instance_id, event.id, type(exc).__name__, exc)
@@ -830,7 +844,7 @@ class Broker:
         event_id = _event_id(event)
         state = event.__dict__ if _transient(event) else None
         _assign(event, {"status": _PROCESSING, "error": None, "processed_at": utcnow()}, state)
-        if not self._stores_claimed:  # else stored as processing already
+        if self._store is not None and not self._stores_claimed:  # else processing already
             await self._provider_update(event_id, _PROCESSING, None)
         result = await run_subscriptions(
             subs,
@@ -865,8 +879,8 @@ class Broker:
                         "status": _COMPLETED, "error": None})
         if stored:
             await self._provider_update(_event_id(event), _COMPLETED, None)
-        else:
-            await self.provider.store(event)
+        elif self._store is not None:
+            await self._store.store(event)
         if not accepted:
             self._accepted(event)
         self._processed += 1
@@ -888,8 +902,10 @@ class Broker:
     async def _provider_update(self, event_id: uuid.UUID, status: str, error: str | None) -> None:
         # The provider is the history of in-process events; failing to record a status change
         # must not stop the handlers (the event object still carries it).
+        if self._store is None:
+            return
         try:
-            await self.provider.update_status(event_id, status, error)
+            await self._store.update_status(event_id, status, error)
         except Exception as exc:
             log.debug("broker %s: could not record status %s of event %s: %s: %s",
                       self.instance_id, status, event_id, type(exc).__name__, exc)

@@ -1,6 +1,6 @@
 """``outbox.Consumer``: runs subscribed handlers for events that arrive from the bus.
 
-For each delivery of the provider's consumer group (:meth:`SupportsConsume.consume`):
+For each delivery of the provider's consumer group (:meth:`Subscriber.consume`):
 
 1. handlers matching the event type run through the broker (``broker.dispatch``, one attempt);
 2. all succeeded → ``ack``; none matched → ``ack`` (this group has nothing to do with it);
@@ -40,7 +40,7 @@ from outbox.inbox import Inbox
 from outbox.logs import event_context
 from outbox.patterns import compile_pattern
 from outbox.providers._bus import Backoff, validate_group
-from outbox.providers.base import Delivery, StartPosition, SupportsConsume
+from outbox.providers.base import Delivery, GroupMember, StartPosition, Subscriber
 from outbox.retry import RetryPolicy
 from outbox.tracing import continue_trace
 
@@ -78,7 +78,7 @@ class Consumer:
 
     def __init__(
         self,
-        provider: SupportsConsume,
+        provider: Subscriber,
         *,
         group: str | None = None,
         patterns: str | Sequence[str] = ("*",),
@@ -92,7 +92,7 @@ class Consumer:
         shutdown_timeout: float = 30.0,
         metrics: Any = None,
     ) -> None:
-        if not isinstance(provider, SupportsConsume):
+        if not isinstance(provider, Subscriber):
             raise TypeError(f"{type(provider).__qualname__} cannot consume (no consume())")
         group = group or getattr(provider, "consumer_group", None)
         if not group:
@@ -163,7 +163,7 @@ class Consumer:
             # the group's cursor in the handler's transaction (DatabaseDelivery.ack_in).
             self._ack_in_transaction = self.inbox.same_database(
                 getattr(self.provider, "engine", None))
-        iterator: Any = self.provider.consume(
+        iterator: GroupMember = self.provider.consume(
             self.provider_pattern, group=self.group, consumer=self.consumer,
             start=self.start_position,
         )
@@ -174,9 +174,7 @@ class Consumer:
                     self._pull_scope = pull_scope
                     if self._stopping:
                         pull_scope.cancel()
-                    opener = getattr(iterator, "open", None)
-                    if opener is not None:  # create the group now: "start at the end" = now
-                        await opener()
+                    await iterator.open()  # create the group now: "start at the end" = now
                     self._running.set()
                     log.info("consuming group %r (%s) from %r", self.group,
                              ", ".join(p.text for p in self.patterns), self.provider)
@@ -201,9 +199,7 @@ class Consumer:
                             "them again", self.stats.in_flight)
         finally:
             with anyio.CancelScope(shield=True):
-                closer = getattr(iterator, "aclose", None)
-                if closer is not None:
-                    await closer()
+                await iterator.aclose()
             log.info("consumer of group %r stopped: %s", self.group, self.stats)
 
     # -- one delivery --------------------------------------------------------------------------

@@ -1,15 +1,21 @@
-"""Transports and stores for events. Optional drivers are imported lazily."""
+"""Transports and stores for events. Optional drivers are imported lazily.
+
+The ports are in :mod:`outbox.providers.base`: :class:`Publisher`, :class:`Subscriber` (together
+:class:`Provider`) and the optional :class:`EventStore`.
+"""
 
 from outbox.providers.base import (
     Capabilities,
     Delivery,
     EventFilter,
     EventNotFound,
+    EventStore,
+    GroupMember,
     Provider,
     ProviderStats,
+    Publisher,
     StartPosition,
-    SupportsConsume,
-    publish_many,
+    Subscriber,
 )
 
 __all__ = [
@@ -17,9 +23,11 @@ __all__ = [
     "Delivery",
     "EventFilter",
     "EventNotFound",
+    "EventStore",
+    "GroupMember",
     "Provider",
     "ProviderStats",
+    "Publisher",
     "StartPosition",
-    "SupportsConsume",
-    "publish_many",
+    "Subscriber",
 ]

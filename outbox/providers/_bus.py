@@ -1,9 +1,8 @@
 """Pieces shared by the consumer-group providers (Redis Streams, NATS JetStream, the database).
 
-Kept out of ``redis.py``/``nats.py`` so they behave the same: group-name rules, the one-pattern-
+Kept out of ``redis/`` and ``nats/`` so they behave the same: group-name rules, the one-pattern-
 per-group rule inside a process, reconnect backoff, outage logging, URL redaction, the life cycle
-of a group member (:class:`GroupReader`), the dead-letter rule for exhausted deliveries, and the
-JSON records the buses keep for ``store``/``update_status``.
+of a group member (:class:`GroupReader`) and the dead-letter rule for exhausted deliveries.
 """
 
 from __future__ import annotations
@@ -15,13 +14,12 @@ import logging
 import random
 import re
 import time
-import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
-from outbox import _json, wire
+from outbox import wire
 from outbox._redact import redact as redact_url
 from outbox.events import Event
 from outbox.exceptions import MalformedMessage, ProviderError
@@ -34,12 +32,11 @@ __all__ = [
     "GroupRegistry",
     "OutageLog",
     "SettleOnce",
+    "config_options",
     "config_section",
     "decode_or_none",
     "exhausted",
-    "from_record",
     "redact_url",
-    "to_record",
     "validate_group",
 ]
 
@@ -161,6 +158,7 @@ class BusDelivery(SettleOnce):
 
     def __init__(self, event: Event, attempt: int, reader: Any) -> None:
         self.event = event
+        self.group: str = reader.group
         self.attempt = attempt
         self.last_error: str | None = None
         self._reader = reader
@@ -347,6 +345,17 @@ def config_section(config: Any, name: str) -> dict[str, Any]:
     return dict(vars(section))
 
 
+def config_options(config: Any, name: str, known: Collection[str]) -> dict[str, Any]:
+    """The options of section ``name`` a provider takes (``known``) that are set, durations as
+    seconds: the keyword arguments of its ``from_config``."""
+    options = {k: v for k, v in config_section(config, name).items()
+               if k in known and v is not None}
+    for key, value in options.items():
+        if isinstance(value, dt.timedelta):
+            options[key] = value.total_seconds()
+    return options
+
+
 def decode_or_none(raw: bytes | None, where: str | None = None) -> Event | None:
     """The event of a wire document; ``None`` for a missing or malformed one (logged with
     ``where`` when given)."""
@@ -358,24 +367,3 @@ def decode_or_none(raw: bytes | None, where: str | None = None) -> Event | None:
         if where is not None:
             log.warning("skipping malformed %s: %s", where, exc)
         return None
-
-
-_RECORD_TIMES = ("created_at", "processed_at", "completed_at", "next_attempt_at",
-                 "lease_expires_at")
-
-
-def to_record(event: Event) -> str:
-    """Every field of ``event`` as JSON (what ``store`` keeps; the wire document has no status)."""
-    return _json.dumps(event.to_dict())
-
-
-def from_record(record: bytes | str) -> Event:
-    """The event of a :func:`to_record` document."""
-    data = _json.loads(record)
-    for name in _RECORD_TIMES:
-        if data.get(name) is not None:
-            data[name] = dt.datetime.fromisoformat(data[name])
-    for name in ("id", "lease_token"):
-        if data.get(name) is not None:
-            data[name] = uuid.UUID(data[name])
-    return Event.from_dict(data)

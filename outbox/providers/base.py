@@ -1,22 +1,21 @@
-"""The provider contract every transport implements, and its value types.
+"""The provider ports, after Watermill's: a publisher, a subscriber, an optional event store.
 
-A provider stores events and carries them between processes. The relay calls
-:meth:`Provider.publish` to forward an event; consumers in other processes read them back with
-``consume`` (:class:`SupportsConsume`: deliveries acknowledged after the handler succeeded) or the
-simpler :meth:`Provider.stream`.
+Every provider implements :class:`Provider`, that is :class:`Publisher` (the relay forwards with
+``publish_many``) and :class:`Subscriber` (``stream`` follows what is published from now on;
+``consume`` hands out deliveries of a consumer group, settled with ack, nack or park). Providers
+that also *keep* events implement :class:`EventStore` (``store``/``get``/``list``/
+``update_status``/``delete``): the memory and the database providers do; Redis Streams and NATS
+JetStream carry events without keeping a queryable copy. Ask with
+``isinstance(provider, EventStore)``; the :class:`outbox.Broker` keeps statuses only there.
 
-Contract shared by all providers (checked by ``tests/conformance``):
+Shared rules (checked by ``tests/conformance``):
 
 - every method is a coroutine except ``stream``/``consume``, which return async iterators;
-- ``store``/``publish`` are idempotent by event id: storing or publishing the same id twice keeps
-  one event (providers with a bounded dedupe window say so in their docstring);
-- ``get`` returns ``None`` for an unknown id; ``update_status``/``delete`` raise
-  :class:`EventNotFound` for an unknown id;
-- events handed out are copies: mutating them never changes what the provider holds;
+- a provider is safe to use from several tasks of one event loop at once; it is not shared
+  between event loops or threads;
+- events handed out are copies: mutating them never changes what the provider holds or sends;
 - an unreachable backend raises :class:`outbox.ProviderUnavailable` (a reason to back off and
-  retry, never a reason to fail an event); every other refusal raises :class:`outbox.ProviderError`;
-- providers are safe to use from several tasks of one event loop at once; they are not shared
-  between event loops or threads.
+  retry, never a reason to fail an event); every other refusal raises :class:`outbox.ProviderError`.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ import enum
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from outbox.events import Event, EventSource, EventStatus
@@ -37,28 +37,36 @@ __all__ = [
     "Delivery",
     "EventFilter",
     "EventNotFound",
+    "EventStore",
+    "GroupMember",
     "Provider",
     "ProviderStats",
+    "Publisher",
     "StartPosition",
-    "SupportsConsume",
-    "SupportsPing",
+    "Subscriber",
     "apply_status",
     "as_event_id",
     "order_key",
     "parse_start",
     "publish_each",
-    "publish_many",
+    "publish_one",
 ]
 
 
 @dataclass(frozen=True, slots=True)
 class Capabilities:
-    """What a provider can do; the conformance suite skips what a provider does not claim."""
+    """What a provider guarantees beyond the ports; the conformance suite skips what a provider
+    does not claim."""
 
-    persistent: bool = False  # survives a process restart
-    cross_instance: bool = False  # other processes can consume what this one publishes
-    consumer_groups: bool = False  # consume(group=...) splits work inside a group
-    full_query: bool = True  # list() honours every EventFilter field
+    #: What was published survives a restart of the process (and of the backend's server).
+    persistent: bool = False
+    #: Other processes consume what this one publishes; a member that dies (its process is
+    #: killed) loses what it held to the rest of its group after the claim timeout.
+    cross_instance: bool = False
+    #: ``nack`` counts as a delivery: an event delivered more than ``max_deliveries`` times is
+    #: parked by the provider itself. (The database provider redelivers a nacked event until its
+    #: consumer settles it; it bounds only the take-overs from members that died.)
+    bounded_redelivery: bool = False
     #: Stores into the relay's own ``events`` table: a ``pending`` event it stores is one a relay
     #: claims. A broker therefore stores its events ``processing`` (see ``outbox.Broker``).
     relay_table: bool = False
@@ -68,9 +76,9 @@ class Capabilities:
 class EventFilter:
     """Which events ``list`` returns. ``None`` fields do not filter.
 
-    ``type`` is a pattern (:mod:`outbox.patterns`). ``start_time`` is inclusive and
-    ``end_time`` exclusive, on ``created_at``. Results are ordered by ``created_at``, then
-    ``seq``, then ``id``, so ``limit``/``offset`` pages are stable.
+    ``type`` is a pattern (``outbox.patterns``). ``start_time`` is inclusive and ``end_time``
+    exclusive, on ``created_at``. Results are ordered by ``created_at``, then ``seq``, then
+    ``id``, so ``limit``/``offset`` pages are stable.
     """
 
     source: EventSource | str | None = None
@@ -225,36 +233,169 @@ def parse_start(text: str | StartPosition | dt.datetime) -> StartPosition | dt.d
     return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
 
 
+# ------------------------------------------------------------------------------------------------
+# the ports
+
+
 @runtime_checkable
 class Delivery(Protocol):
-    """One event handed to a consumer; settle it exactly once with ack, nack or park.
+    """One event handed to a member of a consumer group; settle it exactly once.
 
-    ``attempt`` is 1 for the first delivery of this event to this group. A delivery that is never
-    settled (crash, lost connection) is redelivered after the provider's claim timeout.
+    ``group`` is the consumer group it was delivered to. ``attempt`` is 1 for the first delivery
+    of this event to this group and grows with every redelivery (a nack, or a member that stopped
+    holding it); ``last_error`` is the error of the nack before, when this member knows it.
+    Settling a delivery twice raises :class:`outbox.ProviderError`. A settlement the backend
+    could not record (it is unreachable) raises :class:`outbox.ProviderUnavailable` and leaves the
+    delivery unsettled: call again.
     """
 
     event: Event
+    group: str
     attempt: int
+    last_error: str | None
 
     async def ack(self) -> None:
         """The handler succeeded: never deliver this event to this group again."""
 
     async def nack(self, error: str, *, delay: float = 0.0) -> None:
-        """The handler failed: deliver again after ``delay`` seconds (at-least-once)."""
+        """The handler failed: deliver it again after ``delay`` seconds (at-least-once)."""
 
     async def park(self, error: str) -> None:
-        """Give up: move the event to the dead-letter place, never deliver it again."""
+        """Give up: record the event with ``error`` among the group's dead letters; it is never
+        delivered to this group again."""
 
 
 @runtime_checkable
-class Provider(Protocol):
-    """Storage plus transport for events. See the module docstring for the shared contract."""
+class GroupMember(Protocol):
+    """What :meth:`Subscriber.consume` returns: one member of a consumer group, an async
+    iterator of :class:`Delivery`.
+
+    Iterating (or :meth:`open`) joins the group, creating it at the start position if it does not
+    exist. The iterator rides out outages of the backend (it waits with backoff and logs the
+    outage once); it ends after :meth:`aclose`. Deliveries come in publication order; a
+    redelivery may come after later events. Use it with ``async with`` or close it: closing gives
+    what it holds and has not settled back to the group at once (close only when no handler still
+    works on one of its deliveries).
+    """
+
+    def __aiter__(self) -> GroupMember: ...
+
+    async def __anext__(self) -> Delivery: ...
+
+    async def open(self) -> None:
+        """Join the group now, so that a new group starts *now* rather than at the first pull;
+        waits while the backend is unreachable."""
+
+    async def aclose(self) -> None:
+        """Stop and give back what this member holds. Idempotent."""
+
+    async def __aenter__(self) -> GroupMember: ...
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None: ...
+
+
+@runtime_checkable
+class Publisher(Protocol):
+    """Carries events to subscribers: the port the relay forwards through.
+
+    Contract:
+
+    - ``publish_many`` returns once the backend accepted every event it reports accepted (stored
+      durably where the provider is ``persistent``); one result per event, in input order:
+      ``None`` for accepted, else the exception about that event alone (it could not be encoded,
+      the backend refused it);
+    - an outage of the backend raises :class:`outbox.ProviderUnavailable` for the whole call: the
+      caller cannot know which events arrived, so it publishes them all again;
+    - publishing is idempotent by event id, so that repeat is safe: an id already published is
+      not delivered again (Redis and NATS remember ids for their ``duplicate_window``);
+    - events of one call are appended in input order, so a consumer sees one publisher's events
+      in the order it published them;
+    - ``close`` stops this provider's group members (they give back what they hold), flushes what
+      is in flight and releases connections; it is idempotent, and any other call after it raises
+      :class:`outbox.ProviderError`.
+    """
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
 
+    async def publish_many(self, events: Sequence[Event]) -> list[BaseException | None]:
+        """Publish ``events`` (see the class docstring for the contract)."""
+
+    async def publish(self, event: Event) -> None:
+        """Publish one event: ``publish_many([event])``, raising that event's error."""
+
+    async def ping(self) -> None:
+        """Return when the backend answers (cheaply: the relay's outage probe, ``/readyz``);
+        raise :class:`outbox.ProviderUnavailable` if not."""
+
+    async def stats(self) -> ProviderStats:
+        """Current counters (``extra`` holds the provider's own: groups, dead letters…)."""
+
+    async def close(self) -> None:
+        """Stop consumers, flush, release connections. Idempotent."""
+
+
+@runtime_checkable
+class Subscriber(Protocol):
+    """Hands out what was published: to everyone (``stream``) or to consumer groups.
+
+    Consumer-group contract (``consume``):
+
+    - the members of one group share its events (no event goes to two members in normal
+      operation); every group gets every published event its pattern matches;
+    - at-least-once: an event is delivered again until a member acks or parks it — after a nack
+      (with its delay), when the member that held it closes without settling it (at once), and
+      when that member died (after the provider's claim timeout); deliveries of one event carry
+      the same id, so handlers dedupe by ``event.id``;
+    - a group is consumed with one pattern: consuming it with another one in the same process
+      (or, on NATS, ever) raises :class:`outbox.ProviderError`;
+    - ``start`` (``NOW``, ``BEGINNING`` or an aware datetime) applies only when the group is
+      created; an existing group resumes where it was;
+    - a message that is not a valid event (malformed) is parked by the provider, never handed out
+      and never blocking the group.
+    """
+
+    def stream(self, pattern: str = "*") -> AsyncIterator[Event]:
+        """Events published from now on whose type matches ``pattern``, as they arrive.
+
+        Nothing is acknowledged and nothing is redelivered (use :meth:`consume` for that); close
+        the iterator (``aclose()``) when done.
+        """
+
+    def consume(
+        self,
+        pattern: str = "*",
+        *,
+        group: str,
+        consumer: str | None = None,
+        start: StartPosition | dt.datetime = StartPosition.NOW,
+    ) -> GroupMember:
+        """A member of consumer group ``group`` (see the class docstring). ``consumer`` names
+        this member (default: the instance id)."""
+
+
+@runtime_checkable
+class Provider(Publisher, Subscriber, Protocol):
+    """What every provider implements: it publishes and it consumes."""
+
+
+@runtime_checkable
+class EventStore(Protocol):
+    """Providers that keep events (memory, database): what the broker records statuses in.
+
+    Contract:
+
+    - ``store`` is idempotent by id (storing an id again keeps the first) and does not deliver;
+      ``publish`` on such a provider stores as well;
+    - ``get`` returns ``None`` for an unknown id; ``update_status``/``delete`` raise
+      :class:`EventNotFound`;
+    - ``list`` honours every :class:`EventFilter` field, in its stable order;
+    - events handed out are copies.
+    """
+
     async def store(self, event: Event) -> None:
-        """Store ``event`` without delivering it to subscribers (idempotent by id)."""
+        """Keep ``event`` without delivering it to subscribers (idempotent by id)."""
 
     async def get(self, event_id: uuid.UUID | str) -> Event | None:
         """The stored event with that id, or ``None``."""
@@ -270,75 +411,23 @@ class Provider(Protocol):
     async def delete(self, event_id: uuid.UUID | str) -> None:
         """Remove a stored event."""
 
-    def stream(self, pattern: str = "*") -> AsyncIterator[Event]:
-        """Events published from now on whose type matches ``pattern``, as they arrive.
 
-        Delivery to an iterating task is acknowledged when the task asks for the next event, so
-        an exception in the loop body leaves the event unacknowledged (redelivered where the
-        provider persists deliveries).
-        """
-
-    async def publish(self, event: Event) -> None:
-        """Store ``event`` and deliver it to subscribers; returns once the backend accepted it."""
-
-    async def close(self) -> None:
-        """Release connections and stop background tasks. Idempotent."""
-
-    async def stats(self) -> ProviderStats:
-        """Current counters."""
+async def publish_one(publisher: Publisher, event: Event) -> None:
+    """``publisher.publish_many([event])``, raising the event's error: ``publish`` of the
+    providers whose natural unit is a batch."""
+    error = (await publisher.publish_many([event]))[0]
+    if error is not None:
+        raise error
 
 
-@runtime_checkable
-class SupportsPing(Protocol):
-    """Providers that can tell cheaply whether their backend answers (relay outage probe,
-    ``/readyz``)."""
-
-    async def ping(self) -> None:
-        """Return when the backend answers; raise :class:`outbox.ProviderUnavailable` if not."""
-
-
-@runtime_checkable
-class SupportsConsume(Protocol):
-    """Providers that carry events to other processes through consumer groups."""
-
-    def consume(
-        self,
-        pattern: str = "*",
-        *,
-        group: str,
-        consumer: str | None = None,
-        start: StartPosition | dt.datetime = StartPosition.NOW,
-    ) -> AsyncIterator[Delivery]:
-        """Deliveries for ``group``: consumers of one group share the work, each group gets every
-        event. ``consumer`` names this member (default: the instance id). ``start`` applies only
-        when the group does not exist yet. Malformed messages are parked by the provider and never
-        yielded."""
-
-
-async def publish_many(provider: Provider, events: Sequence[Event]) -> list[BaseException | None]:
-    """Publish ``events`` in order; one result per event (``None`` = accepted by the backend).
-
-    Providers may define an ``async publish_many(events)`` with the same contract to keep many
-    publishes in flight (pipelined XADD, JetStream publish_async). Contract: results are in input
-    order; an outage of the backend raises :class:`ProviderUnavailable` for the whole call (the
-    caller cannot know which events arrived, so it retries them all and relies on dedupe by id);
-    an error specific to one event is returned in that event's slot.
-    """
-    own = getattr(provider, "publish_many", None)
-    if own is not None:
-        results: list[BaseException | None] = await own(events)
-        return results
-    return await publish_each(provider, events)
-
-
-async def publish_each(provider: Provider,
+async def publish_each(publisher: Publisher,
                        events: Sequence[Event]) -> list[BaseException | None]:
-    """:func:`publish_many` one ``provider.publish`` at a time (also what a provider's own
-    ``publish_many`` falls back to, to find the event a failed batch stumbled on)."""
+    """``publish_many`` one ``publisher.publish`` at a time: what a provider's own
+    ``publish_many`` falls back to, to find the event a failed batch stumbled on."""
     out: list[BaseException | None] = []
     for event in events:
         try:
-            await provider.publish(event)
+            await publisher.publish(event)
         except ProviderUnavailable:
             raise
         except Exception as exc:  # an error about this event only

@@ -32,7 +32,7 @@ from outbox._sql.relay import COMPLETED, FAILED, PENDING, Outcome
 from outbox.events import Event
 from outbox.exceptions import ProviderUnavailable
 from outbox.logs import event_context
-from outbox.providers.base import publish_many
+from outbox.providers.base import Publisher
 from outbox.retry import RetryPolicy
 from outbox.tracing import continue_trace, set_error
 
@@ -116,7 +116,7 @@ class Dispatcher:
     def __init__(
         self,
         broker: _Broker | None,
-        provider: Any | None,
+        provider: Publisher | None,
         *,
         retry_policy: RetryPolicy,
         now: Callable[[], dt.datetime],
@@ -198,7 +198,7 @@ class Dispatcher:
                 continue
             events = [event for _, (event, _) in round_items]
             try:
-                errors = await publish_many(self.provider, events)
+                errors = await self.provider.publish_many(events)
             except ProviderUnavailable as exc:
                 result.outage = exc
                 self._release_unforwarded(ready, result)

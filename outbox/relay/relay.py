@@ -31,6 +31,7 @@ from outbox.exceptions import (
     ProviderUnavailable,
     SchemaMissing,
 )
+from outbox.providers.base import Publisher
 from outbox.relay._gc import DEFAULT_GC_THRESHOLD, young_gc_threshold
 from outbox.relay.dispatch import BatchResult, Dispatcher
 from outbox.relay.listener import PgListener, conninfo_from_url
@@ -79,7 +80,7 @@ class Relay:
         database: str | URL | Engine | None = None,
         *,
         broker: Any = None,
-        provider: Any = _UNSET,
+        provider: Publisher | None = _UNSET,
         batch_size: int = 100,
         poll_interval: float = 1.0,
         lease: float = 30.0,
@@ -181,6 +182,9 @@ class Relay:
         provider = self._provider
         if provider is _UNSET:
             provider = getattr(broker, "provider", None)
+        if provider is not None and not isinstance(provider, Publisher):
+            raise TypeError(f"the relay forwards to a Publisher (publish_many, publish, ping, "
+                            f"stats, close), not {type(provider).__qualname__}")
         policy = self._retry_policy or getattr(broker, "retry_policy", None) or RetryPolicy()
         self.broker, self.provider, self.retry_policy = broker, provider, policy
         self.dispatcher = Dispatcher(broker, provider, retry_policy=policy, now=self.store.now,

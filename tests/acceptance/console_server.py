@@ -8,10 +8,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+
+from tests.helpers import eventually_sync
 
 
 @contextmanager
@@ -84,10 +85,10 @@ def console(*args: str, env: dict[str, str] | None = None,
     assert "Traceback" not in err, err
 
 
-def wait_until(check: object, timeout: float = 15.0, every: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
-            return True
-        time.sleep(every)
-    return False
+def wait_until(check: Callable[[], object], timeout: float = 15.0, every: float = 0.2) -> bool:
+    """True once ``check()`` holds within ``timeout`` seconds, False otherwise."""
+    try:
+        eventually_sync(check, within=timeout, every=every)
+    except AssertionError:
+        return False
+    return True

@@ -23,11 +23,11 @@ from tests.bus_helpers import (
     ROOT,
     handled,
     start_consumer,
-    wait_for,
     write_app,
     write_config,
 )
 from tests.conftest import NatsNames
+from tests.helpers import eventually_sync
 
 
 def _events(n: int, **payload: Any) -> list[Event]:
@@ -104,12 +104,12 @@ def test_consumes_and_stops_gracefully_on_sigterm(bus: dict[str, Any]) -> None:
                               extra=["--metrics-port", str(port)])
     try:
         consumer.wait_ready()
-        wait_for(lambda: _status(f"http://127.0.0.1:{port}/readyz") == 200, what="/readyz")
+        eventually_sync(lambda: _status(f"http://127.0.0.1:{port}/readyz") == 200, what="/readyz")
         assert _status(f"http://127.0.0.1:{port}/healthz") == 200
         fast = _events(5)
         slow = _events(1, sleep=1.5)
         _publish(bus["make"], fast + slow)
-        wait_for(lambda: (directory / f"started-{slow[0].id}").exists(), what="slow handler")
+        eventually_sync(lambda: (directory / f"started-{slow[0].id}").exists(), what="slow handler")
         import urllib.request
 
         def completed_counted() -> bool:
@@ -118,7 +118,7 @@ def test_consumes_and_stops_gracefully_on_sigterm(bus: dict[str, Any]) -> None:
             return ('eventbroker_events_processed_total{source="database",'
                     'status="completed",type="public.users.create"} 5.0') in exposition
 
-        wait_for(completed_counted, what="the consumer's metrics")
+        eventually_sync(completed_counted, what="the consumer's metrics")
         code = consumer.terminate()  # while the slow handler runs
     finally:
         consumer.kill()
@@ -137,8 +137,8 @@ def test_failing_handler_is_parked_after_the_retry_policy(bus: dict[str, Any]) -
         bad = _events(1, fail=True)[0]
         good = _events(1)[0]
         _publish(bus["make"], [bad, good])
-        wait_for(lambda: "parking it" in consumer.log.read_text(), what="parking")
-        wait_for(lambda: any(handled(directory, "g").values()), what="the good event")
+        eventually_sync(lambda: "parking it" in consumer.log.read_text(), what="parking")
+        eventually_sync(lambda: any(handled(directory, "g").values()), what="the good event")
         assert consumer.terminate() == 0
     finally:
         consumer.kill()
@@ -192,7 +192,7 @@ def test_inbox_flag_skips_a_redelivered_event(tmp_path: Path, redis_url: str, re
         try:
             consumer.wait_ready()
             anyio.run(publish, again)
-            wait_for(lambda: settled() and bool(handled(tmp_path, "stock")),
+            eventually_sync(lambda: settled() and bool(handled(tmp_path, "stock")),
                      what="the entry settled")
             assert consumer.terminate() == 0
         finally:
@@ -288,7 +288,7 @@ def test_relay_cli_forwards_to_the_consumer_cli(bus: dict[str, Any], pg_url: str
             cwd=directory, env=env, capture_output=True, text=True, timeout=120)
         assert relay.returncode == 0, relay.stderr
         assert statuses(pg_engine) == {"completed": 50}
-        wait_for(lambda: sum(len(v) for v in handled(directory, "search").values()) >= 50,
+        eventually_sync(lambda: sum(len(v) for v in handled(directory, "search").values()) >= 50,
                  what="the consumer handled what the relay forwarded")
         assert consumer.terminate() == 0
     finally:

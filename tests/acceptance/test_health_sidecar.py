@@ -7,15 +7,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import sqlalchemy as sa
 
 from tests import servers
+from tests.helpers import eventually_sync
 from tests.integration.ops_seed import add, event, statuses
 from tests.integration.test_health import promtool  # noqa: F401 - the fixture
 
@@ -32,13 +32,8 @@ def get(url: str) -> tuple[int, bytes]:
         return 0, b""
 
 
-def wait_for(predicate: object, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
+def wait_for(predicate: Callable[[], object], what: str) -> None:
+    eventually_sync(predicate, within=60, every=0.1, what=what)
 
 
 def metric(text: str, name: str) -> float:

@@ -1,4 +1,5 @@
-"""Behaviour every provider shares (the contract in ``outbox/providers/base.py``).
+"""Publishing, streams and the event store: behaviour every provider shares (the ports in
+``outbox/providers/base.py``). Consumer groups: ``test_groups.py``.
 
 See ``conftest.py`` for how a provider joins the suite.
 """
@@ -16,8 +17,8 @@ import pytest
 
 from outbox import Event, EventFilter, EventNotFound, EventSource, EventStatus, new_event
 from outbox.exceptions import ProviderError
-from outbox.providers.base import Provider, ProviderStats, SupportsPing, publish_many
-from tests.conformance.conftest import ProviderFactory
+from outbox.providers.base import EventStore, Provider, ProviderStats, StartPosition
+from tests.conformance.conftest import Backend, ProviderFactory
 
 pytestmark = pytest.mark.anyio
 
@@ -48,6 +49,13 @@ def same(a: Event, b: Event) -> bool:
 def require(provider: Provider, capability: str) -> None:
     if not getattr(provider.capabilities, capability):
         pytest.skip(f"{provider.name} does not claim {capability}")
+
+
+def require_store(provider: Provider) -> EventStore:
+    """The provider as an event store (the test is skipped for providers that keep nothing)."""
+    if not isinstance(provider, EventStore):
+        pytest.skip(f"{provider.name} keeps no events (no EventStore)")
+    return provider
 
 
 # -- stream reading helpers ---------------------------------------------------------------------
@@ -108,39 +116,41 @@ async def reading(provider: Provider, pattern: str, probe_type: str) -> AsyncIte
 
 
 async def test_store_then_get_returns_an_equal_event(provider: Provider) -> None:
+    store = require_store(provider)
     event = make(user_id=7, session_id="s1", schema_name="public", entity="users", entity_id=42,
                  operation="create", metadata={"trace": {"id": "abc"}})
-    await provider.store(event)
-    got = await provider.get(event.id)
+    await store.store(event)
+    got = await store.get(event.id)
     assert got is not None and same(got, event)
     assert got.status == EventStatus.PENDING
-    by_text = await provider.get(str(event.id))
+    by_text = await store.get(str(event.id))
     assert by_text is not None and by_text.id == event.id
 
 
 async def test_get_of_an_unknown_id_is_none(provider: Provider) -> None:
-    assert await provider.get(uuid.uuid4()) is None
+    assert await require_store(provider).get(uuid.uuid4()) is None
 
 
 async def test_store_is_idempotent_by_id(provider: Provider) -> None:
+    store = require_store(provider)
     event = make("test.once")
-    await provider.store(event)
-    await provider.store(event)
-    await provider.store(event.copy())
-    assert await provider.get(event.id) is not None
-    if provider.capabilities.full_query:
-        assert [e.id for e in await provider.list(EventFilter(type="test.once"))] == [event.id]
+    await store.store(event)
+    await store.store(event)
+    await store.store(event.copy())
+    assert await store.get(event.id) is not None
+    assert [e.id for e in await store.list(EventFilter(type="test.once"))] == [event.id]
 
 
 async def test_events_handed_out_are_copies(provider: Provider) -> None:
+    store = require_store(provider)
     event = make(payload={"items": [1, 2]})
-    await provider.store(event)
+    await store.store(event)
     event.payload["items"].append(3)  # the caller keeps mutating its object
-    first = await provider.get(event.id)
+    first = await store.get(event.id)
     assert first is not None and first.payload == {"items": [1, 2]}
     first.payload["items"].append(99)
     first.meta["x"] = 1
-    again = await provider.get(event.id)
+    again = await store.get(event.id)
     assert again is not None and again.payload == {"items": [1, 2]} and "x" not in again.meta
 
 
@@ -148,49 +158,52 @@ async def test_events_handed_out_are_copies(provider: Provider) -> None:
 
 
 async def test_update_status_sets_status_timestamps_and_error(provider: Provider) -> None:
+    store = require_store(provider)
     event = make()
-    await provider.store(event)
-    await provider.update_status(event.id, EventStatus.PROCESSING)
-    processing = await provider.get(event.id)
+    await store.store(event)
+    await store.update_status(event.id, EventStatus.PROCESSING)
+    processing = await store.get(event.id)
     assert processing is not None and processing.status == "processing"
     assert processing.processed_at is not None and processing.completed_at is None
 
-    await provider.update_status(str(event.id), "failed", "handler x: boom")
-    failed = await provider.get(event.id)
+    await store.update_status(str(event.id), "failed", "handler x: boom")
+    failed = await store.get(event.id)
     assert failed is not None and failed.status == "failed"
     assert failed.error == "handler x: boom" and failed.completed_at is not None
 
-    await provider.update_status(event.id, EventStatus.PENDING)  # replay
-    replayed = await provider.get(event.id)
+    await store.update_status(event.id, EventStatus.PENDING)  # replay
+    replayed = await store.get(event.id)
     assert replayed is not None and replayed.status == "pending"
     assert replayed.completed_at is None
 
-    await provider.update_status(event.id, EventStatus.COMPLETED)
-    done = await provider.get(event.id)
+    await store.update_status(event.id, EventStatus.COMPLETED)
+    done = await store.get(event.id)
     assert done is not None and done.status == "completed" and done.completed_at is not None
     assert done.processed_at is not None and done.processed_at <= done.completed_at
 
-    await provider.update_status(event.id, EventStatus.PROCESSING)  # taken up again
-    again = await provider.get(event.id)
+    await store.update_status(event.id, EventStatus.PROCESSING)  # taken up again
+    again = await store.get(event.id)
     assert again is not None and again.status == "processing" and again.completed_at is None
 
 
 async def test_update_status_of_unknown_id_or_status(provider: Provider) -> None:
+    store = require_store(provider)
     with pytest.raises(EventNotFound):
-        await provider.update_status(uuid.uuid4(), EventStatus.COMPLETED)
+        await store.update_status(uuid.uuid4(), EventStatus.COMPLETED)
     event = make()
-    await provider.store(event)
+    await store.store(event)
     with pytest.raises((ValueError, ProviderError)):
-        await provider.update_status(event.id, "sleeping")
+        await store.update_status(event.id, "sleeping")
 
 
 async def test_delete(provider: Provider) -> None:
+    store = require_store(provider)
     event = make()
-    await provider.store(event)
-    await provider.delete(event.id)
-    assert await provider.get(event.id) is None
+    await store.store(event)
+    await store.delete(event.id)
+    assert await store.get(event.id) is None
     with pytest.raises(EventNotFound):
-        await provider.delete(event.id)
+        await store.delete(event.id)
 
 
 # -- list ----------------------------------------------------------------------------------------
@@ -199,7 +212,7 @@ async def test_delete(provider: Provider) -> None:
 @pytest.fixture
 async def history(provider: Provider) -> list[Event]:
     """Six stored events with distinct attributes, created one second apart."""
-    require(provider, "full_query")
+    store = require_store(provider)
     events = [
         make("public.users.create", offset=0, source="database", user_id="1", session_id="a",
              schema_name="public", entity="users", entity_id="1", operation="create",
@@ -215,9 +228,9 @@ async def history(provider: Provider) -> list[Event]:
         make("system.tick", offset=5, source="system", instance_id="worker"),
     ]
     for e in events:
-        await provider.store(e)
-    await provider.update_status(events[1].id, EventStatus.COMPLETED)
-    await provider.update_status(events[2].id, EventStatus.FAILED, "boom")
+        await store.store(e)
+    await store.update_status(events[1].id, EventStatus.COMPLETED)
+    await store.update_status(events[2].id, EventStatus.FAILED, "boom")
     return events
 
 
@@ -255,20 +268,20 @@ async def history(provider: Provider) -> list[Event]:
 async def test_list_filters(
     provider: Provider, history: list[Event], filter_: EventFilter, expected: list[int]
 ) -> None:
-    got = await provider.list(filter_)
+    got = await require_store(provider).list(filter_)
     assert [e.id for e in got] == [history[i].id for i in expected]
 
 
 async def test_list_order_is_stable_for_equal_created_at(provider: Provider) -> None:
-    require(provider, "full_query")
+    store = require_store(provider)
     events = [make("test.same", offset=0) for _ in range(6)]
     for e in events:
-        await provider.store(e)
-    everything = [e.id for e in await provider.list(EventFilter(type="test.same"))]
+        await store.store(e)
+    everything = [e.id for e in await store.list(EventFilter(type="test.same"))]
     assert sorted(everything, key=str) == sorted((e.id for e in events), key=str)
     pages = []
     for offset in range(0, 6, 2):
-        page = await provider.list(EventFilter(type="test.same", limit=2, offset=offset))
+        page = await store.list(EventFilter(type="test.same", limit=2, offset=offset))
         pages.extend(e.id for e in page)
     assert pages == everything  # pages neither repeat nor skip events
 
@@ -276,7 +289,7 @@ async def test_list_order_is_stable_for_equal_created_at(provider: Provider) -> 
 # -- publish and stream --------------------------------------------------------------------------
 
 
-async def test_publish_stores_and_delivers_to_matching_streams(provider: Provider) -> None:
+async def test_publish_delivers_to_matching_streams(provider: Provider) -> None:
     async with reading(provider, "test.*", "test.probe") as tests, \
             reading(provider, "other.*", "other.probe") as others:
         first = make("test.created")
@@ -290,14 +303,18 @@ async def test_publish_stores_and_delivers_to_matching_streams(provider: Provide
         assert others.ids() == [second.id]
         delivered = next(e for e in tests.received if e.id == first.id)
         assert same(delivered, first)
-    stored = await provider.get(first.id)
-    assert stored is not None and same(stored, first)
+    if isinstance(provider, EventStore):  # publishing stores as well
+        stored = await provider.get(first.id)
+        assert stored is not None and same(stored, first)
 
 
-async def test_store_alone_does_not_deliver(provider: Provider) -> None:
+async def test_store_alone_does_not_deliver(provider: Provider, backend: Backend) -> None:
+    store = require_store(provider)
+    if not backend.store_is_silent:
+        pytest.skip(f"{backend.name}: every stored row is on the bus")
     async with reading(provider, "test.*", "test.probe") as reader:
         quiet = make("test.stored")
-        await provider.store(quiet)
+        await store.store(quiet)
         marker = make("test.marker")
         await provider.publish(marker)
         await reader.wait_for(lambda e: e.id == marker.id)
@@ -329,7 +346,7 @@ async def test_publish_is_idempotent_by_id(provider: Provider) -> None:
 async def test_publish_many_reports_per_event_in_order(provider: Provider) -> None:
     async with reading(provider, "test.*", "test.probe") as reader:
         a, b = make("test.a"), make("test.b")
-        results = await publish_many(provider, [a, b, a])
+        results = await provider.publish_many([a, b, a])
         assert results == [None, None, None]
         marker = make("test.marker")
         await provider.publish(marker)
@@ -346,29 +363,48 @@ async def test_close_is_idempotent(provider_factory: ProviderFactory) -> None:
         await provider.close()
 
 
+async def test_the_ports(provider: Provider) -> None:
+    """Every provider publishes and consumes; the memory and database providers keep events
+    as well, the transports (Redis, NATS) do not."""
+    assert isinstance(provider, Provider)
+    assert isinstance(provider, EventStore) == (provider.name in ("memory", "database"))
+
+
 async def test_ping_answers_while_the_backend_is_up(provider: Provider) -> None:
     """Every provider can be probed cheaply (the relay's outage probe, ``/readyz``)."""
-    assert isinstance(provider, SupportsPing)
     await provider.ping()
 
 
 async def test_stats(provider: Provider) -> None:
     for i in range(3):
-        await provider.store(make("test.stats", offset=i))
+        await provider.publish(make("test.stats", offset=i))
     stats = await provider.stats()
     # What the counters count differs by backend (stored events, stream entries): only the
     # shape is common.
     assert isinstance(stats, ProviderStats) and stats.provider == provider.name
 
 
-async def test_persistent_events_survive_a_new_instance(provider_factory: ProviderFactory) -> None:
+async def test_stored_events_survive_a_new_instance(provider_factory: ProviderFactory) -> None:
     async with provider_factory() as first:
         require(first, "persistent")
         event = make()
-        await first.store(event)
+        await require_store(first).store(event)
     async with provider_factory() as second:
-        got = await second.get(event.id)
+        got = await require_store(second).get(event.id)
         assert got is not None and same(got, event)
+
+
+async def test_published_events_survive_a_new_instance(provider_factory: ProviderFactory) -> None:
+    async with provider_factory() as first:
+        require(first, "persistent")
+        event = make("test.kept")
+        await first.publish(event)
+    async with provider_factory() as second, \
+            second.consume("test.*", group="late", start=StartPosition.BEGINNING) as member:
+        with anyio.fail_after(WAIT):
+            delivery = await member.__anext__()
+        assert same(delivery.event, event)
+        await delivery.ack()
 
 
 async def test_cross_instance_delivery(provider_factory: ProviderFactory) -> None:

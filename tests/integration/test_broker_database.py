@@ -17,6 +17,7 @@ from outbox import Broker, Event
 from outbox.providers.database import DatabaseProvider
 from outbox.providers.memory import MemoryProvider
 from outbox.relay import Relay
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -54,9 +55,7 @@ async def test_relay_never_claims_what_the_broker_handles(pg_engine: sa.Engine) 
             for event in events:
                 await broker.publish_async(event)
             # one event in its handler, two queued: in the table, all three are the broker's
-            with anyio.fail_after(20):
-                while not handled:  # noqa: ASYNC110 - the worker is another task
-                    await anyio.sleep(0.01)
+            await eventually(lambda: handled, what="the worker to take the first event")
             rows = _rows(pg_engine)
             assert {rows[e.id] for e in events} == {("processing", "broker:api-1")}
             drained, drained_seen = _relay(pg_engine)
@@ -64,7 +63,9 @@ async def test_relay_never_claims_what_the_broker_handles(pg_engine: sa.Engine) 
             assert drained.stats.claimed == 0 and drained_seen == []
             gate.set()
             await broker.join()
-        await anyio.sleep(0.3)  # several polls of the background relay after the broker is done
+        # Several polls of the background relay after the broker is done.
+        polls = background.stats.claims
+        await eventually(lambda: background.stats.claims >= polls + 3)
         background.stop()
     assert handled == [e.id for e in events]  # each once, by the broker
     assert {_rows(pg_engine)[e.id][0] for e in events} == {"completed"}

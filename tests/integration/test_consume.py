@@ -1,4 +1,5 @@
-"""outbox.Consumer on Redis and NATS: ack after success, retries, parking, order, graceful stop."""
+"""outbox.Consumer on Redis, NATS and the memory provider: ack after success, retries, parking,
+order, graceful stop."""
 
 from __future__ import annotations
 
@@ -15,17 +16,26 @@ from outbox.events import Event
 from outbox.providers.nats import NATSProvider
 from outbox.providers.redis import RedisProvider
 from tests.conftest import NatsNames
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.anyio
 
 FAST = RetryPolicy(max_retries=2, initial_delay=0.05, max_delay=0.2, jitter=0)
 
 
-@pytest.fixture(params=["redis", "nats"])
+@pytest.fixture(params=["redis", "nats", "memory"])
 async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., Any]]:
-    """A factory of providers on one stream of the test's own (several may share it)."""
+    """A factory of providers on one stream of the test's own (several may share it; the memory
+    provider is one process's bus, so its factory hands out the same one)."""
     made: list[Any] = []
-    if request.param == "redis":
+    if request.param == "memory":
+        memory = MemoryProvider()
+
+        def make(**kw: Any) -> Any:
+            if not made:
+                made.append(memory)
+            return memory
+    elif request.param == "redis":
         url = request.getfixturevalue("redis_url")
         prefix = request.getfixturevalue("redis_prefix")
 
@@ -64,12 +74,6 @@ async def running(consumer: Consumer) -> AsyncIterator[Consumer]:
             consumer.stop()
 
 
-async def _until(condition: Callable[[], bool], within: float = 15.0) -> None:
-    with anyio.fail_after(within):
-        while not condition():  # noqa: ASYNC110 - counters of another task's consumer
-            await anyio.sleep(0.02)
-
-
 def _events(n: int, type_: str = "public.users.create", **kw: Any) -> list[Event]:
     return [new_event(source="database", type=type_, payload={"i": i}, **kw) for i in range(n)]
 
@@ -77,6 +81,8 @@ def _events(n: int, type_: str = "public.users.create", **kw: Any) -> list[Event
 async def _pending(provider: Any, group: str) -> int:
     stats = await provider.stats()
     g = stats.extra["groups"][group]
+    if isinstance(provider, MemoryProvider):
+        return int(g["waiting"] + g["delayed"] + g["held"])
     return int(g.get("pending", 0)) + int(g.get("ack_pending", 0)) if isinstance(
         provider, NATSProvider) else int(g["pending"])
 
@@ -90,7 +96,7 @@ async def test_handlers_run_and_events_are_acked(bus: Callable[..., Any]) -> Non
     events = _events(10) + _events(2, "public.orders.create")
     async with running(consumer):
         await provider.publish_many(events)
-        await _until(lambda: consumer.stats.handled + consumer.stats.unhandled == 12)
+        await eventually(lambda: consumer.stats.handled + consumer.stats.unhandled == 12)
     assert sorted(seen) == sorted(e.id for e in events[:10])
     assert consumer.stats.handled == 10 and consumer.stats.unhandled == 2
     assert await _pending(provider, "app") == 0
@@ -112,7 +118,7 @@ async def test_failing_handler_is_retried_by_policy_then_succeeds(bus: Callable[
     consumer = Consumer(provider, group="app", broker=broker, start="beginning")
     async with running(consumer):
         await provider.publish(_events(1)[0])
-        await _until(lambda: consumer.stats.handled == 1)
+        await eventually(lambda: consumer.stats.handled == 1)
     assert len(calls) == 3 and consumer.stats.retried == 2
     assert len(good_calls) == 1, "a handler that succeeded is not run again on retries"
     assert await _pending(provider, "app") == 0
@@ -130,7 +136,7 @@ async def test_exhausted_retries_park_the_event_with_the_error(bus: Callable[...
     event = _events(1)[0]
     async with running(consumer):
         await provider.publish(event)
-        await _until(lambda: consumer.stats.parked == 1)
+        await eventually(lambda: consumer.stats.parked == 1)
     assert consumer.stats.retried == FAST.max_retries
     dead = await provider.dead_letters()
     assert len(dead) == 1
@@ -150,7 +156,7 @@ async def test_patterns_restrict_what_the_group_takes(bus: Callable[..., Any]) -
         await provider.publish_many(_events(2, "public.users.create")
                                     + _events(2, "public.orders.create")
                                     + _events(1, "public.roles.delete"))
-        await _until(lambda: consumer.stats.handled + consumer.stats.unhandled == 5)
+        await eventually(lambda: consumer.stats.handled + consumer.stats.unhandled == 5)
     assert sorted(seen) == ["public.roles.delete", "public.users.create", "public.users.create"]
 
 
@@ -174,7 +180,7 @@ async def test_events_of_one_key_are_handled_in_order(bus: Callable[..., Any]) -
     b = _events(10, ordering_key="users:2")
     async with running(consumer):
         await provider.publish_many([x for pair in zip(a, b, strict=True) for x in pair])
-        await _until(lambda: consumer.stats.handled == 20)
+        await eventually(lambda: consumer.stats.handled == 20)
     for key in ("users:1", "users:2"):
         assert [i for k, i in log if k == key] == list(range(10))
 
@@ -231,7 +237,7 @@ async def test_shutdown_timeout_leaves_the_delivery_for_the_group(
     # Another member of the group gets it again and handles it.
     second = Consumer(bus(claim_idle=1.0), group="app", broker=broker)
     async with running(second):
-        await _until(lambda: second.stats.handled == 1, within=20)
+        await eventually(lambda: second.stats.handled == 1, within=20)
     assert len(calls) == 2
 
 
@@ -256,7 +262,7 @@ async def test_a_repeated_delivery_is_skipped_by_event_id(redis_url: str,
             await raw.xadd(provider.stream_name, {"id": str(event.id), "type": event.type,
                                                   "source": event.source,
                                                   "event": wire.encode(event)})
-            await _until(lambda: consumer.stats.duplicates == 1)
+            await eventually(lambda: consumer.stats.duplicates == 1)
     finally:
         await raw.aclose()
         await provider.close()

@@ -6,7 +6,6 @@ import contextlib
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
 
 import anyio
 import pytest
@@ -28,6 +27,7 @@ from outbox.inbox import (
     record_async,
 )
 from outbox.providers.redis import RedisProvider
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -219,12 +219,6 @@ async def running(consumer: Consumer) -> AsyncIterator[Consumer]:
             consumer.stop()
 
 
-async def _until(condition: Any, within: float = 15.0) -> None:
-    with anyio.fail_after(within):
-        while not condition():  # noqa: ASYNC110 - counters of another task's consumer
-            await anyio.sleep(0.02)
-
-
 async def test_redelivered_event_has_no_second_effect(app_engine: sa.Engine,
                                                       redis_bus: RedisProvider,
                                                       redis_url: str) -> None:
@@ -243,7 +237,7 @@ async def test_redelivered_event_has_no_second_effect(app_engine: sa.Engine,
                      start="beginning")
     async with running(first):
         await redis_bus.publish(event)
-        await _until(lambda: first.stats.handled == 1)
+        await eventually(lambda: first.stats.handled == 1)
     # The same event again, as after a consumer died between its commit and its ack; another
     # consumer process (nothing in memory) gets it. The relay's dedupe key does not help here:
     # this is a second stream entry of the same id.
@@ -256,7 +250,7 @@ async def test_redelivered_event_has_no_second_effect(app_engine: sa.Engine,
         await raw.aclose()
     second = Consumer(redis_bus, group="stock", broker=broker, inbox=Inbox(app_engine))
     async with running(second):
-        await _until(lambda: second.stats.duplicates == 1)
+        await eventually(lambda: second.stats.duplicates == 1)
     assert second.stats.handled == 0
     assert calls == [event.id]
     assert _count(app_engine, event.id) == 1
@@ -284,7 +278,7 @@ async def test_failed_attempt_leaves_nothing_behind(app_engine: sa.Engine,
     event = new_event(source="database", type="public.orders.create")
     async with running(consumer):
         await redis_bus.publish(event)
-        await _until(lambda: consumer.stats.handled == 1)
+        await eventually(lambda: consumer.stats.handled == 1)
     assert consumer.stats.retried == 1
     # Both handlers ran twice; the first attempt's writes were rolled back with it.
     with app_engine.connect() as conn:
@@ -317,7 +311,7 @@ async def test_database_provider_acks_in_the_handlers_transaction(pg_url: str,
         async with running(consumer):
             for event in events:
                 await provider.publish(event)
-            await _until(lambda: consumer.stats.handled == 5)
+            await eventually(lambda: consumer.stats.handled == 5)
         assert consumer._ack_in_transaction
     finally:
         await provider.close()

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 import outbox
 from outbox.providers.base import StartPosition
 from outbox.providers.database import DatabaseDelivery, DatabaseProvider
+from tests.helpers import eventually_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 BATCH = 20
@@ -71,14 +72,14 @@ def _counts(engine: sa.Engine) -> tuple[int, int]:
 
 def _wait_for(engine: sa.Engine, distinct: int, proc: subprocess.Popen[bytes],
               timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while _counts(engine)[1] < distinct:
+    def handled() -> bool:
         if proc.poll() is not None:
             err = proc.stderr.read().decode() if proc.stderr else ""
             raise AssertionError(f"consumer exited with {proc.returncode}: {err[-2000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"only {_counts(engine)} of {distinct} handled in {timeout}s")
-        time.sleep(0.05)
+        return _counts(engine)[1] >= distinct
+
+    eventually_sync(handled, within=timeout, every=0.05,
+                    what=lambda: f"{distinct} handled (now {_counts(engine)})")
 
 
 def _publish(url: str, n: int) -> list[str]:

@@ -27,6 +27,7 @@ from outbox.health import (
 from outbox.metrics import Metrics
 from outbox.ops import Backlog
 from tests import servers
+from tests.helpers import eventually
 
 
 def get(url: str, *, accept: str | None = None) -> tuple[int, dict[str, str], bytes]:
@@ -126,12 +127,8 @@ def test_exposition_passes_promtool(promtool: str) -> None:
 
 async def wait_until(predicate: Callable[[], bool], what: str) -> None:
     """Poll ``predicate`` (in a thread: it does blocking HTTP) for up to a minute."""
-    with anyio.move_on_after(60):
-        for _ in range(600):
-            if await anyio.to_thread.run_sync(predicate):
-                return
-            await anyio.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
+    await eventually(lambda: anyio.to_thread.run_sync(predicate), within=60, every=0.1,
+                     what=what)
 
 
 @pytest.mark.anyio

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -30,6 +29,7 @@ from outbox._sql.relay import Outcome
 from outbox.events import Event
 from outbox.providers.database import DatabaseProvider
 from outbox.relay import RelayStore
+from tests.helpers import eventually_sync
 
 T = TypeVar("T")
 events = Event.__table__
@@ -72,18 +72,16 @@ def moved_and_held(engine: sa.Engine, event_id: uuid.UUID) -> Iterator[Callable[
 def blocked_on(engine: sa.Engine, thread: threading.Thread, timeout: float = 10.0) -> None:
     """Wait until some backend of the test database waits for a row lock (or ``thread`` ended:
     its error is reported by the caller)."""
-    deadline = time.monotonic() + timeout
     # Autocommit: within one transaction pg_stat_activity would show the same snapshot.
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        while time.monotonic() < deadline and thread.is_alive():
-            waiting = conn.exec_driver_sql(
+
+        def waiting() -> bool:
+            return not thread.is_alive() or bool(conn.exec_driver_sql(
                 "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND datname = current_database()").scalar_one()
-            if waiting:
-                return
-            time.sleep(0.01)
-    if thread.is_alive():
-        raise TimeoutError("the statement under test never waited for the row")
+                "AND datname = current_database()").scalar_one())
+
+        eventually_sync(waiting, within=timeout, every=0.01,
+                        what="the statement under test to wait for the row")
 
 
 def run_against_a_move(engine: sa.Engine, event_id: uuid.UUID, fn: Callable[[], T]) -> T:

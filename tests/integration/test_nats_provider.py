@@ -1,11 +1,9 @@
-"""NATSProvider on a real JetStream: stream setup, Nats-Msg-Id dedupe, durables, dead letters."""
+"""NATSProvider on a real JetStream: what is NATS-specific (stream setup, subjects, Nats-Msg-Id
+dedupe, the durable's filter, dead-letter subjects, outages, credentials, configuration).
+Consumer groups: ``tests/conformance``."""
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-import textwrap
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,15 +11,15 @@ from typing import Any
 import anyio
 import nats
 import pytest
-from anyio.streams.buffered import BufferedByteReceiveStream
 from nats.js import api as js_api
 
 from outbox import MalformedMessage, ProviderError, ProviderUnavailable, new_event, wire
 from outbox.events import Event
-from outbox.providers.base import Delivery, EventFilter, EventNotFound, SupportsConsume
+from outbox.providers.base import Delivery
 from outbox.providers.nats import NATSProvider, filter_subject
 from tests import servers
 from tests.conftest import NatsNames
+from tests.helpers import eventually, nothing_more, take
 
 pytestmark = pytest.mark.anyio
 
@@ -51,26 +49,17 @@ async def js(nats_url: str) -> AsyncIterator[Any]:
     await nc.close()
 
 
-async def _take(it: AsyncIterator[Delivery], n: int, *, ack: bool = True,
-                within: float = 10.0) -> list[Delivery]:
-    got: list[Delivery] = []
-    with anyio.fail_after(within):
-        while len(got) < n:
-            delivery = await it.__anext__()
-            if ack:
-                await delivery.ack()
-            got.append(delivery)
-    return got
-
-
-async def _nothing_more(it: AsyncIterator[Delivery], wait: float = 0.8) -> None:
-    with anyio.move_on_after(wait):
-        extra = await it.__anext__()
-        pytest.fail(f"unexpected delivery {extra!r}")
-
-
 def _ids(deliveries: list[Delivery]) -> list[uuid.UUID]:
     return [d.event.id for d in deliveries]
+
+
+async def _publishes(p: NATSProvider, events: list[Event]) -> bool:
+    """True once ``events`` were published, False while the server is unavailable."""
+    try:
+        assert await p.publish_many(events) == [None] * len(events)
+    except ProviderUnavailable:
+        return False
+    return True
 
 
 # -- stream and publishing ---------------------------------------------------------------------
@@ -86,7 +75,6 @@ def test_filter_subject_mapping() -> None:
 
 
 async def test_stream_is_created_with_spec_settings(provider: NATSProvider, js: Any) -> None:
-    assert isinstance(provider, SupportsConsume)
     await provider.publish(_events(1)[0])
     info = await js.stream_info(provider.stream_name)
     assert info.config.subjects == [f"{provider.subject_prefix}.>"]
@@ -138,72 +126,13 @@ async def test_event_that_is_no_subject_fails_alone(provider: NATSProvider, js: 
 # -- durable groups ------------------------------------------------------------------------------
 
 
-async def test_every_group_gets_every_event_once(provider: NATSProvider) -> None:
-    events = _events(20)
-    a = provider.consume(group="billing", start="beginning")
-    b = provider.consume(group="search", start="beginning")
-    async with a, b:
-        await provider.publish_many(events)
-        got_a = await _take(a, 20)
-        got_b = await _take(b, 20)
-        await _nothing_more(a)
-        await _nothing_more(b)
-    assert sorted(_ids(got_a)) == sorted(e.id for e in events) == sorted(_ids(got_b))
-
-
-async def test_consumers_of_one_group_share_the_work(nats_url: str,
-                                                     nats_names: NatsNames) -> None:
-    p1 = _provider(nats_url, nats_names, prefetch=5)
-    p2 = _provider(nats_url, nats_names, prefetch=5)
-    events = _events(60)
-    seen: dict[str, list[uuid.UUID]] = {"one": [], "two": []}
-    all_seen = anyio.Event()
-
-    async def run(p: NATSProvider, name: str) -> None:
-        async with p.consume(group="workers", consumer=name, start="beginning") as it:
-            async for d in it:
-                seen[name].append(d.event.id)
-                await anyio.sleep(0.005)
-                await d.ack()
-                if len(seen["one"]) + len(seen["two"]) >= len(events):
-                    all_seen.set()
-
-    try:
-        await p1.publish_many(events[:1])  # creates the stream before both durables race
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run, p1, "one")
-            tg.start_soon(run, p2, "two")
-            await anyio.sleep(0.3)
-            await p1.publish_many(events[1:])
-            with anyio.fail_after(15):
-                await all_seen.wait()
-            await anyio.sleep(0.3)
-            tg.cancel_scope.cancel()
-    finally:
-        await p1.close()
-        await p2.close()
-    assert seen["one"] and seen["two"], "both consumers got a share"
-    assert sorted(seen["one"] + seen["two"]) == sorted(e.id for e in events)
-
-
-async def test_new_group_starts_at_the_end_unless_told(provider: NATSProvider) -> None:
-    await provider.publish_many(_events(3))
-    async with provider.consume(group="late") as late, \
-            provider.consume(group="early", start="beginning") as early:
-        await _nothing_more(late)
-        fresh = _events(2)
-        await provider.publish_many(fresh)
-        assert sorted(_ids(await _take(late, 2))) == sorted(e.id for e in fresh)
-        assert len(await _take(early, 5)) == 5
-
-
 async def test_pattern_becomes_the_durables_filter(provider: NATSProvider, js: Any) -> None:
     users = _events(3, "public.users.create")
     orders = _events(3, "public.orders.create")
     async with provider.consume("public.users.*", group="users-only", start="beginning") as it:
         await provider.publish_many([x for pair in zip(users, orders, strict=True) for x in pair])
-        got = await _take(it, 3)
-        await _nothing_more(it)
+        got = await take(it, 3)
+        await nothing_more(it)
     assert sorted(_ids(got)) == sorted(e.id for e in users)
     info = await js.consumer_info(provider.stream_name, "users-only")
     assert info.config.filter_subject == f"{provider.subject_prefix}.*.public.users.*"
@@ -216,161 +145,17 @@ async def test_pattern_becomes_the_durables_filter(provider: NATSProvider, js: A
     await other.aclose()
 
 
-async def test_nack_redelivers_then_max_deliveries_dead_letters(nats_url: str,
-                                                                nats_names: NatsNames,
-                                                                js: Any) -> None:
-    p = _provider(nats_url, nats_names, max_deliveries=3, claim_idle=5)
-    event = _events(1)[0]
-    try:
-        async with p.consume(group="g", start="beginning") as it:
-            await p.publish(event)
-            attempts = []
-            for _ in range(3):
-                (d,) = await _take(it, 1, ack=False)
-                assert d.event.id == event.id
-                attempts.append(d.attempt)
-                await d.nack(f"boom {d.attempt}", delay=0.05)
-            assert attempts == [1, 2, 3]
-            await _nothing_more(it, 1.0)
-        dead = await p.dead_letters()
-        assert len(dead) == 1
-        assert "max_deliveries=3" in dead[0]["Outbox-Error"]
-        assert "boom 3" in dead[0]["Outbox-Error"]
-        assert dead[0]["Outbox-Group"] == "g"
-        assert wire.decode(dead[0]["event"]).id == event.id
-        info = await js.consumer_info(p.stream_name, "g")
-        assert info.num_ack_pending == 0 and info.num_pending == 0
-    finally:
-        await p.close()
-
-
-async def test_park_moves_to_dead_letters_and_terminates(provider: NATSProvider,
-                                                         js: Any) -> None:
+async def test_a_dead_letter_keeps_the_subject_and_the_document(provider: NATSProvider) -> None:
     events = _events(2)
     async with provider.consume(group="g", start="beginning") as it:
         await provider.publish_many(events)
-        first, second = await _take(it, 2, ack=False)
+        first, second = await take(it, 2, ack=False)
         await first.park("handler gave up: ValueError: nope")
         await second.ack()
-        with pytest.raises(ProviderError, match="already settled"):
-            await first.ack()
-        await _nothing_more(it, 1.5)  # terminated: never redelivered
-    dead = await provider.dead_letters()
-    assert len(dead) == 1
-    assert dead[0]["Outbox-Error"] == "handler gave up: ValueError: nope"
-    assert dead[0]["subject"] == (f"{provider.subject_prefix}_dead.g.database."
-                                  "public.users.create")
-    assert wire.decode(dead[0]["event"]).id == first.event.id
-
-
-async def test_malformed_messages_are_parked_and_the_consumer_continues(
-        provider: NATSProvider, js: Any) -> None:
-    good = _events(1)[0]
-    subject = f"{provider.subject_prefix}.database.public.users.create"
-    async with provider.consume(group="g", start="beginning") as it:
-        await provider.publish(good)  # creates the stream
-        await js.publish(subject, b"\xff not json")
-        await js.publish(subject, json.dumps({"specversion": "0.3"}).encode())
-        await provider.publish(good2 := _events(1)[0])
-        got = await _take(it, 2)
-        assert _ids(got) == [good.id, good2.id]
-        await _nothing_more(it, 1.0)
-    dead = await provider.dead_letters()
-    assert len(dead) == 2
-    assert "not JSON" in dead[0]["Outbox-Error"]
-    assert "specversion" in dead[1]["Outbox-Error"]
-
-
-_KILLED_CONSUMER = textwrap.dedent("""
-    import asyncio, sys
-    from outbox.providers.nats import NATSProvider
-
-    async def main():
-        p = NATSProvider(sys.argv[1], stream_name=sys.argv[2], subject_prefix=sys.argv[3],
-                         claim_idle=1.0, block=0.2)
-        async for d in p.consume(group="g", start="beginning"):
-            print(d.event.id, flush=True)   # then hang in the "handler" until killed
-            await asyncio.sleep(3600)
-
-    asyncio.run(main())
-""")
-
-
-async def test_messages_of_a_killed_consumer_come_back(provider: NATSProvider,
-                                                       nats_url: str) -> None:
-    events = _events(3)
-    await provider.publish_many(events)
-    proc = await anyio.open_process(
-        [sys.executable, "-c", _KILLED_CONSUMER, nats_url, provider.stream_name,
-         provider.subject_prefix],
-        env={**os.environ, "PYTHONPATH": os.getcwd()}, stderr=None)
-    try:
-        assert proc.stdout is not None
-        with anyio.fail_after(20):
-            line = await BufferedByteReceiveStream(proc.stdout).receive_until(b"\n", 100)
-        taken = uuid.UUID(line.decode().strip())
-    finally:
-        proc.kill()
-        await proc.wait()
-    async with provider.consume(group="g") as it:
-        got = await _take(it, 3, within=20)
-    by_id = {d.event.id: d for d in got}
-    assert sorted(by_id) == sorted(e.id for e in events)
-    assert by_id[taken].attempt == 2
-
-
-async def test_slow_handler_keeps_its_message(nats_url: str, nats_names: NatsNames) -> None:
-    slow = _provider(nats_url, nats_names, claim_idle=1.0)
-    other = _provider(nats_url, nats_names, claim_idle=1.0)
-    event = _events(1)[0]
-    try:
-        await slow.publish(event)
-        async with slow.consume(group="g", start="beginning") as a, \
-                other.consume(group="g", start="beginning") as b:
-            (d,) = await _take(a, 1, ack=False)
-            await _nothing_more(b, 3.0)  # three ack_wait periods
-            await d.ack()
-    finally:
-        await slow.close()
-        await other.close()
-
-
-# -- storage API -----------------------------------------------------------------------------------
-
-
-async def test_store_get_list_update_delete(provider: NATSProvider) -> None:
-    stored = new_event(source="system", type="job.done", payload={"n": 1}, user_id="u1")
-    published = new_event(source="database", type="public.users.create", payload={"n": 2})
-    await provider.store(stored)
-    await provider.publish(published)
-    assert (await provider.get(stored.id)).payload == {"n": 1}  # type: ignore[union-attr]
-    assert (await provider.get(published.id)).payload == {"n": 2}  # type: ignore[union-attr]
-    assert await provider.get(uuid.uuid4()) is None
-    assert [e.id for e in await provider.list(EventFilter(user_id="u1"))] == [stored.id]
-    assert len(await provider.list()) == 2
-    await provider.update_status(published.id, "completed")
-    got = await provider.get(published.id)
-    assert got is not None and got.status == "completed"
-    await provider.delete(stored.id)
-    assert await provider.get(stored.id) is None
-    with pytest.raises(EventNotFound):
-        await provider.delete(stored.id)
-
-
-async def test_stream_tails_new_events(provider: NATSProvider) -> None:
-    await provider.publish(_events(1, "public.users.create")[0])  # before: not seen
-    it = provider.stream("public.users.*")
-    events = _events(2) + _events(1, "public.orders.create")
-
-    async def publish_soon() -> None:
-        await anyio.sleep(0.5)
-        await provider.publish_many(events)
-
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(publish_soon)
-        with anyio.fail_after(10):
-            got = [await it.__anext__(), await it.__anext__()]
-    assert [e.id for e in got] == [e.id for e in events[:2]]
+    (dead,) = await provider.dead_letters()
+    assert dead["subject"] == f"{provider.subject_prefix}_dead.g.database.public.users.create"
+    assert dead["Nats-Msg-Id"] == f"g:{first.event.id}"  # deduped per group and event
+    assert wire.decode(dead["event"]).id == first.event.id  # the document, unchanged
 
 
 # -- connection settings and outages ----------------------------------------------------------
@@ -389,13 +174,8 @@ async def test_outage_raises_provider_unavailable_then_recovers() -> None:
             with pytest.raises(ProviderUnavailable):
                 await p.ping()
         server.start()
-        with anyio.fail_after(15):
-            while True:
-                try:
-                    assert await p.publish_many(_events(2)) == [None, None]
-                    break
-                except ProviderUnavailable:
-                    await anyio.sleep(0.2)  # the client reconnects on its own
+        await eventually(lambda: _publishes(p, _events(2)), within=15, every=0.2,
+                         what="the client to reconnect on its own")
     finally:
         await p.close()
         server.close()
@@ -418,23 +198,18 @@ async def test_consumer_survives_a_restart() -> None:
             earlier = _events(2)
             first = {e.id for e in earlier}
             await p.publish_many(earlier)
-            await _take(it, 2)
+            await take(it, 2)
             server.stop()
             await anyio.sleep(0.5)
             server.start()
             later = _events(2)
-            with anyio.fail_after(20):
-                while True:
-                    try:
-                        await p.publish_many(later)
-                        break
-                    except ProviderUnavailable:
-                        await anyio.sleep(0.2)
+            await eventually(lambda: _publishes(p, later), within=20, every=0.2,
+                             what="the client to reconnect on its own")
             wanted = {e.id for e in later}
             seen: set[uuid.UUID] = set()
             with anyio.fail_after(20):
                 while not wanted <= seen:
-                    (d,) = await _take(it, 1)
+                    (d,) = await take(it, 1)
                     # At-least-once: an ack the killed server had not written to disk yet
                     # brings an earlier event back, with its own id.
                     seen.add(d.event.id)

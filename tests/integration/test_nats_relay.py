@@ -21,7 +21,7 @@ def _reader(url: str, stream: str, prefix: str, what: str) -> Callable[[], Any]:
         try:
             await provider.ping()
             return [msg.data if what == "event" else msg.headers[MSG_ID_HEADER]
-                    async for msg in provider._scan(stream, f"{prefix}.>")]
+                    async for msg in provider._conn.scan(stream, f"{prefix}.>")]
         finally:
             await provider.close()
 

@@ -22,6 +22,7 @@ import outbox
 from outbox import cli
 from outbox.providers.memory import MemoryProvider
 from outbox.relay import Relay
+from tests.helpers import eventually
 from tests.pgbouncer_load import run_load
 from tests.servers import PrivatePgBouncer
 
@@ -61,15 +62,12 @@ def test_the_relay_polls_through_pgbouncer_and_listens_on_a_direct_url(
     async def main() -> int:
         async with anyio.create_task_group() as tg:
             tg.start_soon(listening.run)
-            with anyio.fail_after(20):
-                while not listening.stats.listener_connected:  # noqa: ASYNC110 - relay state
-                    await anyio.sleep(0.02)
-                with sa.orm.Session(engine) as s:  # written through PgBouncer
-                    s.add(outbox.new_event("system", "t.woken"))
-                    s.commit()
-                # poll_interval is 30 s: only the notification can wake the relay this soon
-                while listening.stats.completed < 1:  # noqa: ASYNC110 - relay state
-                    await anyio.sleep(0.02)
+            await eventually(lambda: listening.stats.listener_connected, within=20)
+            with sa.orm.Session(engine) as s:  # written through PgBouncer
+                s.add(outbox.new_event("system", "t.woken"))
+                s.commit()
+            # poll_interval is 30 s: only the notification can wake the relay this soon
+            await eventually(lambda: listening.stats.completed >= 1, within=20)
             listening.stop()
         return int(listening.stats.notifications)
 

@@ -20,6 +20,7 @@ import outbox
 from outbox import Broker, Event, ProviderUnavailable, RetryPolicy
 from outbox.providers.memory import MemoryProvider
 from outbox.relay import Relay, RelayStore
+from tests.helpers import eventually
 
 FAST = RetryPolicy(max_retries=3, initial_delay=0.05, max_delay=0.2, jitter=0.0)
 
@@ -75,27 +76,18 @@ def make(engine: sa.Engine, *, policy: RetryPolicy = FAST, **kw: Any) -> tuple[R
     return relay, rec, provider
 
 
-async def wait_for(pred: Callable[[], bool], limit: float = 30.0, step: float = 0.02) -> None:
-    """Poll ``pred`` until it holds (fails the test after ``limit`` seconds)."""
-    with anyio.fail_after(limit):
-        while not pred():  # noqa: ASYNC110 - polling state owned by other tasks and the DB
-            await anyio.sleep(step)
-
-
 async def run_until(relay: Relay, done: Callable[[], bool | Awaitable[bool]],
                     limit: float = 30.0) -> None:
     """Run ``relay`` until ``done()`` holds, then stop it gracefully and wait for it."""
     async with anyio.create_task_group() as tg:
         tg.start_soon(relay.run)
-        with anyio.fail_after(limit):
-            while True:
-                value = done()
-                if not isinstance(value, bool):
-                    value = await value
-                if value:
-                    break
-                await anyio.sleep(0.02)
+        await eventually(done, within=limit, what=lambda: f"the relay to be done: {relay.stats}")
         relay.stop()
+
+
+def idle(relay: Relay) -> bool:
+    """The relay found nothing to do and waits for a notification, holding the wake-up lock."""
+    return relay._idle is not None and relay._idle.held
 
 
 @pytest.fixture
@@ -166,7 +158,7 @@ async def test_two_relays_share_hot_keys_once_each_in_order(
     async with anyio.create_task_group() as tg:
         tg.start_soon(one.run)
         tg.start_soon(two.run)
-        await wait_for(lambda: counts(engine) == {"completed": 400}, step=0.05)
+        await eventually(lambda: counts(engine) == {"completed": 400})
         one.stop()
         two.stop()
     handled = [e.id for e in rec1.seen + rec2.seen]
@@ -310,14 +302,15 @@ async def test_provider_outage_holds_events_without_using_retries(engine: sa.Eng
 
     async def scenario() -> None:
         with anyio.fail_after(30):
-            await wait_for(lambda: relay.stats.outages >= 1, step=0.02)
+            await eventually(lambda: relay.stats.outages >= 1)
             assert not relay.stats.ready
-            await anyio.sleep(0.3)  # several backoff rounds
+            # Several backoff rounds (0.25 s, doubling) in which the provider stayed down.
+            await eventually(lambda: relay._outage_backoff >= 1.0)
             c = counts(engine)
             assert c.get("completed", 0) == 0 and c.get("failed", 0) == 0
             assert all(e.retry_count == 0 for e in rows(engine))
             provider.fail_with = None
-            await wait_for(lambda: counts(engine) == {"completed": 25}, step=0.02)
+            await eventually(lambda: counts(engine) == {"completed": 25})
         relay.stop()
 
     async with anyio.create_task_group() as tg:
@@ -352,17 +345,16 @@ async def test_provider_back_is_noticed_by_ping_not_at_the_end_of_the_backoff(
     ids = add_events(engine, 25, key=lambda i: f"k{i % 4}")
 
     async def scenario() -> None:
-        await wait_for(lambda: relay.stats.outages >= 1)
+        await eventually(lambda: relay.stats.outages >= 1)
         relay._outage_backoff = 30.0  # as after a long outage: the next wait is the longest
-        await wait_for(lambda: relay._outage_backoff == 30.0)
+        await eventually(lambda: relay._outage_backoff == 30.0)
         seen = provider.pings
-        await wait_for(lambda: provider.pings >= seen + 2)  # asking, in vain, while it waits
+        await eventually(lambda: provider.pings >= seen + 2)  # asking, in vain, while it waits
         assert not relay.stats.ready
         assert all(e.retry_count == 0 and e.status == "pending" for e in rows(engine))
         provider.fail_with = None
         # Well within the 30 s backoff: the next ping ends the wait, a probe batch goes out.
-        with anyio.fail_after(15):
-            await wait_for(lambda: counts(engine) == {"completed": 25})
+        await eventually(lambda: counts(engine) == {"completed": 25}, within=15)
         assert relay.stats.ready
         relay.stop()
 
@@ -426,6 +418,20 @@ async def test_provider_error_about_one_event_is_a_retry_and_keeps_key_order(
 
 
 @pytest.mark.anyio
+async def test_a_provider_that_cannot_publish_is_refused_at_start(sqlite_url: str) -> None:
+    """A provider without ``publish_many`` would fail every event it was given; the relay says
+    so at start instead."""
+
+    class StoreOnly:
+        async def store(self, event: Event) -> None: ...
+
+    store_only: Any = StoreOnly()
+    relay = Relay(sqlite_url, broker=Broker(MemoryProvider()), provider=store_only)
+    with pytest.raises(TypeError, match=r"forwards to a Publisher.*StoreOnly"):
+        await relay.start()
+
+
+@pytest.mark.anyio
 async def test_expired_lease_of_dead_relay_is_recovered_and_fenced(engine: sa.Engine) -> None:
     ids = add_events(engine, 8)
     dead = RelayStore(engine, owner="dead-relay")
@@ -456,10 +462,9 @@ async def test_lease_renewed_while_a_slow_batch_runs(pg_engine: sa.Engine) -> No
     other._broker.subscribe("test.>", slow, name="slow")
     async with anyio.create_task_group() as tg:
         tg.start_soon(relay.run)
-        with anyio.fail_after(30):
-            await wait_for(lambda: relay.stats.claimed, step=0.01)
+        await eventually(lambda: relay.stats.claimed)
         tg.start_soon(other.run)
-        await wait_for(lambda: counts(pg_engine) == {"completed": 3}, step=0.05)
+        await eventually(lambda: counts(pg_engine) == {"completed": 3})
         relay.stop()
         other.stop()
     assert sorted(e.id for e in rec.seen + other_rec.seen) == sorted(ids)  # none twice
@@ -484,16 +489,14 @@ async def test_late_committing_writer_is_not_skipped(pg_url: str) -> None:
         slow.flush()
         early_id = early.id
         later = add_events(engine, 30)
-        with anyio.fail_after(30):
-            await wait_for(lambda: counts(engine).get("completed", 0) >= 30, step=0.02)
+        await eventually(lambda: counts(engine).get("completed", 0) >= 30)
         with engine.connect() as c:
             early_seq = c.execute(sa.text("SELECT seq FROM events WHERE id = :i"),
                                   {"i": early_id}).scalar_one_or_none()
         assert early_seq is None  # not visible yet
         slow.commit()
         slow.close()
-        with anyio.fail_after(30):
-            await wait_for(lambda: counts(engine) == {"completed": 31}, step=0.02)
+        await eventually(lambda: counts(engine) == {"completed": 31})
         relay.stop()
     seen = [e.id for e in rec.seen]
     assert sorted(seen) == sorted([*later, early_id])
@@ -508,10 +511,10 @@ async def test_notify_wakes_relay_without_polling(pg_engine: sa.Engine) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(relay.run)
         with anyio.fail_after(30):
-            await wait_for(lambda: relay.stats.listener_connected, step=0.01)
-            await anyio.sleep(0.1)
+            await eventually(lambda: relay.stats.listener_connected)
+            await eventually(lambda: idle(relay), what="the relay to wait for a notification")
             add_events(pg_engine, 3)
-            await wait_for(lambda: counts(pg_engine) == {"completed": 3}, step=0.01)
+            await eventually(lambda: counts(pg_engine) == {"completed": 3})
         relay.stop()
     assert relay.stats.notifications >= 1
 
@@ -523,14 +526,14 @@ async def test_notify_can_be_switched_off_for_writers(pg_engine: sa.Engine) -> N
     async with anyio.create_task_group() as tg:
         tg.start_soon(relay.run)
         with anyio.fail_after(30):
-            await wait_for(lambda: relay.stats.listener_connected, step=0.01)
-            await anyio.sleep(0.1)
+            await eventually(lambda: relay.stats.listener_connected)
+            await eventually(lambda: idle(relay), what="the relay to wait for a notification")
             before = relay.stats.notifications
             with Session(pg_engine) as s:
                 s.execute(sa.text("SET LOCAL outbox.notify = off"))
                 s.add(outbox.new_event("system", "test.quiet.create", {}))
                 s.commit()
-            await wait_for(lambda: counts(pg_engine) == {"completed": 1}, step=0.02)
+            await eventually(lambda: counts(pg_engine) == {"completed": 1})
         relay.stop()
     assert relay.stats.notifications == before
 

@@ -15,6 +15,7 @@ import outbox
 from outbox.health import observe_relay
 from outbox.providers.memory import MemoryProvider
 from outbox.relay import Relay
+from tests.helpers import eventually
 from tests.integration.ops_seed import add, event, statuses
 
 
@@ -60,10 +61,11 @@ async def test_known_workload(pg_engine: sa.Engine) -> None:
         assert status == 503  # the relay has not started
         assert doc["checks"]["relay"]["ok"] is False  # type: ignore[index]
 
-        with anyio.fail_after(60):
-            while statuses(pg_engine)[bad.id] != "failed":
-                await relay.run(once=True)
-                await anyio.sleep(0.05)
+        async def bad_one_failed() -> bool:  # each pass retries it once its delay is up
+            await relay.run(once=True)
+            return statuses(pg_engine)[bad.id] == "failed"
+
+        await eventually(bad_one_failed, within=60, every=0.05)
         await obs.sampler.sample()
 
         assert sample(registry, "eventbroker_relay_events_claimed_total") >= 11
@@ -92,13 +94,10 @@ async def test_known_workload(pg_engine: sa.Engine) -> None:
         # a running relay is ready; /healthz is alive
         async with anyio.create_task_group() as tg:
             tg.start_soon(relay.run)
-            with anyio.fail_after(30):
-                for _ in range(600):
-                    if (await anyio.to_thread.run_sync(get, obs.server.url + "/readyz"))[0] == 200:
-                        break
-                    await anyio.sleep(0.05)
-                else:
-                    pytest.fail("relay never became ready")
+            async def ready() -> bool:
+                return (await anyio.to_thread.run_sync(get, obs.server.url + "/readyz"))[0] == 200
+
+            await eventually(ready, every=0.05, what="the relay to be ready")
             status, doc = await anyio.to_thread.run_sync(get, obs.server.url + "/healthz")
             assert status == 200 and doc["status"] == "ok"
             relay.stop()

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 
 import outbox
 from outbox.events import Event, get_instance_id, utcnow
+from tests.helpers import eventually_sync
 
 pytestmark = pytest.mark.slow
 
@@ -93,10 +94,8 @@ def status_counts(engine: sa.Engine) -> dict[str, int]:
 
 
 def wait_completed(engine: sa.Engine, n: int, limit: float = 120.0) -> None:
-    deadline = time.monotonic() + limit
-    while status_counts(engine) != {"completed": n}:
-        assert time.monotonic() < deadline, f"not all completed: {status_counts(engine)}"
-        time.sleep(0.2)
+    eventually_sync(lambda: status_counts(engine) == {"completed": n}, within=limit, every=0.2,
+                    what=lambda: f"all {n} completed: {status_counts(engine)}")
 
 
 def handled(engine: sa.Engine) -> tuple[int, int]:
@@ -139,11 +138,14 @@ def test_kill_minus_nine_repeatedly_loses_nothing(db: sa.Engine, pg_url: str) ->
             # kill it in the middle of its work: once it has handled something, after a
             # random extra moment
             before = handled(db)[0]
-            deadline = time.monotonic() + 30
-            while handled(db)[0] == before and status_counts(db).get("completed", 0) < N:
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.02)
-            time.sleep(rng.uniform(0.0, 0.4))
+
+            def working(proc: subprocess.Popen[bytes] = proc, before: int = before) -> bool:
+                assert proc.poll() is None, "the relay exited on its own"
+                return (handled(db)[0] != before
+                        or status_counts(db).get("completed", 0) >= N)
+
+            eventually_sync(working, what="the relay to handle something")
+            time.sleep(rng.uniform(0.0, 0.4))  # a random moment into its work: under test
             if status_counts(db).get("completed", 0) == N:
                 break
             proc.kill()
@@ -186,10 +188,11 @@ def test_sigterm_under_load_exits_zero_and_loses_nothing(db: sa.Engine, pg_url: 
     seed(db, n)
     proc = relay(pg_url, sleep=0.002)
     try:
-        deadline = time.monotonic() + 60
-        while handled(db)[0] < 300:
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.05)
+        def under_load() -> bool:
+            assert proc.poll() is None, "the relay exited on its own"
+            return handled(db)[0] >= 300
+
+        eventually_sync(under_load, within=60, every=0.05, what="300 events handled")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:

@@ -15,7 +15,8 @@ import outbox
 from outbox._sql.ddl import NOTIFY_CHANNEL
 from outbox._wakeup import Idle, IdleLock
 from outbox.relay.listener import conninfo_from_url
-from tests.integration.test_relay import counts, make, wait_for
+from tests.helpers import eventually
+from tests.integration.test_relay import counts, idle, make
 
 pytestmark = pytest.mark.anyio
 
@@ -91,9 +92,11 @@ async def test_one_listener_holds_the_lock_the_others_see_it(
                 "AND mode = 'ExclusiveLock' AND granted").fetchone()
             assert pid is not None
             admin.execute("SELECT pg_terminate_backend(%s)", (pid[0],))
-        with anyio.fail_after(10):
-            while await second.enter() is not Idle.TAKEN:  # noqa: ASYNC110 - the server's state
-                await anyio.sleep(0.01)
+        async def second_takes_it() -> bool:
+            return await second.enter() is Idle.TAKEN
+
+        await eventually(second_takes_it, within=10, every=0.01,
+                         what="the lock to be free for the second listener")
         assert await first.enter() is Idle.OTHER  # reconnected, and someone else holds it now
     finally:
         await first.close()
@@ -118,18 +121,17 @@ async def test_relay_idle_while_a_writer_commits_late_is_not_left_sleeping(
             writer.add(outbox.new_event("system", "test.wake.create", {}))
             writer.flush()
             tg.start_soon(relay.run)
-            with anyio.fail_after(30):
-                await wait_for(lambda: relay.stats.listener_connected, step=0.01)
-                await anyio.sleep(0.2)  # the relay found nothing and tried to go idle
+            await eventually(lambda: relay.stats.listener_connected)
+            looks = relay.stats.claims
+            # The relay found nothing and tried to go idle (the writer keeps it from that).
+            await eventually(lambda: relay.stats.claims >= looks + 2)
             woken = relay.stats.notifications  # (one on connecting: look for missed events)
             writer.commit()
-        with anyio.fail_after(5):
-            await wait_for(lambda: counts(pg_engine) == {"completed": 1}, step=0.01)
+        await eventually(lambda: counts(pg_engine) == {"completed": 1}, within=5)
         assert relay.stats.notifications == woken
         # Idle now, holding the lock: the next writer notifies.
-        await wait_for(lambda: relay._idle is not None and relay._idle.held, step=0.01)
+        await eventually(lambda: idle(relay))
         write_event(pg_engine)
-        with anyio.fail_after(5):
-            await wait_for(lambda: counts(pg_engine) == {"completed": 2}, step=0.01)
+        await eventually(lambda: counts(pg_engine) == {"completed": 2}, within=5)
         assert relay.stats.notifications == woken + 1
         relay.stop()

@@ -315,12 +315,12 @@ def test_nats_provider_works_without_the_redis_driver() -> None:
         "import sys; sys.modules['redis'] = None\n"  # `import redis` now fails
         "from outbox import Config\n"
         "from outbox.config import provider_from_config\n"
-        "from outbox.providers._bus import from_record, to_record\n"
+        "from outbox import wire\n"
         "from outbox.events import new_event\n"
         "p = provider_from_config(Config.from_dict({'provider': 'nats', 'nats': "
         "{'stream_name': 'S1', 'durable': 'g1'}}))\n"
         "e = new_event('system', 'a.b', {'x': 1})\n"
-        "assert from_record(to_record(e)).payload == {'x': 1}\n"
+        "assert wire.decode(wire.encode(e)).payload == {'x': 1}\n"
         "assert 'outbox.providers.redis' not in sys.modules\n"
         "print(type(p).__name__, p.stream_name, p.consumer_group)\n"
     )

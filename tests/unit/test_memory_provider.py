@@ -1,4 +1,4 @@
-"""MemoryProvider specifics: eviction, cleanup, stream backpressure, outage simulation.
+"""MemoryProvider specifics: eviction, cleanup, stream and group backpressure, outage simulation.
 
 The behaviour shared with every provider is in ``tests/conformance``.
 """
@@ -122,14 +122,8 @@ async def test_slow_stream_consumer_gets_backpressure_not_drops() -> None:
     stream = p.stream("test.*")
     events = [ev() for _ in range(6)]
     published: list[int] = []
-
-    async def publisher() -> None:
-        for i, e in enumerate(events):
-            await p.publish(e)
-            published.append(i)
-
     async with anyio.create_task_group() as tg:
-        tg.start_soon(publisher)
+        tg.start_soon(_publish_noting, p, events, published)
         await anyio.wait_all_tasks_blocked()
         # Two events fill the buffer, the third publish waits for room.
         assert published == [0, 1]
@@ -172,6 +166,79 @@ async def test_publish_waits_for_the_slowest_matching_stream_only() -> None:
 async def _publish_all(p: MemoryProvider, events: list[Event]) -> None:
     for e in events:
         await p.publish(e)
+
+
+async def _publish_noting(p: MemoryProvider, events: list[Event], published: list[int]) -> None:
+    """Publish ``events`` one by one, noting the index of each one ``publish`` returned for."""
+    for i, e in enumerate(events):
+        await p.publish(e)
+        published.append(i)
+
+
+# -- consumer groups -----------------------------------------------------------------------------
+
+
+async def test_a_full_group_holds_publishing_up_until_it_has_room_or_is_deleted() -> None:
+    p = MemoryProvider(max_events=3)
+    member = p.consume(group="slow")
+    published: list[int] = []
+    events = [ev(status="completed") for _ in range(5)]  # the store may evict them, the group not
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_publish_noting, p, events, published)
+        await anyio.wait_all_tasks_blocked()
+        assert published == [0, 1, 2]  # three wait for the group: the fourth publish waits
+        delivery = await member.__anext__()
+        await delivery.ack()
+        await anyio.wait_all_tasks_blocked()
+        assert published == [0, 1, 2, 3]  # room for one
+        assert p.delete_group("slow")  # nobody will consume it: stop holding publishers up
+        await anyio.wait_all_tasks_blocked()
+        assert published == [0, 1, 2, 3, 4]
+    with anyio.fail_after(1):
+        with pytest.raises(StopAsyncIteration):
+            await member.__anext__()  # the group is gone
+    assert not p.delete_group("slow")
+    assert "slow" not in (await p.stats()).extra["groups"]
+
+
+async def test_a_group_starts_at_a_time_of_creation() -> None:
+    p = MemoryProvider()
+    now = dt.datetime.now(dt.UTC)
+    old = ev(created_at=now - dt.timedelta(hours=2))
+    recent = ev(created_at=now - dt.timedelta(minutes=1))
+    await p.publish(old)
+    await p.publish(recent)
+    stored_only = ev()
+    await p.store(stored_only)  # stored, never published: no group gets it
+    async with p.consume(group="g", start=now - dt.timedelta(hours=1)) as member:
+        delivery = await member.__anext__()
+        assert delivery.event.id == recent.id
+        await delivery.ack()
+        with anyio.move_on_after(0.1):
+            pytest.fail(f"unexpected {await member.__anext__()!r}")
+
+
+async def test_close_ends_the_members_and_dead_letters_keep_a_copy() -> None:
+    p = MemoryProvider(max_deliveries=1)
+    member = p.consume(group="g")
+    e = ev()
+    await p.publish(e)
+    delivery = await member.__anext__()
+    await delivery.nack("boom")
+    await p.publish(ev())  # the nacked one is parked on its way out again (max_deliveries=1)
+    second = await member.__anext__()
+    (letter,) = await p.dead_letters("g")
+    assert (letter["event_id"], letter["group_name"], letter["attempt"]) == (e.id, "g", 1)
+    assert "max_deliveries=1" in letter["error"] and "boom" in letter["error"]
+    letter["event"].payload["k"] = "changed"
+    assert (await p.dead_letters())[0]["event"].payload == {"k": "v"}
+    assert await p.dead_letters("other") == []
+    await p.close()
+    with pytest.raises(StopAsyncIteration):
+        await member.__anext__()
+    assert second.event.type == "test.event"
+    with pytest.raises(ProviderError, match="closed"):
+        p.consume(group="g")
 
 
 async def test_closing_a_stream_releases_a_blocked_publisher() -> None:

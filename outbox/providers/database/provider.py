@@ -47,7 +47,7 @@ from outbox.providers.base import (
     parse_start,
     publish_each,
 )
-from outbox.providers.database.consumer import DatabaseDelivery, Signal, _GroupReader, _Tail
+from outbox.providers.database.consumer import Signal, _GroupReader, _Tail
 from outbox.providers.database.keeper import run_keeper
 from outbox.providers.database.subscription import Deliveries, GroupStream, TailStream
 from outbox.schema import MIGRATE_HINT
@@ -114,8 +114,7 @@ class DatabaseProvider:
 
     name: ClassVar[str] = "database"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        persistent=True, cross_instance=True, consumer_groups=True, full_query=True,
-        relay_table=True,
+        persistent=True, cross_instance=True, relay_table=True,
     )
 
     def __init__(
@@ -367,7 +366,7 @@ class DatabaseProvider:
     async def dead_letters(
         self, group: str | None = None, limit: int = 100
     ) -> builtins.list[dict[str, Any]]:
-        """Parked events (``group``, ``event_id``, ``error``, ``attempt``, ``parked_at``)."""
+        """Parked events (``group_name``, ``event_id``, ``error``, ``attempt``, ``parked_at``)."""
         self._check_open()
         return await self._tx(sql.dead_letters, group, limit)
 
@@ -409,7 +408,7 @@ class DatabaseProvider:
         group: str,
         consumer: str | None = None,
         start: StartPosition | dt.datetime = StartPosition.NOW,
-    ) -> AsyncIterator[DatabaseDelivery]:
+    ) -> Deliveries:
         """Deliveries for consumer group ``group``: members share the work, each group gets
         every event (docs/database-provider.md, 'Consumer groups').
 

@@ -9,12 +9,14 @@ taken over by other members when their leases run out.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Self, TypeVar
 
 from outbox.events import Event
+from outbox.exceptions import ProviderUnavailable
 from outbox.providers.database.consumer import DatabaseDelivery, _GroupReader, _Tail
 
 if TYPE_CHECKING:
@@ -72,6 +74,14 @@ class Deliveries(_Base[DatabaseDelivery]):
     async def __anext__(self) -> DatabaseDelivery:
         self._ready()
         return await self._reader.next()
+
+    async def open(self) -> None:
+        """Join the group now: ``consume()`` created it already, unless the database was
+        unreachable then (the first iteration creates it)."""
+        if self._closed or self._reader.group_ready:
+            return
+        with contextlib.suppress(ProviderUnavailable):
+            await self._reader._open()
 
     @property
     def group(self) -> str:

@@ -11,6 +11,10 @@ seconds are removed every ``cleanup_interval`` seconds (checked on writes, no ba
 ``stream_buffer`` events; a full buffer makes ``publish`` wait (backpressure), it never drops.
 ``publish`` is idempotent by id: an event already delivered to the streams is not delivered again.
 
+``consume(pattern, group=...)`` runs consumer groups in this process (``_groups.py``): members of a
+group share its events, every group gets every event, nacked deliveries come back after their
+delay, and after ``max_deliveries`` deliveries an event is parked in :meth:`dead_letters`.
+
 Simulating an outage (for relay tests): set :attr:`MemoryProvider.fail_with` to an exception (for
 example ``ProviderUnavailable("down")``) and every ``store``/``publish``/``ping`` raises it until
 it is set back to ``None``; set :attr:`MemoryProvider.fail_when` to a callable
@@ -21,74 +25,44 @@ Single event loop, like every provider; not persistent, not shared between proce
 
 from __future__ import annotations
 
+import builtins
 import contextlib
-import copy as _copy
 import datetime as dt
 import time
 import uuid
-import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from types import TracebackType
 from typing import Any, ClassVar
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectSendStream
 
-from outbox.events import _ATTR_TO_COLUMN, _MANAGER, Event, EventStatus, utcnow
+from outbox.events import Event, EventStatus, get_instance_id, utcnow
 from outbox.exceptions import ProviderError, ProviderFull, ProviderUnavailable
 from outbox.patterns import SubscriptionIndex, compile_pattern
+from outbox.providers._bus import validate_group
 from outbox.providers.base import (
     Capabilities,
     EventFilter,
     EventNotFound,
     ProviderStats,
+    StartPosition,
     apply_status,
     as_event_id,
+    parse_start,
 )
+from outbox.providers.memory._copy import copy_event
+from outbox.providers.memory._groups import (
+    MemoryGroup,
+    MemoryGroupMember,
+    check_pattern,
+    start_entries,
+)
+from outbox.providers.memory._stream import MemoryStream
 
-__all__ = ["MemoryProvider", "MemoryStream", "copy_event"]
+__all__ = ["MemoryProvider"]
 
-_ATTRS: tuple[str, ...] = tuple(_ATTR_TO_COLUMN)
-_SCALARS: frozenset[type] = frozenset({str, int, float, bool, type(None)})
 _TIMESTAMPS = ("created_at", "processed_at", "completed_at", "next_attempt_at")
-
-
-def _json_copy(value: Any) -> Any:
-    cls = type(value)
-    if cls in _SCALARS:
-        return value
-    if cls is dict:
-        return {k: _json_copy(v) for k, v in value.items()}
-    if cls is list:
-        return [_json_copy(v) for v in value]
-    return _copy.deepcopy(value)
-
-
-def copy_event(event: Event) -> Event:
-    """A deep, transient copy of ``event``.
-
-    Same result as :meth:`Event.copy`, several times faster: only ``payload`` and ``metadata``
-    can hold mutable values, and they are JSON-shaped (dicts, lists, scalars), so they are copied
-    with a JSON-aware walk instead of :func:`copy.deepcopy`, and the other attributes are shared
-    (they are immutable: str, int, UUID, datetime).
-    """
-    source = event.__dict__
-    copy = _new_instance()
-    state = copy.__dict__
-    own = state[_STATE_ATTR]
-    state.update(_DEFAULTS)
-    state.update(source)
-    state[_STATE_ATTR] = own
-    state["payload"] = _json_copy(source.get("payload", {}))
-    state["meta"] = _json_copy(source.get("meta", {}))
-    return copy
-
-
-_new_instance = _MANAGER.new_instance
-_STATE_ATTR = "_sa_instance_state"
-#: What ``Event._from_values`` fills in for attributes an event does not have yet.
-_DEFAULTS: dict[str, Any] = {a: None for a in _ATTRS} | {"status": "pending", "retry_count": 0}
 
 
 def _key(event_id: uuid.UUID | str) -> int:
@@ -111,12 +85,12 @@ def _status_text(status: EventStatus | str) -> str:
 
 
 class MemoryProvider:
-    """Events in a dict, streams over in-memory channels. See the module docstring."""
+    """Events in a dict, streams over in-memory channels, consumer groups over in-memory
+    queues. See the module docstring. Implements :class:`~outbox.providers.base.Provider` and
+    :class:`~outbox.providers.base.EventStore`."""
 
     name: ClassVar[str] = "memory"
-    capabilities: ClassVar[Capabilities] = Capabilities(
-        persistent=False, cross_instance=False, consumer_groups=False, full_query=True
-    )
+    capabilities: ClassVar[Capabilities] = Capabilities(bounded_redelivery=True)
 
     def __init__(
         self,
@@ -125,6 +99,7 @@ class MemoryProvider:
         max_age: float = 86400.0,
         *,
         stream_buffer: int = 100,
+        max_deliveries: int = 10,
     ) -> None:
         if not isinstance(max_events, int) or max_events < 1:
             raise ValueError("MemoryProvider.max_events must be an integer >= 1")
@@ -134,10 +109,14 @@ class MemoryProvider:
             raise ValueError("MemoryProvider.max_age must be > 0")
         if not isinstance(stream_buffer, int) or stream_buffer < 1:
             raise ValueError("MemoryProvider.stream_buffer must be an integer >= 1")
+        if not isinstance(max_deliveries, int) or max_deliveries < 1:
+            raise ValueError("MemoryProvider.max_deliveries must be an integer >= 1")
         self.max_events = max_events
         self.cleanup_interval = float(cleanup_interval)
         self.max_age = float(max_age)
         self.stream_buffer = stream_buffer
+        #: Deliveries of one event to one group before it is parked (see :meth:`consume`).
+        self.max_deliveries = max_deliveries
         #: Raised by ``store``/``publish`` while set (simulates an outage).
         self.fail_with: BaseException | None = None
         #: ``event -> exception | None``: raised by ``store``/``publish`` for the events it picks.
@@ -150,7 +129,11 @@ class MemoryProvider:
             OrderedDict(), OrderedDict(), OrderedDict()
         )
         self._pending, self._processing, self._finished = self._buckets
-        self._delivered: set[int] = set()  # keys already handed to the streams
+        # Keys already handed to the streams and groups, in publication order (what a group
+        # that starts at the beginning gets).
+        self._delivered: dict[int, None] = {}
+        self._groups: dict[str, MemoryGroup] = {}
+        self._dead: deque[dict[str, Any]] = deque(maxlen=max_events)
         self._streams: SubscriptionIndex[int, MemoryObjectSendStream[Event]] = SubscriptionIndex()
         self._stream_ids = 0
         self._published = 0
@@ -163,7 +146,7 @@ class MemoryProvider:
     def __repr__(self) -> str:
         return f"<MemoryProvider events={len(self._events)}/{self.max_events}>"
 
-    # -- Provider protocol ---------------------------------------------------------------------
+    # -- EventStore ----------------------------------------------------------------------------
 
     async def store(self, event: Event) -> None:
         """Keep a copy of ``event``; a second store of the same id changes nothing."""
@@ -201,6 +184,8 @@ class MemoryProvider:
             raise EventNotFound(f"no event with id {event_id}")
         self._remove(key)
 
+    # -- Subscriber: streams --------------------------------------------------------------------
+
     def stream(self, pattern: str = "*") -> MemoryStream:
         """Events published from now on whose type matches ``pattern`` (registered right away).
 
@@ -215,8 +200,11 @@ class MemoryProvider:
         self._streams.add(key, compiled, send)
         return MemoryStream(self, key, receive)
 
+    # -- Publisher -----------------------------------------------------------------------------
+
     async def publish(self, event: Event) -> None:
-        """Store ``event`` and deliver a copy to every matching stream, waiting for buffer room.
+        """Store ``event`` and deliver a copy to every matching stream and group, waiting for
+        buffer room.
 
         Idempotent by id: an event already delivered is not delivered again.
         """
@@ -245,13 +233,27 @@ class MemoryProvider:
         if key in self._delivered:
             return
         self._published += 1
+        event_type = event.__dict__.get("type") or event.type
         if self._streams:
-            for send in self._streams.match(event.__dict__.get("type") or event.type):
+            for send in self._streams.match(event_type):
                 # A stream closed meanwhile just does not get it.
                 with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                     await send.send(copy_event(event))
+        if self._groups:
+            stored = self._events.get(key) or copy_event(event)
+            for group in list(self._groups.values()):
+                if group.pattern.matches(event_type):
+                    await self._offer(group, stored)
         if key in self._events:
-            self._delivered.add(key)
+            self._delivered[key] = None
+
+    async def _offer(self, group: MemoryGroup, event: Event) -> None:
+        """Queue ``event`` for ``group``, waiting while ``max_events`` events wait there."""
+        while group.waiting() >= self.max_events and not group.deleted:
+            self._check_open()
+            await group.room.wait()
+        if not group.deleted:
+            group.add(event)
 
     async def ping(self) -> None:
         """Answers at once, unless :attr:`fail_with` simulates an outage (then raises it)."""
@@ -260,12 +262,68 @@ class MemoryProvider:
             raise self.fail_with
 
     async def close(self) -> None:
-        """End every stream; later calls raise :class:`ProviderError`. Idempotent."""
+        """End every stream and group member; later calls raise :class:`ProviderError`.
+        Idempotent."""
         if self._closed:
             return
         self._closed = True
         for key in list(self._streams):
             self._close_stream(key)
+        for group in self._groups.values():
+            for member in list(group.members):
+                await member.aclose()
+            group.arrived.fire()
+            group.room.fire()
+
+    # -- Subscriber: consumer groups ------------------------------------------------------------
+
+    def consume(
+        self,
+        pattern: str = "*",
+        *,
+        group: str,
+        consumer: str | None = None,
+        start: StartPosition | dt.datetime = StartPosition.NOW,
+    ) -> MemoryGroupMember:
+        """A member of consumer group ``group``, created now if it does not exist: ``start``
+        ``NOW`` (only events published from now on), ``BEGINNING`` (the published events this
+        provider still holds, in publication order) or an aware datetime (those created since).
+        A group keeps the pattern it was created with; another pattern raises
+        :class:`ProviderError`. Close the member (``aclose()``/``async with``) to give back what
+        it holds."""
+        self._check_open()
+        validate_group(group)
+        compiled = compile_pattern(pattern)
+        existing = self._groups.get(group)
+        if existing is None:
+            published = (self._events[k] for k in self._delivered)
+            existing = self._groups[group] = MemoryGroup(
+                group, compiled, start_entries(published, compiled, parse_start(start)))
+        else:
+            check_pattern(existing, compiled)
+        return MemoryGroupMember(self, existing, consumer or get_instance_id())
+
+    def delete_group(self, group: str) -> bool:
+        """Forget ``group`` and its backlog (its members stop); False when there is none."""
+        found = self._groups.pop(group, None)
+        if found is None:
+            return False
+        found.deleted = True
+        found.arrived.fire()
+        found.room.fire()
+        return True
+
+    async def dead_letters(self, group: str | None = None,
+                           limit: int = 100) -> builtins.list[dict[str, Any]]:
+        """Parked events, oldest first: ``group_name``, ``event_id``, ``error``, ``attempt``
+        (deliveries before it was parked), ``parked_at`` (as the database provider's) and
+        ``event`` (a copy). The provider keeps the last ``max_events`` of them."""
+        rows = [r for r in self._dead if group is None or r["group_name"] == group][:limit]
+        return [{**r, "event": copy_event(r["event"])} for r in rows]
+
+    def _park(self, group: str, event: Event, error: str, attempt: int) -> None:
+        self._dead.append({"group_name": group, "event_id": event.id, "error": error,
+                           "attempt": attempt, "parked_at": utcnow(), "event": event})
 
     async def stats(self) -> ProviderStats:
         return ProviderStats(
@@ -281,11 +339,14 @@ class MemoryProvider:
             ),
             events_published=self._published,
             events_consumed=self._consumed,
-            active_subscribers=len(self._streams),
+            active_subscribers=len(self._streams) + sum(
+                len(g.members) for g in self._groups.values()),
             extra={
                 "max_events": self.max_events,
                 "evicted": self._evicted,
                 "cleaned_up": self._cleaned,
+                "dead_letters": len(self._dead),
+                "groups": {name: g.stats() for name, g in self._groups.items()},
             },
         )
 
@@ -365,7 +426,7 @@ class MemoryProvider:
     def _remove(self, key: int) -> None:
         event = self._events.pop(key)
         self._buckets[_BUCKET[event.__dict__["status"]]].pop(key, None)
-        self._delivered.discard(key)
+        self._delivered.pop(key, None)
 
     def _maybe_cleanup(self) -> None:
         if self.cleanup_interval <= 0:
@@ -385,57 +446,3 @@ class MemoryProvider:
 
     def _count_consumed(self) -> None:
         self._consumed += 1
-
-
-def _finalize_stream(
-    provider_ref: weakref.ReferenceType[MemoryProvider],
-    key: int,
-    receive: MemoryObjectReceiveStream[Event],
-) -> None:
-    receive.close()
-    provider = provider_ref()
-    if provider is not None:
-        provider._close_stream(key)
-
-
-class MemoryStream:
-    """Async iterator over one subscription of :meth:`MemoryProvider.stream`."""
-
-    def __init__(
-        self, provider: MemoryProvider, key: int, receive: MemoryObjectReceiveStream[Event]
-    ) -> None:
-        self._provider = weakref.ref(provider)
-        self._key = key
-        self._receive = receive
-        self._finalizer = weakref.finalize(
-            self, _finalize_stream, weakref.ref(provider), key, receive
-        )
-
-    def __aiter__(self) -> MemoryStream:
-        return self
-
-    async def __anext__(self) -> Event:
-        try:
-            event = await self._receive.receive()
-        except (anyio.EndOfStream, anyio.ClosedResourceError):
-            self._finalizer()
-            raise StopAsyncIteration from None
-        provider = self._provider()
-        if provider is not None:
-            provider._count_consumed()
-        return event
-
-    async def aclose(self) -> None:
-        """Stop receiving; publishers no longer wait for this stream."""
-        self._finalizer()
-
-    async def __aenter__(self) -> MemoryStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
