@@ -45,6 +45,32 @@ from outbox.providers.memory import MemoryProvider
 #: Providers the suite runs against: each needs a ``backend_<name>`` fixture.
 PROVIDERS = ["memory", "redis", "nats", "database", "sqlite"]
 
+#: What each provider under test claims: ``store`` (an ``EventStore``), its ``capabilities``
+#: (``persistent``, ``cross_instance``, ``bounded_redelivery``), ``malformed`` (its backend can
+#: write a malformed message), ``silent_store`` (``store`` keeps an event off the bus). A test
+#: marked ``@pytest.mark.needs(...)`` is collected only for the providers that claim all it
+#: needs (the others are deselected, not skipped); inside, the test asserts the provider agrees.
+CLAIMS: dict[str, frozenset[str]] = {
+    "memory": frozenset({"store", "bounded_redelivery", "silent_store"}),
+    "redis": frozenset({"persistent", "cross_instance", "bounded_redelivery", "malformed"}),
+    "nats": frozenset({"persistent", "cross_instance", "bounded_redelivery", "malformed"}),
+    "database": frozenset({"store", "persistent", "cross_instance", "silent_store"}),
+    "sqlite": frozenset({"store", "persistent", "cross_instance"}),
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    keep: list[pytest.Item] = []
+    drop: list[pytest.Item] = []
+    for item in items:
+        needs = {n for m in item.iter_markers("needs") for n in m.args}
+        callspec = getattr(item, "callspec", None)
+        name = callspec.params.get("backend") if callspec is not None else None
+        (drop if needs and name is not None and not needs <= CLAIMS[name] else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
 
 class ProviderFactory(Protocol):
     """``make(claim_timeout=..., max_deliveries=..., prefetch=...)``: a provider in a context.

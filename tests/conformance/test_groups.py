@@ -40,8 +40,9 @@ def ids(items: list[Delivery] | list[Event]) -> list[uuid.UUID]:
 
 
 def require(provider: Provider, capability: str) -> None:
-    if not getattr(provider.capabilities, capability):
-        pytest.skip(f"{provider.name} does not claim {capability}")
+    """The test runs only where :data:`~tests.conformance.conftest.CLAIMS` says the provider
+    claims ``capability`` (``needs`` marker); the provider must agree."""
+    assert getattr(provider.capabilities, capability), f"{provider.name}: {capability}"
 
 
 @contextlib.asynccontextmanager
@@ -208,6 +209,7 @@ async def test_park_moves_to_the_dead_letters_never_to_return(provider: Provider
         assert await backend.unsettled(provider, "g") == 0
 
 
+@pytest.mark.needs("bounded_redelivery")
 async def test_redelivery_is_bounded_by_max_deliveries(provider_factory: ProviderFactory,
                                                        backend: Backend) -> None:
     event = events(1)[0]
@@ -231,10 +233,10 @@ async def test_redelivery_is_bounded_by_max_deliveries(provider_factory: Provide
         assert await backend.unsettled(provider, "g") == 0
 
 
+@pytest.mark.needs("malformed")
 async def test_malformed_messages_are_parked_and_the_group_goes_on(provider: Provider,
                                                                    backend: Backend) -> None:
-    if backend.inject_malformed is None:
-        pytest.skip(f"{backend.name} carries no documents that could be malformed")
+    assert backend.inject_malformed is not None
     good, later = events(2)
     async with provider.consume(group="g", start=BEGINNING) as it:
         await it.open()
@@ -286,6 +288,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.needs("cross_instance")
 async def test_what_a_dead_member_held_goes_to_the_others(provider_factory: ProviderFactory,
                                                          backend: Backend) -> None:
     published = events(3)
@@ -311,6 +314,7 @@ async def test_what_a_dead_member_held_goes_to_the_others(provider_factory: Prov
     assert by_id[taken].attempt == 2  # the one it was handling comes back, counted
 
 
+@pytest.mark.needs("cross_instance")
 async def test_a_slow_handler_keeps_its_delivery(provider_factory: ProviderFactory) -> None:
     """A handler that runs longer than the claim timeout is not mistaken for a dead member."""
     event = events(1)[0]

@@ -47,14 +47,14 @@ def same(a: Event, b: Event) -> bool:
 
 
 def require(provider: Provider, capability: str) -> None:
-    if not getattr(provider.capabilities, capability):
-        pytest.skip(f"{provider.name} does not claim {capability}")
+    """The test runs only where :data:`~tests.conformance.conftest.CLAIMS` says the provider
+    claims ``capability`` (``needs`` marker); the provider must agree."""
+    assert getattr(provider.capabilities, capability), f"{provider.name}: {capability}"
 
 
 def require_store(provider: Provider) -> EventStore:
-    """The provider as an event store (the test is skipped for providers that keep nothing)."""
-    if not isinstance(provider, EventStore):
-        pytest.skip(f"{provider.name} keeps no events (no EventStore)")
+    """The provider as an event store (tests marked ``needs("store")`` run only on those)."""
+    assert isinstance(provider, EventStore), f"{provider.name} keeps no events"
     return provider
 
 
@@ -115,6 +115,7 @@ async def reading(provider: Provider, pattern: str, probe_type: str) -> AsyncIte
 # -- store / get ---------------------------------------------------------------------------------
 
 
+@pytest.mark.needs("store")
 async def test_store_then_get_returns_an_equal_event(provider: Provider) -> None:
     store = require_store(provider)
     event = make(user_id=7, session_id="s1", schema_name="public", entity="users", entity_id=42,
@@ -127,10 +128,12 @@ async def test_store_then_get_returns_an_equal_event(provider: Provider) -> None
     assert by_text is not None and by_text.id == event.id
 
 
+@pytest.mark.needs("store")
 async def test_get_of_an_unknown_id_is_none(provider: Provider) -> None:
     assert await require_store(provider).get(uuid.uuid4()) is None
 
 
+@pytest.mark.needs("store")
 async def test_store_is_idempotent_by_id(provider: Provider) -> None:
     store = require_store(provider)
     event = make("test.once")
@@ -141,6 +144,7 @@ async def test_store_is_idempotent_by_id(provider: Provider) -> None:
     assert [e.id for e in await store.list(EventFilter(type="test.once"))] == [event.id]
 
 
+@pytest.mark.needs("store")
 async def test_events_handed_out_are_copies(provider: Provider) -> None:
     store = require_store(provider)
     event = make(payload={"items": [1, 2]})
@@ -157,6 +161,7 @@ async def test_events_handed_out_are_copies(provider: Provider) -> None:
 # -- update_status / delete ----------------------------------------------------------------------
 
 
+@pytest.mark.needs("store")
 async def test_update_status_sets_status_timestamps_and_error(provider: Provider) -> None:
     store = require_store(provider)
     event = make()
@@ -186,6 +191,7 @@ async def test_update_status_sets_status_timestamps_and_error(provider: Provider
     assert again is not None and again.status == "processing" and again.completed_at is None
 
 
+@pytest.mark.needs("store")
 async def test_update_status_of_unknown_id_or_status(provider: Provider) -> None:
     store = require_store(provider)
     with pytest.raises(EventNotFound):
@@ -196,6 +202,7 @@ async def test_update_status_of_unknown_id_or_status(provider: Provider) -> None
         await store.update_status(event.id, "sleeping")
 
 
+@pytest.mark.needs("store")
 async def test_delete(provider: Provider) -> None:
     store = require_store(provider)
     event = make()
@@ -265,6 +272,7 @@ async def history(provider: Provider) -> list[Event]:
     ],
     ids=lambda v: repr(v) if isinstance(v, EventFilter) else None,
 )
+@pytest.mark.needs("store")
 async def test_list_filters(
     provider: Provider, history: list[Event], filter_: EventFilter, expected: list[int]
 ) -> None:
@@ -272,6 +280,7 @@ async def test_list_filters(
     assert [e.id for e in got] == [history[i].id for i in expected]
 
 
+@pytest.mark.needs("store")
 async def test_list_order_is_stable_for_equal_created_at(provider: Provider) -> None:
     store = require_store(provider)
     events = [make("test.same", offset=0) for _ in range(6)]
@@ -308,10 +317,10 @@ async def test_publish_delivers_to_matching_streams(provider: Provider) -> None:
         assert stored is not None and same(stored, first)
 
 
+@pytest.mark.needs("store", "silent_store")
 async def test_store_alone_does_not_deliver(provider: Provider, backend: Backend) -> None:
     store = require_store(provider)
-    if not backend.store_is_silent:
-        pytest.skip(f"{backend.name}: every stored row is on the bus")
+    assert backend.store_is_silent
     async with reading(provider, "test.*", "test.probe") as reader:
         quiet = make("test.stored")
         await store.store(quiet)
@@ -384,6 +393,7 @@ async def test_stats(provider: Provider) -> None:
     assert isinstance(stats, ProviderStats) and stats.provider == provider.name
 
 
+@pytest.mark.needs("store", "persistent")
 async def test_stored_events_survive_a_new_instance(provider_factory: ProviderFactory) -> None:
     async with provider_factory() as first:
         require(first, "persistent")
@@ -394,6 +404,7 @@ async def test_stored_events_survive_a_new_instance(provider_factory: ProviderFa
         assert got is not None and same(got, event)
 
 
+@pytest.mark.needs("persistent")
 async def test_published_events_survive_a_new_instance(provider_factory: ProviderFactory) -> None:
     async with provider_factory() as first:
         require(first, "persistent")
@@ -407,6 +418,7 @@ async def test_published_events_survive_a_new_instance(provider_factory: Provide
         await delivery.ack()
 
 
+@pytest.mark.needs("cross_instance")
 async def test_cross_instance_delivery(provider_factory: ProviderFactory) -> None:
     async with provider_factory() as publisher, provider_factory() as subscriber:
         require(publisher, "cross_instance")
