@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from outbox import Event, new_event  # noqa: E402
+from outbox._patterns import SubscriptionIndex, compile_pattern  # noqa: E402
 from outbox.broker import Broker  # noqa: E402
-from outbox.patterns import SubscriptionIndex, compile_pattern  # noqa: E402
 from outbox.providers.memory import MemoryProvider  # noqa: E402
 
 SCHEMAS = [f"s{i}" for i in range(20)]

@@ -53,7 +53,7 @@ async def main() -> None:
         declined = outbox.new_event("system", "billing.charge", {"amount": 250})
         try:
             await broker.publish_sync(declined)
-        except outbox.HandlerError as exc:
+        except outbox.exceptions.HandlerError as exc:
             print(f"  HandlerError after {attempts} attempts: {exc.errors}")
         stored = await broker.provider.get(declined.id)
         assert stored is not None
@@ -83,7 +83,7 @@ async def main() -> None:
     # Leaving the block stopped the broker: it drained its queue; publishing now is an error.
     try:
         await broker.publish_async(outbox.new_event("system", "chat.message", {}))
-    except outbox.BrokerClosed as exc:
+    except outbox.exceptions.BrokerClosed as exc:
         print(f"after stop: BrokerClosed: {exc}")
 
 

@@ -8,49 +8,24 @@ with SQL. See README.md and docs/architecture.md.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from outbox._capture import Capture, capture
-from outbox.context import context, request_scope, set_context
-from outbox.events import (
-    Event,
-    EventSource,
-    EventStatus,
-    Operation,
-    event_type,
-    get_instance_id,
-    new_event,
-    set_instance_id,
-)
-from outbox.exceptions import (
-    BrokerClosed,
-    BrokerNotStarted,
-    CaptureError,
-    ConfigError,
-    EventNotFound,
-    HandlerError,
-    MalformedMessage,
-    MissingDependency,
-    OutboxError,
-    ProviderError,
-    ProviderFull,
-    ProviderUnavailable,
-    QueueFull,
-    SchemaMissing,
-    SerializationError,
-    UnsupportedOperation,
-)
+from outbox._context import context, request_scope, set_context
+from outbox._retry import RetryPolicy
+from outbox.events import Event, EventSource, EventStatus, new_event
+from outbox.exceptions import OutboxError
 
 # registers outbox_alembic_version on Event.metadata (the table outbox.migrations records in)
 from outbox.migrations import version_table as _version_table  # noqa: F401
-from outbox.providers.base import EventFilter, ProviderStats
-from outbox.retry import RetryPolicy
+from outbox.providers.base import EventFilter
 from outbox.schema import create_schema  # also registers the outbox_* tables on Event.metadata
 
 if TYPE_CHECKING:  # names resolved lazily below, spelled out for type checkers
     from outbox.broker import (
         Broker,
-        BrokerStats,
         get_default_broker,
         initialize,
         publish,
@@ -59,13 +34,13 @@ if TYPE_CHECKING:  # names resolved lazily below, spelled out for type checkers
         set_default_broker,
         subscribe,
     )
-    from outbox.config import Config, provider_from_config
+    from outbox.config import Config
+    from outbox.consume import Consumer
     from outbox.providers.database import DatabaseProvider
     from outbox.providers.memory import MemoryProvider
     from outbox.providers.nats import NATSProvider
     from outbox.providers.redis import RedisProvider
     from outbox.relay import Relay
-    from outbox.sqlite import sqlite_savepoints
 
 __version__ = "0.1.0"
 
@@ -73,7 +48,6 @@ __version__ = "0.1.0"
 # nats, psycopg) are only needed by the code that uses them.
 _LAZY: dict[str, str] = {
     "Broker": "outbox.broker",
-    "BrokerStats": "outbox.broker",
     "initialize": "outbox.broker",
     "set_default_broker": "outbox.broker",
     "get_default_broker": "outbox.broker",
@@ -82,13 +56,28 @@ _LAZY: dict[str, str] = {
     "publish_async": "outbox.broker",
     "subscribe": "outbox.broker",
     "Config": "outbox.config",
-    "provider_from_config": "outbox.config",
     "MemoryProvider": "outbox.providers.memory",
     "RedisProvider": "outbox.providers.redis",
     "NATSProvider": "outbox.providers.nats",
     "DatabaseProvider": "outbox.providers.database",
     "Relay": "outbox.relay",
     "Consumer": "outbox.consume",
+}
+
+# Names the package root no longer carries -> where they are now (still found, with a
+# DeprecationWarning, so that code written against the older, larger root keeps working).
+_MOVED: dict[str, str] = {
+    **dict.fromkeys(
+        ("BrokerClosed", "BrokerNotStarted", "CaptureError", "ConfigError", "EventNotFound",
+         "HandlerError", "MalformedMessage", "MissingDependency", "ProviderError",
+         "ProviderFull", "ProviderUnavailable", "QueueFull", "SchemaMissing",
+         "SerializationError", "UnsupportedOperation"),
+        "outbox.exceptions"),
+    **dict.fromkeys(("Operation", "event_type", "get_instance_id", "set_instance_id"),
+                    "outbox.events"),
+    "BrokerStats": "outbox.broker",
+    "ProviderStats": "outbox.providers",
+    "provider_from_config": "outbox.config",
     "sqlite_savepoints": "outbox.sqlite",
 }
 
@@ -96,7 +85,13 @@ _LAZY: dict[str, str] = {
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module 'outbox' has no attribute {name!r}")
+        moved = _MOVED.get(name)
+        if moved is None:
+            if not name.startswith("_") and importlib.util.find_spec(f"outbox.{name}"):
+                return importlib.import_module(f"outbox.{name}")  # a submodule: outbox.sqlite
+            raise AttributeError(f"module 'outbox' has no attribute {name!r}")
+        warnings.warn(f"outbox.{name} is {moved}.{name} now", DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module(moved), name)
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
@@ -108,54 +103,31 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "Broker",
-    "BrokerClosed",
-    "BrokerNotStarted",
-    "BrokerStats",
     "Capture",
-    "CaptureError",
     "Config",
-    "ConfigError",
     "Consumer",
     "DatabaseProvider",
     "Event",
     "EventFilter",
-    "EventNotFound",
     "EventSource",
     "EventStatus",
-    "HandlerError",
-    "MalformedMessage",
     "MemoryProvider",
-    "MissingDependency",
     "NATSProvider",
-    "Operation",
     "OutboxError",
-    "ProviderError",
-    "ProviderFull",
-    "ProviderStats",
-    "ProviderUnavailable",
-    "QueueFull",
     "RedisProvider",
     "Relay",
     "RetryPolicy",
-    "SchemaMissing",
-    "SerializationError",
-    "UnsupportedOperation",
     "capture",
     "context",
     "create_schema",
-    "event_type",
     "get_default_broker",
-    "get_instance_id",
     "initialize",
     "new_event",
-    "provider_from_config",
     "publish",
     "publish_async",
     "publish_sync",
     "request_scope",
     "set_context",
     "set_default_broker",
-    "set_instance_id",
-    "sqlite_savepoints",
     "subscribe",
 ]

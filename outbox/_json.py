@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover - stdlib json then
 class NotSerialisable(TypeError):
     """Internal signal: ``value`` (found at ``path``) has no JSON form.
 
-    Callers that know the model and column turn it into :class:`outbox.SerializationError`.
+    Callers that know the model and column turn it into :class:`SerializationError`.
     """
 
     def __init__(self, value: object, path: str = "") -> None:

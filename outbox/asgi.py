@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
-from outbox.context import request_scope
+from outbox._context import request_scope
 
 __all__ = ["ContextMiddleware"]
 

@@ -35,12 +35,12 @@ from sqlalchemy.engine import Engine
 from outbox import _json, ops
 from outbox._cli import Failure, load_config, print_error
 from outbox._duration import parse_duration
+from outbox._engines import create_engine
+from outbox._logs import LOG_LEVELS, configure_logging, preserved_logging, redact
 from outbox._sql import console as console_sql
 from outbox.console import cli as console_cli
-from outbox.engines import create_engine
 from outbox.events import Event, EventSource, EventStatus, Operation, utcnow
 from outbox.exceptions import OutboxError
-from outbox.logs import LOG_LEVELS, configure_logging, preserved_logging, redact
 from outbox.providers.base import EventFilter
 from outbox.schema import check_schema
 

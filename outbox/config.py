@@ -34,8 +34,8 @@ import yaml
 
 from outbox._duration import parse_duration
 from outbox._redact import redact as redact_url
+from outbox._retry import RetryPolicy
 from outbox.exceptions import ConfigError, MissingDependency
-from outbox.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from outbox.providers.base import Provider
@@ -99,7 +99,7 @@ class DatabaseConfig(_Section):
     batch_size: int = _at_least(100, 1)
     lease: float = _at_least(30.0, 0, above=True)
     notify: bool = True
-    # PgBouncer in transaction pooling between outbox and PostgreSQL (outbox/engines.py): no
+    # PgBouncer in transaction pooling between outbox and PostgreSQL (outbox/_engines.py): no
     # prepared statements, no session state, no LISTEN through it (poll, or listen_url).
     pgbouncer: bool = False
     #: a direct connection (not through the pooler) for LISTEN in PgBouncer mode
@@ -217,7 +217,7 @@ _RETRY_FIELDS: dict[str, Any] = {
 class Config(_Section):
     """The whole ``event_broker:`` section. Build with :meth:`load` (or the constructor).
 
-    ``instance_id`` ``None`` means hostname-pid (:func:`outbox.get_instance_id`). ``enabled`` is
+    ``instance_id`` ``None`` means hostname-pid (:func:`get_instance_id`). ``enabled`` is
     accepted for configuration files that set it; outbox itself does not consult it.
     """
 

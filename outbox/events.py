@@ -444,8 +444,8 @@ def new_event(
     background relay.
     Add the result to a session to commit it with the session's transaction.
     """
-    from outbox.context import current_context  # local: context imports nothing from here
-    from outbox.tracing import current_trace_context
+    from outbox._context import current_context  # local: context imports nothing from here
+    from outbox._tracing import current_trace_context
 
     if not isinstance(type, str) or not type:
         raise ValueError("event type must be a non-empty string")

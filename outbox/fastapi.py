@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-from outbox.context import in_request_scope, request_scope, set_context
+from outbox._context import in_request_scope, request_scope, set_context
 from outbox.exceptions import MissingDependency, OutboxError
 
 try:

@@ -17,7 +17,7 @@ import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from outbox.context import request_scope
+from outbox._context import request_scope
 from outbox.exceptions import MissingDependency
 
 try:

@@ -33,7 +33,7 @@ import anyio
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from outbox.logs import redact
+from outbox._logs import redact
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine

@@ -57,8 +57,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import Session, scoped_session
 
+from outbox._engines import engine_args
 from outbox._sql import inbox as inbox_sql
-from outbox.engines import engine_args
 from outbox.events import utcnow
 from outbox.exceptions import NoInboxTransaction
 from outbox.schema import check_schema, create_schema
@@ -179,7 +179,7 @@ class Inbox:
     :class:`~sqlalchemy.ext.asyncio.AsyncEngine`, or a URL (an async driver in the URL makes an
     async engine). :meth:`check` verifies the ``outbox_inbox`` table exists (created by
     ``alembic upgrade head``; on SQLite it is created if missing). ``pgbouncer``: the URL is
-    PgBouncer in transaction pooling (no prepared statements, see :mod:`outbox.engines`).
+    PgBouncer in transaction pooling (no prepared statements, see :mod:`outbox._engines`).
     """
 
     def __init__(self, bind: Engine | AsyncEngine | str | sa.URL, *,
@@ -210,7 +210,7 @@ class Inbox:
             theirs.get_backend_name(), theirs.host, theirs.port, theirs.database)
 
     async def check(self) -> None:
-        """Raise :class:`~outbox.SchemaMissing` (one line) unless ``outbox_inbox`` exists."""
+        """Raise :class:`SchemaMissing` (one line) unless ``outbox_inbox`` exists."""
         if isinstance(self.engine, AsyncEngine):
             async with self.engine.begin() as conn:
                 await conn.run_sync(_check_tables)

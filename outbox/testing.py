@@ -175,11 +175,11 @@ class EventRecorder:
         metadata: Mapping[str, Any] | None = None,
         **fields: Any,
     ) -> list[Event]:
-        """Recorded events whose type matches ``pattern`` (:mod:`outbox.patterns`), whose payload
+        """Recorded events whose type matches ``pattern`` (:mod:`outbox._patterns`), whose payload
         and metadata contain ``payload``/``metadata`` (nested dicts compared as subsets), and whose
         attributes equal ``fields`` (``source=``, ``user_id=``, ``entity_id=`` …)."""
+        from outbox._patterns import compile_pattern
         from outbox.events import Event
-        from outbox.patterns import compile_pattern
 
         compiled = compile_pattern(pattern)
         unknown = [name for name in fields if not hasattr(Event, name)]
@@ -318,9 +318,9 @@ def outbox_recorder() -> Iterator[EventRecorder]:
 @pytest.fixture
 async def outbox_broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
     """A started memory-provider broker installed as the default broker for the test."""
+    from outbox._retry import RetryPolicy
     from outbox.broker import Broker, default
     from outbox.providers.memory import MemoryProvider
-    from outbox.retry import RetryPolicy
 
     options: dict[str, Any] = {
         "retry_policy": RetryPolicy(max_retries=3, initial_delay=0.0, max_delay=0.0, jitter=0.0),

@@ -39,7 +39,7 @@ for the consumer that receives it.
 
 Documents from other producers are accepted when they are valid CloudEvents 1.0 JSON with a UUID
 ``id``: a ``source`` that is not ``/outbox/{instance}/{source}`` becomes the event's ``source``
-verbatim with an empty ``instance_id``. Anything else raises :class:`~outbox.MalformedMessage`
+verbatim with an empty ``instance_id``. Anything else raises :class:`MalformedMessage`
 naming what is wrong; providers park such messages instead of crashing or blocking a consumer.
 """
 
@@ -187,7 +187,7 @@ def _parse_time(text: str) -> dt.datetime:
 def decode(raw: bytes | bytearray | memoryview | str) -> Event:
     """Parse a CloudEvents 1.0 structured JSON document back into a transient :class:`Event`.
 
-    Raises :class:`~outbox.MalformedMessage` saying what is wrong (not JSON, not an object, wrong
+    Raises :class:`MalformedMessage` saying what is wrong (not JSON, not an object, wrong
     ``specversion``, missing or invalid ``id``/``source``/``type``, bad ``time``/``sequence``/
     ``metadata``, binary ``data_base64``).
     """

@@ -3,7 +3,7 @@
 - ``pg_url`` / ``sqlite_url`` / ``mariadb_url``: a fresh, empty database (no outbox schema);
 - ``db_url``: parametrised over PostgreSQL and SQLite;
 - ``engine``: ``db_url`` with the outbox schema created (``outbox.create_schema``), on SQLite
-  with ``outbox.sqlite_savepoints`` as recommended for applications;
+  with ``outbox.sqlite.sqlite_savepoints`` as recommended for applications;
 - ``redis_url`` + ``redis_prefix``, ``nats_url`` + ``nats_names``: shared servers, unique names;
 - ``private_redis`` / ``private_nats`` / ``private_postgres``: servers a test may stop and restart;
   ``private_pgbouncer``: a pgbouncer (transaction pooling) in front of the shared PostgreSQL.
@@ -110,9 +110,9 @@ def db_url(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def engine(db_url: str) -> Iterator[sa.Engine]:
     """An engine on ``db_url`` with the outbox schema created; on SQLite configured as
-    docs/capture.md recommends for applications (``outbox.sqlite_savepoints``: ``begin_nested()``
+    docs/capture.md recommends for applications (``sqlite_savepoints``: ``begin_nested()``
     works)."""
-    eng = outbox.sqlite_savepoints(sa.create_engine(db_url))
+    eng = outbox.sqlite.sqlite_savepoints(sa.create_engine(db_url))
     outbox.create_schema(eng)
     yield eng
     eng.dispose()

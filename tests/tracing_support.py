@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from outbox import tracing
+from outbox import _tracing as tracing
 
 
 def _set_global_tracer_provider(provider: Any) -> None:

@@ -10,7 +10,7 @@ Each affected row gets its event, written right after the statement on the same 
   statements) makes the transaction uncommittable instead of losing the event.
 - UPDATE by primary key (a list of parameter dicts): old and new images by primary key.
 
-What cannot be captured is refused with :class:`outbox.UnsupportedOperation` (no RETURNING on the
+What cannot be captured is refused with :class:`UnsupportedOperation` (no RETURNING on the
 dialect, upserts, joined-table inheritance, ...) — never silently run. Pass
 ``execution_options={"outbox_capture": False}`` to run such a statement without events.
 """

@@ -3,7 +3,7 @@
 A :class:`MapperPlan` holds everything the flush hot path needs for a model (the captured columns
 as ``(attribute key, column name)`` pairs, the primary key, table, schema and event types), so
 that a flush only walks plain tuples instead of inspecting mappers. It also turns row values into
-JSON (raising :class:`outbox.SerializationError` naming model and column) and fetches column
+JSON (raising :class:`SerializationError` naming model and column) and fetches column
 values the ORM does not have in memory (expired or deferred attributes) with one Core ``SELECT``.
 """
 

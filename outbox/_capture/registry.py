@@ -140,7 +140,7 @@ def capture(
     ``Session``, ``async_sessionmaker`` or ``AsyncSession``. ``models``: a declarative base (its
     registry's models, also those mapped later), or mapped classes (and their subclasses);
     default: every mapped class except the outbox's own tables. ``operations``: any of
-    ``"create"``, ``"update"``, ``"delete"``, ``"read"`` (or :class:`outbox.Operation`).
+    ``"create"``, ``"update"``, ``"delete"``, ``"read"`` (or :class:`outbox.events.Operation`).
     ``exclude``: ``{Model: {"column", ...}}`` columns never written to events. Columns whose
     names look like secrets (``password``, ``hashed_password``, ``api_key``, ``refresh_token``,
     … see :mod:`outbox._capture.secret_columns`) are left out too unless listed in
@@ -150,9 +150,9 @@ def capture(
 
     Call once per target at configuration time. Calling again with the same arguments returns the
     existing registration; a different registration that overlaps (same target, or a Session
-    class and a sessionmaker/session of it) raises :class:`outbox.CaptureError`, because both
+    class and a sessionmaker/session of it) raises :class:`CaptureError`, because both
     would write every event twice. Errors in the arguments (unmapped class, unknown column,
-    unknown operation) raise :class:`outbox.CaptureError` here, not at the first flush.
+    unknown operation) raise :class:`outbox.exceptions.CaptureError` here, not at the first flush.
     """
     key = resolve_target(target)
     new = Capture(target, key, models, operations, exclude, include)

@@ -15,10 +15,10 @@ from sqlalchemy.engine import Connection
 
 from outbox import _json
 from outbox._capture.plan import MapperPlan, jsonable
+from outbox._context import current_context
 from outbox._sql.capture import INSERT_EVENTS, PG_INSERT_EVENTS
-from outbox.context import current_context
+from outbox._tracing import current_trace_context
 from outbox.events import Operation, get_instance_id, new_event_id, utcnow
-from outbox.tracing import current_trace_context
 
 __all__ = ["REDACTED", "RowFactory", "changes_of", "redacted_changes"]
 

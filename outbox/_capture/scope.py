@@ -2,7 +2,7 @@
 
 :class:`Scope` is what the flush, bulk and read listeners ask ("is this operation captured?",
 "the plan of this mapper"); :class:`~outbox._capture.registry.Capture` adds the session it is
-attached to. Every argument error is a :class:`~outbox.CaptureError` raised here, at
+attached to. Every argument error is a :class:`~outbox.exceptions.CaptureError` raised here, at
 ``capture()``, not at the first flush.
 """
 

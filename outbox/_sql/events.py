@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
 
+from outbox._patterns import compile_pattern
 from outbox.events import (
     _ATTR_TO_COLUMN,
     Event,
@@ -25,7 +26,6 @@ from outbox.events import (
     get_instance_id,
     utcnow,
 )
-from outbox.patterns import compile_pattern
 from outbox.providers.base import EventFilter, as_event_id
 
 __all__ = [
@@ -91,7 +91,7 @@ def literal_prefix(pattern: str) -> str | None:
 
 
 def type_clause(conn_or_dialect: Connection | str, pattern: str) -> sa.ColumnElement[bool] | None:
-    """SQL true exactly when :func:`outbox.patterns.matches` is (``None`` for ``*``).
+    """SQL true exactly when :func:`outbox._patterns.matches` is (``None`` for ``*``).
 
     A literal pattern is an equality. Otherwise the literal leading segments become a range
     (``type >= 'public.' AND type < 'public/'``: the type index serves it; the column compares

@@ -28,11 +28,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from outbox._patterns import compile_pattern
 from outbox._sql import events as event_sql
 from outbox._sql.ddl import NOTIFY_CHANNEL
 from outbox._txretry import retrying
 from outbox.events import Event, EventStatus, utcnow
-from outbox.patterns import compile_pattern
 from outbox.providers.base import EventFilter, as_event_id
 
 __all__ = [

@@ -45,6 +45,8 @@ import anyio
 import anyio.lowlevel
 from sqlalchemy.orm.attributes import instance_state
 
+from outbox._patterns import SubscriptionIndex, compile_pattern
+from outbox._retry import RetryPolicy
 from outbox.broker.dispatch import DispatchResult, joined_error, run_subscriptions
 from outbox.broker.subscriptions import (
     Handler,
@@ -54,9 +56,7 @@ from outbox.broker.subscriptions import (
 )
 from outbox.events import Event, EventStatus, get_instance_id, new_event_id, utcnow
 from outbox.exceptions import BrokerClosed, BrokerNotStarted, HandlerError, QueueFull
-from outbox.patterns import SubscriptionIndex, compile_pattern
 from outbox.providers.base import EventStore, Provider, ProviderStats
-from outbox.retry import RetryPolicy
 
 __all__ = [
     "NOTE_KEY",

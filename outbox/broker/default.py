@@ -18,10 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, overload
 
+from outbox._patterns import compile_pattern
 from outbox.broker.core import Broker
 from outbox.broker.subscriptions import Handler
 from outbox.events import Event, set_instance_id
-from outbox.patterns import compile_pattern
 
 if TYPE_CHECKING:
     from outbox.config import Config
@@ -86,7 +86,7 @@ def set_default_broker(broker: Broker | None, *, inherit: bool = True) -> Broker
 def initialize(config: Config | None = None, *, provider: Provider | None = None) -> Broker:
     """Build a broker from ``config`` (default: ``Config.load()``) and make it the default.
 
-    The provider comes from :func:`outbox.provider_from_config` unless given. An explicit
+    The provider comes from :func:`outbox.config.provider_from_config` unless given. An explicit
     ``instance_id`` in the config becomes the process's instance id for new events too. The
     broker is returned not started: ``await broker.start()``.
     """

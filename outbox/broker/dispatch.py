@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from outbox._retry import RetryPolicy
 from outbox.broker.subscriptions import Subscription, call_handler
 from outbox.events import Event
 from outbox.exceptions import BrokerClosed
-from outbox.retry import RetryPolicy
 
 __all__ = ["DispatchResult", "joined_error", "run_subscriptions"]
 

@@ -15,8 +15,8 @@ from typing import Any, TypeAlias
 
 import anyio.to_thread
 
+from outbox._patterns import Pattern
 from outbox.events import Event
-from outbox.patterns import Pattern
 
 __all__ = ["Handler", "Subscription", "call_handler", "default_name", "is_async_handler"]
 

@@ -26,13 +26,13 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from outbox import ops
+from outbox._logs import redact as redact_text
 from outbox._sql import console as console_sql
 from outbox.console import views
 from outbox.console.auth import SESSION_MAX_AGE, Credentials, Signer, parse_basic
 from outbox.console.redact import Redactor
 from outbox.events import EventStatus, utcnow
 from outbox.exceptions import OutboxError
-from outbox.logs import redact as redact_text
 from outbox.providers.base import EventFilter
 
 __all__ = ["Console", "create_app"]

@@ -30,8 +30,8 @@ from typing import Any
 import anyio
 
 from outbox._cli import Failure, import_apps, leaves, load_config, print_error
+from outbox._logs import add_logging_arguments, configure_logging, preserved_logging
 from outbox.exceptions import OutboxError
-from outbox.logs import add_logging_arguments, configure_logging, preserved_logging
 from outbox.providers.base import StartPosition, parse_start
 
 __all__ = ["build_parser", "main"]

@@ -30,19 +30,22 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from outbox._logs import event_context
+from outbox._patterns import compile_pattern
+from outbox._retry import RetryPolicy
+from outbox._tracing import continue_trace
 from outbox.events import Event
 from outbox.exceptions import ProviderUnavailable
 from outbox.inbox import Inbox
-from outbox.logs import event_context
-from outbox.patterns import compile_pattern
 from outbox.providers._bus import Backoff, validate_group
 from outbox.providers.base import Delivery, GroupMember, StartPosition, Subscriber
-from outbox.retry import RetryPolicy
-from outbox.tracing import continue_trace
+
+if TYPE_CHECKING:
+    from outbox.broker import Broker
 
 __all__ = ["Consumer", "ConsumerStats"]
 
@@ -82,7 +85,7 @@ class Consumer:
         *,
         group: str | None = None,
         patterns: str | Sequence[str] = ("*",),
-        broker: Any = None,
+        broker: Broker | None = None,
         consumer: str | None = None,
         start: StartPosition | dt.datetime | str = StartPosition.NOW,
         retry_policy: RetryPolicy | None = None,

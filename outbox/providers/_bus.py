@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
 from outbox import wire
+from outbox._patterns import Pattern, compile_pattern
 from outbox._redact import redact as redact_url
 from outbox.events import Event
 from outbox.exceptions import MalformedMessage, ProviderError
-from outbox.patterns import Pattern, compile_pattern
 
 __all__ = [
     "Backoff",

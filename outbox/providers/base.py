@@ -14,8 +14,8 @@ Shared rules (checked by ``tests/conformance``):
 - a provider is safe to use from several tasks of one event loop at once; it is not shared
   between event loops or threads;
 - events handed out are copies: mutating them never changes what the provider holds or sends;
-- an unreachable backend raises :class:`outbox.ProviderUnavailable` (a reason to back off and
-  retry, never a reason to fail an event); every other refusal raises :class:`outbox.ProviderError`.
+- an unreachable backend raises :class:`ProviderUnavailable` (a reason to back off and
+  retry, never a reason to fail an event); every other refusal raises :class:`ProviderError`.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
+from outbox._patterns import compile_pattern
 from outbox.events import Event, EventSource, EventStatus
 from outbox.exceptions import EventNotFound, ProviderUnavailable
-from outbox.patterns import compile_pattern
 
 __all__ = [
     "Capabilities",
@@ -244,8 +244,8 @@ class Delivery(Protocol):
     ``group`` is the consumer group it was delivered to. ``attempt`` is 1 for the first delivery
     of this event to this group and grows with every redelivery (a nack, or a member that stopped
     holding it); ``last_error`` is the error of the nack before, when this member knows it.
-    Settling a delivery twice raises :class:`outbox.ProviderError`. A settlement the backend
-    could not record (it is unreachable) raises :class:`outbox.ProviderUnavailable` and leaves the
+    Settling a delivery twice raises :class:`ProviderError`. A settlement the backend
+    could not record (it is unreachable) raises :class:`ProviderUnavailable` and leaves the
     delivery unsettled: call again.
     """
 
@@ -305,7 +305,7 @@ class Publisher(Protocol):
       durably where the provider is ``persistent``); one result per event, in input order:
       ``None`` for accepted, else the exception about that event alone (it could not be encoded,
       the backend refused it);
-    - an outage of the backend raises :class:`outbox.ProviderUnavailable` for the whole call: the
+    - an outage of the backend raises :class:`ProviderUnavailable` for the whole call: the
       caller cannot know which events arrived, so it publishes them all again;
     - publishing is idempotent by event id, so that repeat is safe: an id already published is
       not delivered again (Redis and NATS remember ids for their ``duplicate_window``);
@@ -313,7 +313,7 @@ class Publisher(Protocol):
       in the order it published them;
     - ``close`` stops this provider's group members (they give back what they hold), flushes what
       is in flight and releases connections; it is idempotent, and any other call after it raises
-      :class:`outbox.ProviderError`.
+      :class:`outbox.exceptions.ProviderError`.
     """
 
     name: ClassVar[str]
@@ -327,7 +327,7 @@ class Publisher(Protocol):
 
     async def ping(self) -> None:
         """Return when the backend answers (cheaply: the relay's outage probe, ``/readyz``);
-        raise :class:`outbox.ProviderUnavailable` if not."""
+        raise :class:`outbox.exceptions.ProviderUnavailable` if not."""
 
     async def stats(self) -> ProviderStats:
         """Current counters (``extra`` holds the provider's own: groups, dead letters…)."""
@@ -349,7 +349,7 @@ class Subscriber(Protocol):
       when that member died (after the provider's claim timeout); deliveries of one event carry
       the same id, so handlers dedupe by ``event.id``;
     - a group is consumed with one pattern: consuming it with another one in the same process
-      (or, on NATS, ever) raises :class:`outbox.ProviderError`;
+      (or, on NATS, ever) raises :class:`outbox.exceptions.ProviderError`;
     - ``start`` (``NOW``, ``BEGINNING`` or an aware datetime) applies only when the group is
       created; an existing group resumes where it was;
     - a message that is not a valid event (malformed) is parked by the provider, never handed out

@@ -33,8 +33,8 @@ import anyio
 
 from outbox._cli import Failure, import_apps, leaves, print_error
 from outbox._cli import load_config as _load_config
+from outbox._logs import add_logging_arguments, configure_logging, preserved_logging
 from outbox.exceptions import OutboxError
-from outbox.logs import add_logging_arguments, configure_logging, preserved_logging
 
 __all__ = ["build_parser", "main"]
 

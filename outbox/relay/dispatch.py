@@ -14,7 +14,7 @@ Partial success: the names of the handlers that already succeeded for an event a
 ``metadata["outbox"]["handled"]`` when the event goes back to ``pending``, and those handlers are
 skipped on the next attempt. Only the handlers that failed (and the provider) see a repeat.
 
-A provider outage (:class:`~outbox.ProviderUnavailable`) is not the events' fault: every event not
+A provider outage (:class:`ProviderUnavailable`) is not the events' fault: every event not
 yet forwarded is released without counting a retry, and the outage is reported to the caller.
 """
 
@@ -28,13 +28,13 @@ from typing import Any, Protocol
 
 import anyio
 
+from outbox._logs import event_context
+from outbox._retry import RetryPolicy
 from outbox._sql.relay import COMPLETED, FAILED, PENDING, Outcome
+from outbox._tracing import continue_trace, set_error
 from outbox.events import Event
 from outbox.exceptions import ProviderUnavailable
-from outbox.logs import event_context
 from outbox.providers.base import Publisher
-from outbox.retry import RetryPolicy
-from outbox.tracing import continue_trace, set_error
 
 __all__ = ["BatchResult", "Dispatcher", "handled_names", "lanes"]
 

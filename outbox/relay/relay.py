@@ -15,16 +15,17 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 
+from outbox._engines import create_engine, engine_args
+from outbox._retry import RetryPolicy
 from outbox._sql.ddl import storage_outdated
 from outbox._sql.relay import COMPLETED, FAILED, Claim, Outcome, RelayStore
 from outbox._wakeup import Idle, IdleLock
-from outbox.engines import create_engine, engine_args
 from outbox.events import get_instance_id
 from outbox.exceptions import (
     DatabaseUnavailable,
@@ -36,8 +37,10 @@ from outbox.relay._gc import DEFAULT_GC_THRESHOLD, young_gc_threshold
 from outbox.relay.dispatch import BatchResult, Dispatcher
 from outbox.relay.listener import PgListener, conninfo_from_url
 from outbox.relay.stats import RelayHooks, RelayStats
-from outbox.retry import RetryPolicy
 from outbox.schema import MIGRATE_HINT, check_schema, create_schema
+
+if TYPE_CHECKING:
+    from outbox.broker import Broker
 
 __all__ = ["DEFAULT_DATABASE_URL", "DatabaseUnavailable", "Relay"]
 
@@ -68,7 +71,7 @@ class Relay:
 
     ``pgbouncer=True``: the URL points at PgBouncer in transaction pooling (no prepared
     statements, settings per transaction, no LISTEN through it: polling, or LISTEN on
-    ``listen_url``, a direct connection; see :mod:`outbox.engines`).
+    ``listen_url``, a direct connection; see :mod:`outbox._engines`).
 
     ``synchronous_commit=False`` (default, PostgreSQL): the relay's own status updates do not wait
     for the WAL flush; a database *server* crash can then only cause repeats of recently settled
@@ -79,7 +82,7 @@ class Relay:
         self,
         database: str | URL | Engine | None = None,
         *,
-        broker: Any = None,
+        broker: Broker | None = None,
         provider: Publisher | None = _UNSET,
         batch_size: int = 100,
         poll_interval: float = 1.0,

@@ -266,7 +266,7 @@ def backend_database(pg_engine: sa.Engine) -> Backend:
 
 @pytest.fixture
 def backend_sqlite(sqlite_url: str) -> Iterator[Backend]:
-    engine = outbox.sqlite_savepoints(sa.create_engine(sqlite_url))
+    engine = outbox.sqlite.sqlite_savepoints(sa.create_engine(sqlite_url))
     outbox.create_schema(engine)
     yield _database_backend("sqlite", engine, store_is_silent=False)
     engine.dispose()

@@ -20,7 +20,8 @@ import anyio
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from outbox import Event, ProviderError, new_event
+from outbox import Event, new_event
+from outbox.exceptions import ProviderError
 from outbox.providers.base import Delivery, GroupMember, Provider, StartPosition
 from tests.conformance.conftest import Backend, DeadLetter, ProviderFactory
 from tests.helpers import nothing_more, take

@@ -15,8 +15,8 @@ from typing import Any
 import anyio
 import pytest
 
-from outbox import Event, EventFilter, EventNotFound, EventSource, EventStatus, new_event
-from outbox.exceptions import ProviderError
+from outbox import Event, EventFilter, EventSource, EventStatus, new_event
+from outbox.exceptions import EventNotFound, ProviderError
 from outbox.providers.base import EventStore, Provider, ProviderStats, StartPosition
 from tests.conformance.conftest import Backend, ProviderFactory
 

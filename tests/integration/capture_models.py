@@ -181,7 +181,7 @@ class Db:
 
 def make_engine(url: str) -> sa.Engine:
     """An engine; on SQLite with real transactions, so that SAVEPOINT works (see outbox.sqlite)."""
-    return outbox.sqlite_savepoints(sa.create_engine(url))
+    return outbox.sqlite.sqlite_savepoints(sa.create_engine(url))
 
 
 def make_db(url: str, **capture_kw: Any) -> Iterator[Db]:

@@ -61,7 +61,7 @@ def test_insert_writes_one_complete_event_row(db: Db) -> None:
     assert ev.entity_id == str(user_id)
     assert (ev.schema_name, ev.entity, ev.operation) == (schema, "cap_users", "create")
     assert ev.ordering_key == f"{schema}.cap_users:{user_id}"
-    assert ev.instance_id == outbox.get_instance_id()
+    assert ev.instance_id == outbox.events.get_instance_id()
     assert ev.meta == {}
     assert ev.user_id is None and ev.session_id is None
     assert ev.retry_count == 0
@@ -98,13 +98,13 @@ def test_savepoint_rollback_removes_only_its_events(db: Db) -> None:
 
 def test_sqlite_savepoint_first_in_a_transaction_with_the_recipe(sqlite_url: str) -> None:
     """A savepoint opened before anything else in the transaction: rolling back the transaction
-    removes the change and its event only with ``outbox.sqlite_savepoints`` (docs/capture.md,
+    removes the change and its event only with ``outbox.sqlite.sqlite_savepoints`` (docs/capture.md,
     "SQLite and savepoints")."""
     for recommended in (False, True):
         engine = sa.create_engine(sqlite_url.replace(".db", f"-{recommended}.db"))
         if recommended:
-            assert outbox.sqlite_savepoints(engine) is engine
-            outbox.sqlite_savepoints(engine)  # twice: no second BEGIN
+            assert outbox.sqlite.sqlite_savepoints(engine) is engine
+            outbox.sqlite.sqlite_savepoints(engine)  # twice: no second BEGIN
         outbox.create_schema(engine)
         User.metadata.create_all(engine)
         factory = sa.orm.sessionmaker(engine)
@@ -123,7 +123,7 @@ def test_sqlite_savepoint_first_in_a_transaction_with_the_recipe(sqlite_url: str
         # pysqlite alone: the savepoint began the transaction and its RELEASE committed it
         assert kept == ((0, 0) if recommended else (1, 1))
     other = sa.create_engine("postgresql+psycopg://outbox@127.0.0.1:1/nowhere")
-    assert outbox.sqlite_savepoints(other) is other  # other dialects: left alone
+    assert outbox.sqlite.sqlite_savepoints(other) is other  # other dialects: left alone
     assert not sa.event.contains(other, "begin", outbox.sqlite._begin)
 
 
@@ -415,7 +415,7 @@ def test_unserialisable_value_fails_the_flush_and_commits_nothing(sqlite_url: st
         with db.Session() as s:
             s.add(User(name="innocent"))
             s.add(Pickled(thing=Opaque(1)))
-            with pytest.raises(outbox.SerializationError) as err:
+            with pytest.raises(outbox.exceptions.SerializationError) as err:
                 s.commit()
             s.rollback()
         message = str(err.value)
@@ -431,7 +431,7 @@ def test_nan_is_refused_at_flush(pg_or_sqlite: Db) -> None:
     db = pg_or_sqlite  # MariaDB cannot even store NaN
     with db.Session() as s:
         s.add(Kinds(ratio=float("nan")))
-        with pytest.raises(outbox.SerializationError, match=r"Kinds\.ratio"):
+        with pytest.raises(outbox.exceptions.SerializationError, match=r"Kinds\.ratio"):
             s.flush()
         s.rollback()
     assert db.count() == 0
@@ -505,10 +505,10 @@ def test_capture_twice(sqlite_url: str) -> None:
         again = outbox.capture(db.Session)
         assert again is db.capture
         # Different arguments for the same target: refused.
-        with pytest.raises(outbox.CaptureError, match="already captured"):
+        with pytest.raises(outbox.exceptions.CaptureError, match="already captured"):
             outbox.capture(db.Session, operations=("create",))
         # A Session class covering the sessionmaker: refused (every event would be doubled).
-        with pytest.raises(outbox.CaptureError, match="already captured"):
+        with pytest.raises(outbox.exceptions.CaptureError, match="already captured"):
             outbox.capture(Session)
         with db.Session() as s:
             s.add(User(name="once"))
@@ -543,7 +543,7 @@ def test_joined_inheritance(db: Db) -> None:
         s.commit()
         boss_id = boss.id
         # A bulk UPDATE touches one table: its RETURNING cannot give the whole row.
-        with pytest.raises(outbox.UnsupportedOperation, match="several tables"):
+        with pytest.raises(outbox.exceptions.UnsupportedOperation, match="several tables"):
             s.execute(sa.update(Manager).where(Manager.id == boss_id).values(reports=5))
         s.rollback()
     events = [(e.entity, e.operation, e.payload, e.meta) for e in db.events()]

@@ -183,7 +183,7 @@ def test_upserts(db: Db) -> None:
         update = insert(Tag).values(owner_id=1, name="a", weight=9).on_conflict_do_update(
             index_elements=["owner_id", "name"], set_={"weight": 9}
         )
-        with pytest.raises(outbox.UnsupportedOperation, match="upsert"):
+        with pytest.raises(outbox.exceptions.UnsupportedOperation, match="upsert"):
             s.execute(update)
         s.commit()
     assert [e.entity_id for e in db.events()] == ['[2,"b"]']
@@ -193,7 +193,7 @@ def test_mariadb_bulk_rules(maria: Db) -> None:
     ids = _seed(maria)
     with maria.Session() as s:
         # No UPDATE ... RETURNING on MariaDB: refused before anything runs.
-        with pytest.raises(outbox.UnsupportedOperation, match=r"outbox_capture.*False"):
+        with pytest.raises(outbox.exceptions.UnsupportedOperation, match=r"outbox_capture.*False"):
             s.execute(sa.update(User).where(User.id == ids[0]).values(name="x"))
         # Opting out runs it.
         s.execute(sa.update(User).where(User.id == ids[1]).values(name="y"),
@@ -237,9 +237,9 @@ def test_concurrent_insert_between_old_image_and_update_blocks_commit(pg_db: Db)
     sa.event.listen(db.engine, "after_cursor_execute", intrude)
     try:
         with db.Session() as s:
-            with pytest.raises(outbox.CaptureError, match="another transaction"):
+            with pytest.raises(outbox.exceptions.CaptureError, match="another transaction"):
                 s.execute(sa.update(User).values(email="all"))
-            with pytest.raises(outbox.CaptureError, match="refusing to commit"):
+            with pytest.raises(outbox.exceptions.CaptureError, match="refusing to commit"):
                 s.commit()
             s.rollback()
             # A fresh transaction of the same session is usable again.

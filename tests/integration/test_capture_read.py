@@ -37,7 +37,7 @@ async def test_loaded_rows_are_submitted_to_the_default_broker(sqlite_url: str) 
             s.add_all([User(name="a", password="secret"), Tag(owner_id=1, name="t")])
             s.commit()
         # Without a running broker, opting into read events is a loud error, not a silent drop.
-        with factory() as s, pytest.raises(outbox.BrokerNotStarted):
+        with factory() as s, pytest.raises(outbox.exceptions.BrokerNotStarted):
             s.scalars(sa.select(User)).all()
 
         await broker.start()

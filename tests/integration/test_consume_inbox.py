@@ -15,9 +15,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox import Broker, MemoryProvider, RetryPolicy, SchemaMissing, new_event, wire
+from outbox import Broker, MemoryProvider, RetryPolicy, new_event, wire
 from outbox.consume import Consumer
 from outbox.events import Event
+from outbox.exceptions import SchemaMissing
 from outbox.inbox import (
     Inbox,
     NoInboxTransaction,

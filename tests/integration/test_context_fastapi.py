@@ -97,7 +97,7 @@ async def test_without_the_middleware_the_exit_is_quiet_but_says_what_to_install
     factory: sessionmaker[Session], pg_engine: sa.Engine, caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    ctx_module = sys.modules["outbox.context"]  # the package's `context` is the function
+    ctx_module = sys.modules["outbox._context"]  # the package's `context` is the function
     monkeypatch.setattr(ctx_module, "_warned_foreign_exit", False)
     with caplog.at_level(logging.WARNING, logger="outbox.context"):
         response = await post(notes_app(factory), "/notes", text="hello", x_user="7")
@@ -244,7 +244,7 @@ async def test_concurrent_requests_keep_their_own_users(
 
 
 async def test_acting_user_needs_an_id_or_a_user_id_function() -> None:
-    from outbox.context import current_context
+    from outbox._context import current_context
 
     def who(x_user: str) -> dict[str, str]:
         return {"name": x_user}

@@ -18,10 +18,10 @@ import pytest
 import sqlalchemy as sa
 
 import outbox
+from outbox._patterns import compile_pattern
 from outbox._sql import bus as dbsql
 from outbox._sql import events as event_sql
 from outbox.events import Event, EventStatus, utcnow
-from outbox.patterns import compile_pattern
 from outbox.providers.base import EventFilter, EventNotFound, StartPosition
 from outbox.providers.database import (
     ClusterChanged,
@@ -120,7 +120,7 @@ async def test_store_get_update_delete(provider_factory: Any) -> None:
     with pytest.raises(EventNotFound):
         await p.delete(e.id)
     await p.close()
-    with pytest.raises(outbox.ProviderError):
+    with pytest.raises(outbox.exceptions.ProviderError):
         await p.get(e.id)
 
 
@@ -359,7 +359,7 @@ def test_max_deliveries_from_config(engine: sa.Engine) -> None:
         provider.engine.dispose()
     with pytest.raises(ValueError, match="max_deliveries"):
         DatabaseProvider(engine, max_deliveries=0)
-    with pytest.raises(outbox.ConfigError, match=r"database\.max_deliveries"):
+    with pytest.raises(outbox.exceptions.ConfigError, match=r"database\.max_deliveries"):
         outbox.Config.from_dict({"database": {"max_deliveries": 0}})
 
 
@@ -592,7 +592,7 @@ async def test_mariadb_stores_but_has_no_bus(mariadb_url: str) -> None:
     await p.store(other)
     assert [x.id for x in await p.list(EventFilter(type="*.users.>"))] == [e.id]
     assert [x.id for x in await p.list(EventFilter(type="*.y.>"))] == [other.id]
-    with pytest.raises(outbox.ProviderError, match="PostgreSQL"):
+    with pytest.raises(outbox.exceptions.ProviderError, match="PostgreSQL"):
         p.consume(group="g")
     await p.close()
     eng.dispose()
@@ -600,16 +600,16 @@ async def test_mariadb_stores_but_has_no_bus(mariadb_url: str) -> None:
 
 async def test_ping_reports_an_unreachable_database() -> None:
     provider = DatabaseProvider("postgresql+psycopg://outbox@127.0.0.1:1/nowhere")
-    with pytest.raises(outbox.ProviderUnavailable, match="database unavailable"):
+    with pytest.raises(outbox.exceptions.ProviderUnavailable, match="database unavailable"):
         await provider.ping()
     await provider.close()
-    with pytest.raises(outbox.ProviderError, match="closed"):
+    with pytest.raises(outbox.exceptions.ProviderError, match="closed"):
         await provider.ping()
 
 
 async def test_schema_missing_is_a_clear_error(pg_url: str) -> None:
     p = DatabaseProvider(pg_url)
-    with pytest.raises(outbox.SchemaMissing, match="alembic upgrade head"):
+    with pytest.raises(outbox.exceptions.SchemaMissing, match="alembic upgrade head"):
         await p.get(uuid.uuid4())
     await p.close()
 
@@ -617,11 +617,11 @@ async def test_schema_missing_is_a_clear_error(pg_url: str) -> None:
 async def test_from_config(sqlite_url: str) -> None:
     config = outbox.Config.from_dict({"provider": "database", "database": {
         "url": sqlite_url, "poll_interval": 0.5, "batch_size": 7, "notify": False}})
-    p = outbox.provider_from_config(config)
+    p = outbox.config.provider_from_config(config)
     assert isinstance(p, DatabaseProvider)
     assert (p.poll_interval, p.batch_size, p.notify, p.lease) == (0.5, 7, False, 30.0)
     await p.close()
-    with pytest.raises(outbox.ConfigError, match=r"database\.url"):
+    with pytest.raises(outbox.exceptions.ConfigError, match=r"database\.url"):
         DatabaseProvider.from_config({"database": {}})
     with pytest.raises(ValueError, match="batch_size"):
         DatabaseProvider("sqlite://", batch_size=0)

@@ -13,8 +13,9 @@ import nats
 import pytest
 from nats.js import api as js_api
 
-from outbox import MalformedMessage, ProviderError, ProviderUnavailable, new_event, wire
+from outbox import new_event, wire
 from outbox.events import Event
+from outbox.exceptions import MalformedMessage, ProviderError, ProviderUnavailable
 from outbox.providers.base import Delivery
 from outbox.providers.nats import NATSProvider, filter_subject
 from tests import servers

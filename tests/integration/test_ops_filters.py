@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 import outbox
 from outbox import ops
+from outbox._patterns import compile_pattern
 from outbox.events import Event, utcnow
-from outbox.patterns import compile_pattern
 from outbox.providers.base import EventFilter
 from tests.integration.ops_seed import INJECTIONS, add, event
 

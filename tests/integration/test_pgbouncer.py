@@ -130,7 +130,7 @@ def test_driver_options_in_the_url_are_converted_or_refused_in_one_line(
 
 
 def test_prepare_threshold_in_the_url_is_a_number_or_none(pg_url: str) -> None:
-    from outbox.engines import create_engine, engine_args
+    from outbox._engines import create_engine, engine_args
 
     url, args = engine_args(f"{pg_url}?prepare_threshold=none&connect_timeout=5")
     assert args == {"prepare_threshold": None}
@@ -140,7 +140,7 @@ def test_prepare_threshold_in_the_url_is_a_number_or_none(pg_url: str) -> None:
     # PgBouncer >= 1.21 with max_prepared_statements: the URL may ask for them anyway
     assert engine_args(f"{pg_url}?prepare_threshold=5", pgbouncer=True)[1] == {
         "prepare_threshold": 5}
-    with pytest.raises(outbox.ConfigError, match="PgBouncer mode is for PostgreSQL"):
+    with pytest.raises(outbox.exceptions.ConfigError, match="PgBouncer mode is for PostgreSQL"):
         engine_args("sqlite:///x.db", pgbouncer=True)
     engine = create_engine(f"{pg_url}?prepare_threshold=none")
     try:

@@ -13,8 +13,9 @@ import pytest
 import redis.asyncio as aioredis
 
 import outbox
-from outbox import MalformedMessage, ProviderUnavailable, new_event, wire
+from outbox import new_event, wire
 from outbox.events import Event
+from outbox.exceptions import MalformedMessage, ProviderUnavailable
 from outbox.providers.base import Delivery
 from outbox.providers.redis import RedisProvider
 from tests import servers
@@ -108,7 +109,7 @@ async def test_a_broker_on_redis_keeps_statuses_on_the_events_only(provider: Red
     unhandled = new_event(source="system", type="nobody.listens", payload={})
     async with broker:
         await broker.publish_sync(done)
-        with pytest.raises(outbox.HandlerError):
+        with pytest.raises(outbox.exceptions.HandlerError):
             await broker.publish_sync(failed)
         await broker.publish_sync(unhandled)
     assert (done.status, failed.status, unhandled.status) == ("completed", "failed", "completed")

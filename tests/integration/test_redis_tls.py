@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from outbox import ProviderUnavailable, new_event
+from outbox import new_event
+from outbox.exceptions import ProviderUnavailable
 from outbox.providers.redis import RedisProvider
 from tests import servers
 from tests.bus_helpers import make_certificates

@@ -17,7 +17,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox import Broker, Event, ProviderUnavailable, RetryPolicy
+from outbox import Broker, Event, RetryPolicy
+from outbox.exceptions import ProviderUnavailable
 from outbox.providers.memory import MemoryProvider
 from outbox.relay import Relay, RelayStore
 from tests.helpers import eventually
@@ -393,7 +394,7 @@ async def test_provider_error_about_one_event_is_a_retry_and_keeps_key_order(
     def once_for_third(event: Event) -> BaseException | None:
         if event.id == ids[2] and event.id not in refused:
             refused.add(event.id)
-            return outbox.ProviderError("too large (test)")
+            return outbox.exceptions.ProviderError("too large (test)")
         return None
 
     provider.fail_when = once_for_third

@@ -63,7 +63,7 @@ def test_mariadb_schema(mariadb_url: str) -> None:
 def test_check_schema_names_the_fix(db_url: str) -> None:
     eng = sa.create_engine(db_url)
     try:
-        with pytest.raises(outbox.SchemaMissing, match="alembic upgrade head"):
+        with pytest.raises(outbox.exceptions.SchemaMissing, match="alembic upgrade head"):
             check_schema(eng)
         outbox.create_schema(eng)
         check_schema(eng)

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox.logs import configure_logging
+from outbox._logs import configure_logging
 from outbox.providers.memory import MemoryProvider
 from outbox.relay import Relay
 from tests.tracing_support import memory_spans

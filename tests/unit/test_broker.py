@@ -10,18 +10,15 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from outbox import (
+from outbox import Event, MemoryProvider, RetryPolicy, new_event
+from outbox.broker import NOTE_KEY, Broker, BrokerObserver, DispatchResult
+from outbox.exceptions import (
     BrokerClosed,
     BrokerNotStarted,
-    Event,
     HandlerError,
-    MemoryProvider,
     ProviderUnavailable,
     QueueFull,
-    RetryPolicy,
-    new_event,
 )
-from outbox.broker import NOTE_KEY, Broker, BrokerObserver, DispatchResult
 
 pytestmark = pytest.mark.anyio
 
@@ -654,7 +651,7 @@ async def test_observers_see_published_processed_and_dispatched(broker: Broker) 
 
 async def test_threaded_handlers_see_the_publishers_context(broker: Broker) -> None:
     import outbox
-    from outbox.context import current_context
+    from outbox._context import current_context
 
     seen: list[str | None] = []
     broker.subscribe("t", lambda e: seen.append(current_context().user_id))

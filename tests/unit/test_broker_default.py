@@ -18,7 +18,7 @@ def isolated_default_broker() -> Iterator[None]:
     default._registry.clear()
     yield
     default._restore(saved)
-    outbox.set_instance_id(None)
+    outbox.events.set_instance_id(None)
 
 
 def test_default_broker_is_created_lazily_once() -> None:

@@ -75,17 +75,17 @@ def factory() -> Iterator[sessionmaker[Session]]:
 )
 def test_bad_arguments(factory: sessionmaker[Session], kwargs: dict[str, object],
                        message: str) -> None:
-    with pytest.raises(outbox.CaptureError, match=message):
+    with pytest.raises(outbox.exceptions.CaptureError, match=message):
         outbox.capture(factory, **kwargs)  # type: ignore[arg-type]
     assert captures() == []  # nothing half-registered
 
 
 def test_bad_targets() -> None:
     for target in (object(), sa.create_engine("sqlite://"), "Session", Account):
-        with pytest.raises(outbox.CaptureError, match="needs a Session class"):
+        with pytest.raises(outbox.exceptions.CaptureError, match="needs a Session class"):
             outbox.capture(target)
     scoped = sa.orm.scoped_session(lambda: Session())
-    with pytest.raises(outbox.CaptureError, match="not a sessionmaker"):
+    with pytest.raises(outbox.exceptions.CaptureError, match="not a sessionmaker"):
         outbox.capture(scoped)
 
 
@@ -107,7 +107,7 @@ def test_outbox_tables_are_never_captured(factory: sessionmaker[Session]) -> Non
 
 
 def test_operations_accept_the_enum(factory: sessionmaker[Session]) -> None:
-    handle = outbox.capture(factory, operations=[outbox.Operation.CREATE, "delete"])
+    handle = outbox.capture(factory, operations=[outbox.events.Operation.CREATE, "delete"])
     assert handle.operations == {"create", "delete"}
 
 

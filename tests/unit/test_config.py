@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from outbox import Config, ConfigError, MemoryProvider, MissingDependency, RetryPolicy
+from outbox import Config, MemoryProvider, RetryPolicy
 from outbox.config import provider_from_config, redact_url
+from outbox.exceptions import ConfigError, MissingDependency
 
 SEED_YAML = """
 event_broker:
@@ -37,7 +38,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_defaults_follow_the_spec() -> None:
     c = Config.load(env={})
     assert (c.provider, c.mode, c.worker_count, c.buffer_size) == ("memory", "async", 10, 1000)
-    assert c.instance_id is None  # hostname-pid, computed by outbox.get_instance_id()
+    assert c.instance_id is None  # hostname-pid, computed by outbox.events.get_instance_id()
     assert c.retry_policy == RetryPolicy()
     assert (c.redis.max_len, c.redis.stream_name, c.redis.consumer_group) == (
         10000, "outbox:events", "outbox-workers")

@@ -12,9 +12,9 @@ import anyio
 import pytest
 
 import outbox
-from outbox.context import EventContext, current_context, in_request_scope
+from outbox._context import EventContext, current_context, in_request_scope
 
-ctx_module = sys.modules["outbox.context"]  # `outbox.context` on the package is the function
+ctx_module = sys.modules["outbox._context"]  # `outbox.context` on the package is the function
 
 
 def user() -> str | None:

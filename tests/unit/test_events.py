@@ -15,8 +15,8 @@ from outbox.events import Event
 
 
 def test_event_type_joins_parts() -> None:
-    assert outbox.event_type("public", "users", "create") == "public.users.create"
-    assert outbox.event_type(None, "users", "delete") == "users.delete"
+    assert outbox.events.event_type("public", "users", "create") == "public.users.create"
+    assert outbox.events.event_type(None, "users", "delete") == "users.delete"
 
 
 def test_new_event_defaults() -> None:
@@ -27,7 +27,7 @@ def test_new_event_defaults() -> None:
     assert ev.payload == {"room": "lobby"}
     assert ev.created_at.tzinfo is not None
     assert ev.next_attempt_at == ev.created_at
-    assert ev.instance_id == outbox.get_instance_id()
+    assert ev.instance_id == outbox.events.get_instance_id()
     assert ev.retry_count == 0
     assert ev.meta == {}
 
@@ -43,7 +43,7 @@ def test_new_event_takes_user_from_context_and_stringifies_ids() -> None:
 
 
 def test_new_event_rejects_unserialisable_payload() -> None:
-    with pytest.raises(outbox.SerializationError) as info:
+    with pytest.raises(outbox.exceptions.SerializationError) as info:
         outbox.new_event("system", "a.b", {"obj": object()})
     assert "payload.obj" in str(info.value)
     assert "builtins.object" in str(info.value)
@@ -56,13 +56,13 @@ def test_new_event_rejects_empty_type() -> None:
 
 def test_instance_id_override() -> None:
     try:
-        outbox.set_instance_id("node-a")
+        outbox.events.set_instance_id("node-a")
         assert outbox.new_event("system", "a.b").instance_id == "node-a"
     finally:
-        outbox.set_instance_id(None)
-    assert outbox.get_instance_id() != "node-a"
+        outbox.events.set_instance_id(None)
+    assert outbox.events.get_instance_id() != "node-a"
     with pytest.raises(outbox.OutboxError):
-        outbox.set_instance_id("  ")
+        outbox.events.set_instance_id("  ")
 
 
 def test_copy_is_deep_and_transient() -> None:

@@ -44,7 +44,6 @@ def test_every_outbox_error_is_defined_in_exceptions() -> None:
     ("outbox.migrations", "MigrationError"),
     ("outbox.relay", "DatabaseUnavailable"),
     ("outbox.relay.relay", "DatabaseUnavailable"),
-    ("outbox", "EventNotFound"),
 ])
 def test_moved_classes_stay_importable_where_they_were(module: str, name: str) -> None:
     assert getattr(importlib.import_module(module), name) is getattr(exceptions, name)

@@ -15,7 +15,7 @@ import pytest
 def test_a_missing_framework_names_the_extra(module: str, framework: str, extra: str) -> None:
     code = (f"import sys; sys.modules[{framework!r}] = None\n"
             "import outbox, outbox.asgi  # neither needs the framework\n"
-            f"try:\n    import {module}\nexcept outbox.MissingDependency as exc:\n"
+            f"try:\n    import {module}\nexcept outbox.exceptions.MissingDependency as exc:\n"
             "    print(exc)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 import outbox
-from outbox.logs import (
+from outbox._logs import (
     JsonFormatter,
     TextFormatter,
     add_logging_arguments,

@@ -11,15 +11,8 @@ import gc
 import anyio
 import pytest
 
-from outbox import (
-    Event,
-    EventStatus,
-    MemoryProvider,
-    ProviderError,
-    ProviderFull,
-    ProviderUnavailable,
-    new_event,
-)
+from outbox import Event, EventStatus, MemoryProvider, new_event
+from outbox.exceptions import ProviderError, ProviderFull, ProviderUnavailable
 from outbox.providers.memory import copy_event
 
 pytestmark = pytest.mark.anyio

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from outbox.patterns import compile_pattern, matches
+from outbox._patterns import compile_pattern, matches
 
 
 @pytest.mark.parametrize(

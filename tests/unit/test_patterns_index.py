@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from outbox.patterns import SubscriptionIndex, compile_pattern
+from outbox._patterns import SubscriptionIndex, compile_pattern
 
 SEGMENTS = st.sampled_from(["a", "b", "c", "users", "x-1"])
 PATTERN_SEGMENTS = st.sampled_from(["a", "b", "c", "users", "x-1", "*"])

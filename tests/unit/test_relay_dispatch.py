@@ -9,8 +9,9 @@ import anyio
 import pytest
 
 import outbox
-from outbox import Broker, Event, ProviderError, ProviderUnavailable, RetryPolicy
+from outbox import Broker, Event, RetryPolicy
 from outbox.events import utcnow
+from outbox.exceptions import ProviderError, ProviderUnavailable
 from outbox.providers.memory import MemoryProvider
 from outbox.relay.dispatch import BatchResult, Dispatcher, handled_names, lanes
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import outbox
-from outbox import tracing
+from outbox import _tracing as tracing
 
 otel_trace = pytest.importorskip("opentelemetry.trace")
 sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")

@@ -12,8 +12,9 @@ from cloudevents.core.formats.json import JSONFormat
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from outbox import MalformedMessage, new_event, wire
+from outbox import new_event, wire
 from outbox.events import Event
+from outbox.exceptions import MalformedMessage
 
 CARRIED = ("id", "seq", "source", "type", "payload", "user_id", "session_id", "instance_id",
            "schema_name", "entity", "entity_id", "operation", "created_at", "metadata",

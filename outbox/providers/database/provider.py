@@ -28,14 +28,14 @@ import anyio
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from outbox._engines import create_engine, engine_args
+from outbox._patterns import compile_pattern
 from outbox._sql import bus as sql
 from outbox._sql import events as event_sql
 from outbox._txretry import retrying
 from outbox._wakeup import Idle, IdleLock
-from outbox.engines import create_engine, engine_args
 from outbox.events import Event, EventStatus, get_instance_id
 from outbox.exceptions import ConfigError, ProviderError, ProviderUnavailable, SchemaMissing
-from outbox.patterns import compile_pattern
 from outbox.providers._bus import GroupRegistry, config_section, validate_group
 from outbox.providers.base import (
     Capabilities,
@@ -105,7 +105,7 @@ class DatabaseProvider:
     settling it (a handler that crashes its process every time) before it is parked in
     ``outbox_dead_letters`` (the same default as the Redis and NATS providers; at least three
     takes in effect, the last of them with the event handed out alone).
-    ``pgbouncer``/``listen_url``: PgBouncer mode for a URL (see :mod:`outbox.engines`): no
+    ``pgbouncer``/``listen_url``: PgBouncer mode for a URL (see :mod:`outbox._engines`): no
     prepared statements, LISTEN only on ``listen_url`` (a direct connection), else polling.
     ``blocked_poll``: the longest pause between looks while committed events wait behind an
     older transaction that is still running (its end sends no notification when it wrote no
@@ -257,7 +257,7 @@ class DatabaseProvider:
         self._cluster_known = False
 
     async def ping(self) -> None:
-        """Raise :class:`~outbox.ProviderUnavailable` unless the database answers ``SELECT 1``."""
+        """Raise :class:`ProviderUnavailable` unless the database answers ``SELECT 1``."""
         self._check_open()
         await self._call(_select_one)
 

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from outbox._patterns import Pattern
 from outbox.events import Event
 from outbox.exceptions import ProviderError
-from outbox.patterns import Pattern
 from outbox.providers._bus import SettleOnce, exhausted
 from outbox.providers.base import StartPosition
 from outbox.providers.memory._copy import copy_event

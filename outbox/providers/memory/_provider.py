@@ -3,7 +3,7 @@
 Bounded: at most ``max_events`` events are kept. When a new event needs room, the finished
 (``completed``/``failed``) event changed least recently is evicted, then the ``processing`` one
 changed least recently; ``pending`` events are never evicted — when only pending events remain,
-``store``/``publish`` raise :class:`~outbox.ProviderFull`. Finished events older than ``max_age``
+``store``/``publish`` raise :class:`ProviderFull`. Finished events older than ``max_age``
 seconds are removed every ``cleanup_interval`` seconds (checked on writes, no background task; call
 :meth:`MemoryProvider.cleanup` to run it now).
 
@@ -37,9 +37,9 @@ from typing import Any, ClassVar
 import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
+from outbox._patterns import SubscriptionIndex, compile_pattern
 from outbox.events import Event, EventStatus, get_instance_id, utcnow
 from outbox.exceptions import ProviderError, ProviderFull, ProviderUnavailable
-from outbox.patterns import SubscriptionIndex, compile_pattern
 from outbox.providers._bus import validate_group
 from outbox.providers.base import (
     Capabilities,

@@ -1,7 +1,7 @@
 """The NATS connection of a provider: connecting, reconnecting, the JetStream streams it needs.
 
 The client reconnects on its own (every ``reconnect_wait`` seconds, forever). While it is
-disconnected, publishing raises :class:`~outbox.ProviderUnavailable` at once (nothing piles up in
+disconnected, publishing raises :class:`ProviderUnavailable` at once (nothing piles up in
 the client's buffer) and consumers wait; disconnects and reconnects are logged once each. The
 first connection fails fast (``connect_timeout``), as the relay's readiness check wants.
 
@@ -113,7 +113,7 @@ class Connection:
         return self.nc, self.js
 
     async def get_or_unavailable(self, what: str) -> tuple[Any, Any]:
-        """:meth:`get`, any client error as :class:`~outbox.ProviderUnavailable`."""
+        """:meth:`get`, any client error as :class:`~outbox.exceptions.ProviderUnavailable`."""
         try:
             return await self.get()
         except ERRORS as exc:
@@ -159,7 +159,7 @@ class Connection:
         log.warning("reconnected to NATS %s", self.display)
 
     async def ping(self) -> None:
-        """Raise :class:`~outbox.ProviderUnavailable` unless the server and JetStream answer."""
+        """Raise :class:`ProviderUnavailable` unless the server and JetStream answer."""
         nc, js = await self.get_or_unavailable("ping")
         if not nc.is_connected:
             raise unavailable("client is reconnecting", "ping")

@@ -28,9 +28,9 @@ from nats.aio.msg import Msg
 from nats.js import api as js_api
 
 from outbox import wire
+from outbox._patterns import Pattern
 from outbox.events import Event, utcnow
 from outbox.exceptions import MalformedMessage, ProviderError, ProviderUnavailable
-from outbox.patterns import Pattern
 from outbox.providers._bus import BusDelivery, GroupReader, exhausted
 from outbox.providers.base import StartPosition
 from outbox.providers.nats._connection import (

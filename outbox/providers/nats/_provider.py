@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 
 import nats.js.errors as js_errors
 
+from outbox._patterns import compile_pattern
 from outbox.events import Event, get_instance_id
 from outbox.exceptions import ProviderError
-from outbox.patterns import compile_pattern
 from outbox.providers._bus import config_options, validate_group
 from outbox.providers.base import Capabilities, ProviderStats, StartPosition, publish_one
 from outbox.providers.nats._connection import (
@@ -162,7 +162,7 @@ class NATSProvider:
         return await self._publisher.publish_many(events)
 
     async def ping(self) -> None:
-        """Raise :class:`~outbox.ProviderUnavailable` unless the server and JetStream answer."""
+        """Raise :class:`ProviderUnavailable` unless the server and JetStream answer."""
         self._check_open()
         await self._conn.ping()
 

@@ -39,7 +39,7 @@ class JetStreamPublisher:
         """Per-event errors (a type that is no valid subject, a document over the server's
         max_payload, an encoding error) land in that event's slot; a disconnected client, a
         missing ack within ``request_timeout`` or a JetStream error raise
-        :class:`~outbox.ProviderUnavailable` for the whole call."""
+        :class:`~outbox.exceptions.ProviderUnavailable` for the whole call."""
         conn = self.conn
         nc, js = await conn.get_or_unavailable("publish")
         if not nc.is_connected:

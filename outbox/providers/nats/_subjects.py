@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 
+from outbox._patterns import compile_pattern
 from outbox.events import Event
 from outbox.exceptions import ProviderError
-from outbox.patterns import compile_pattern
 
 __all__ = ["TOKEN", "check_subject_part", "filter_subject", "subject_of"]
 

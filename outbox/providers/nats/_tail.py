@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 from nats.js import api as js_api
 
+from outbox._patterns import Pattern
 from outbox.events import Event
-from outbox.patterns import Pattern
 from outbox.providers._bus import decode_or_none
 from outbox.providers.nats._subjects import filter_subject
 

@@ -2,7 +2,7 @@
 outages.
 
 redis-py retries a failing command once, quickly (a pooled connection may be stale after a server
-restart); after that the error surfaces as :class:`~outbox.ProviderUnavailable` within
+restart); after that the error surfaces as :class:`~outbox.exceptions.ProviderUnavailable` within
 ``connect_timeout``/``socket_timeout``. Redis errors that are not about one event (``OOM``,
 ``LOADING``, ``READONLY``, ``WRONGTYPE`` on the stream key, ACL refusals) are outages too: no event
 is failed because of the broker.

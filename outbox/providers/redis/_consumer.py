@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 from redis import exceptions as redis_errors
 
 from outbox import wire
+from outbox._patterns import Pattern
 from outbox.events import Event, utcnow
 from outbox.exceptions import MalformedMessage, ProviderError
-from outbox.patterns import Pattern
 from outbox.providers._bus import BusDelivery, GroupReader, exhausted
 from outbox.providers.base import StartPosition
 from outbox.providers.redis._connection import (

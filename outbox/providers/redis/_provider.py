@@ -19,9 +19,9 @@ from typing import Any, ClassVar
 
 from redis import exceptions as redis_errors
 
+from outbox._patterns import compile_pattern
 from outbox.events import Event, get_instance_id
 from outbox.exceptions import ProviderError
-from outbox.patterns import compile_pattern
 from outbox.providers._bus import config_options, redact_url, validate_group
 from outbox.providers.base import Capabilities, ProviderStats, StartPosition, publish_one
 from outbox.providers.redis._connection import (
@@ -151,7 +151,7 @@ class RedisProvider:
         return await self._publisher.publish_many(events)
 
     async def ping(self) -> None:
-        """Raise :class:`~outbox.ProviderUnavailable` unless Redis answers."""
+        """Raise :class:`~outbox.exceptions.ProviderUnavailable` unless Redis answers."""
         for retry in (True, False):
             try:
                 await self._client.ping()

@@ -75,7 +75,7 @@ class StreamPublisher:
 
     async def publish_many(self, events: Sequence[Event]) -> list[BaseException | None]:
         """Results in input order: an event that cannot be encoded gets its error in its slot;
-        any Redis failure raises :class:`~outbox.ProviderUnavailable` for the whole call (the
+        any Redis failure raises :class:`ProviderUnavailable` for the whole call (the
         caller retries and the dedupe keys drop what had arrived)."""
         results: list[BaseException | None] = [None] * len(events)
         rows: list[tuple[int, str, bytes, bytes, bytes]] = []

@@ -7,9 +7,9 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from outbox._patterns import Pattern
 from outbox.events import Event
 from outbox.exceptions import ProviderError
-from outbox.patterns import Pattern
 from outbox.providers._bus import Backoff, OutageLog, decode_or_none
 from outbox.providers.redis._connection import ERRORS, is_outage, text
 

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from typing import IO, TYPE_CHECKING, Any
 
 from outbox._redact import redact
-from outbox.tracing import current_span_context
+from outbox._tracing import current_span_context
 
 if TYPE_CHECKING:
     from outbox.events import Event
