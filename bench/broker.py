@@ -1,4 +1,4 @@
-"""Broker benchmark (issue 3), not a test. In-process only: no database, no server.
+"""Broker benchmark, not a test. In-process only: no database, no server.
 
 (a) Pattern matching with ``--subs`` subscriptions (default 10,000; mixed literal, ``*`` and ``>``
     patterns over ``schema.entity.operation`` types): lookups per second of the subscription trie

@@ -1,4 +1,4 @@
-"""Console page timings on a large events table (issue 13), not a test. PostgreSQL on 127.0.0.1.
+"""Console page timings on a large events table, not a test. PostgreSQL on 127.0.0.1.
 
 Seeds N events (default 5,000,000) into a scratch database with ``INSERT … SELECT
 generate_series`` (indexes built after the load), starts ``python -m outbox console`` on it, and

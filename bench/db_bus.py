@@ -1,4 +1,4 @@
-"""Database bus benchmark (issue 7), not a test: the events table as the bus between processes.
+"""Database bus benchmark, not a test: the events table as the bus between processes.
 
 (a) Drain. N committed events (default 100,000, seeded with one INSERT ... SELECT) are read by
     new consumer groups started at the beginning: 1 group, then 3 groups at once, each group one

@@ -1,4 +1,4 @@
-"""Forwarding benchmark (issue 5), not a test: PostgreSQL → relay → Redis Streams / NATS JetStream.
+"""Forwarding benchmark, not a test: PostgreSQL → relay → Redis Streams / NATS JetStream.
 
 (a) Throughput. Drains N pending events (default 100,000) from a scratch PostgreSQL database with
     the relay into each provider, next to ceilings measured in the same run:

@@ -1,4 +1,4 @@
-"""Operations benchmarks (issue 6), not tests. PostgreSQL on 127.0.0.1 by default.
+"""Operations benchmarks, not tests. PostgreSQL on 127.0.0.1 by default.
 
 (a) relay throughput with metrics on vs off, same process, alternating rounds:
     the relay drains N pending events (no-op handler, memory provider) with and without

@@ -1,4 +1,4 @@
-"""A relay and 4 writers through PgBouncer in transaction pooling (issue 12), not a test.
+"""A relay and 4 writers through PgBouncer in transaction pooling, not a test.
 
 Runs a private pgbouncer (Debian's package; transaction pooling, 10 server connections) in front
 of the PostgreSQL on 127.0.0.1:5432 and, on a scratch database per round, the load of

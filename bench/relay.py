@@ -1,4 +1,4 @@
-"""Relay benchmark (issue 4), not a test. PostgreSQL, no-op handler, memory provider.
+"""Relay benchmark, not a test. PostgreSQL, no-op handler, memory provider.
 
 (a) Throughput draining N pending events (default 100,000), batch 500, R rounds (default 3) in
     alternating order, medians:
@@ -13,8 +13,8 @@
     Targets: relay ≥ 1.0x pgqueuer (goal 1.3x), relay ≥ 70 % of the raw loop.
 (b) The same drain with H completed history rows in the table (default 2,000,000): ≥ 90 % of (a).
 (c) Latency commit → handler at R events/s (default 200) from a writer process, p50 / p99, with
-    NOTIFY on, and with NOTIFY off (poll_interval 1 s). Targets with NOTIFY: p50 ≤ 5 ms,
-    p99 ≤ 25 ms.
+    NOTIFY on, and with NOTIFY off (poll_interval 1 s). Targets with NOTIFY: p50 ≤ 2 ms,
+    p99 ≤ 10 ms.
 (d) Writer throughput, 4 writer processes committing one event per transaction, wake-up on vs
     off (``outbox.notify``), ratio, and how many NOTIFYs the writers sent: with no relay running,
     and with a relay process delivering the events. Target: ratio ≥ 0.95.
@@ -23,7 +23,7 @@
     settings): p50 / p99 / max, bounded claims (from the floor) and full rescans separately.
     Target p99 ≤ 2 ms.
 
-    python bench/relay.py                       # everything, the issue's sizes
+    python bench/relay.py                       # everything, the default sizes
     python bench/relay.py --only a --events 50000
     python bench/relay.py --only c,d --seconds 10
 

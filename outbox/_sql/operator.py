@@ -375,7 +375,8 @@ def _backlog_query() -> sa.Select[Any]:
         )
 
     pending, processing = EventStatus.PENDING.value, EventStatus.PROCESSING.value
-    # Oldest pending by seq: the first entry of the partial pending index, one heap fetch.
+    # Oldest pending by seq: the first pending entry of the claim index (`events_live`), or of the
+    # partial pending index on a single table.
     oldest_pending = (
         sa.select(c.created_at).where(c.status == pending).order_by(c.seq).limit(1)
         .scalar_subquery()
@@ -405,9 +406,9 @@ _BACKLOG = _backlog_query()
 def backlog(conn: Connection) -> Backlog:
     """Pending / processing / failed counts, blocked keys and the oldest undelivered event.
 
-    One statement of index-served subqueries (the partial pending index, the partial
-    ``(status, created_at)`` index of unfinished rows): cheap enough to run every few seconds,
-    but not per event.
+    One statement of subqueries that read only unfinished rows (on PostgreSQL the partition
+    ``events_live``, elsewhere the partial indexes of unfinished rows): its cost grows with the
+    backlog, not the history; cheap enough to run every few seconds, but not per event.
     """
     row = conn.execute(_BACKLOG).one()
     oldest = [t for t in (row.oldest_pending, row.oldest_processing) if t is not None]

@@ -1,6 +1,6 @@
 """What the relay reports: counters and state (:class:`RelayStats`), and hooks for metrics.
 
-Metrics (issue 6) attach by passing a :class:`RelayHooks` subclass to ``Relay(hooks=[...])`` or by
+Metrics attach by passing a :class:`RelayHooks` subclass to ``Relay(hooks=[...])`` or by
 reading ``relay.stats``; the loop itself never imports prometheus.
 """
 
