@@ -36,7 +36,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +45,13 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _scratch import ADMIN, scratch_database  # noqa: E402
+
 import outbox  # noqa: E402
 from outbox._sql import bus as dbsql  # noqa: E402
 from outbox._sql import events as event_sql  # noqa: E402
 from outbox.providers.base import StartPosition  # noqa: E402
 from outbox.providers.database import DatabaseProvider  # noqa: E402
-
-ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 # Bench-only SQL with constants: N committed row changes in 1,000-row transactions (so the bus
 # sees many transaction ids, as in production), payload about 150 bytes of JSON.
@@ -64,21 +63,6 @@ SEED = (
     "'status', 'paid', 'note', repeat('x', 60)), 'bench', 'public', 'orders', i::text, 'update', "
     "now(), '{}'::jsonb, 0, now() FROM generate_series(%(lo)s::int, %(hi)s::int) AS i"
 )
-
-
-@contextlib.contextmanager
-def scratch_database(admin_url: str) -> Iterator[str]:
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-    name = f"outbox_bench_bus_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = admin.url.set(database=name).render_as_string(hide_password=False)
-    try:
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 def seed(url: str, n: int) -> None:
@@ -339,7 +323,7 @@ def main() -> None:
             admin_url = server.url
         results["cluster"] = cluster
         print(f"cluster: {cluster}", flush=True)
-        url = stack.enter_context(scratch_database(admin_url))
+        url = stack.enter_context(scratch_database("outbox_bench_bus", admin_url=admin_url))
         _run(args, url, results)
     if args.json:
         print(json.dumps(results, indent=2))

@@ -33,7 +33,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,8 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _scratch import scratch_database  # noqa: E402
+
 import outbox  # noqa: E402
 from outbox import wire  # noqa: E402
 from outbox.providers.memory import MemoryProvider  # noqa: E402
@@ -50,7 +51,6 @@ from outbox.providers.nats import NATSProvider  # noqa: E402
 from outbox.providers.redis import RedisProvider  # noqa: E402
 from outbox.relay import Relay  # noqa: E402
 
-ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 REDIS = "redis://127.0.0.1:6379/0"
 NATS = "nats://127.0.0.1:4222"
 
@@ -64,23 +64,6 @@ SEED_PENDING = (
     "'active', true, 'created', now()), 'bench', 'public', 't' || mod(i, 10), i::text, "
     "'create', now(), '{}'::jsonb, 0, now() FROM generate_series(1, %(n)s) AS i"
 )
-
-
-@contextlib.contextmanager
-def scratch_database(url: str | None) -> Iterator[str]:
-    if url:
-        yield url
-        return
-    name = f"outbox_bench_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(ADMIN, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 def reseed(engine: sa.Engine, n: int) -> None:
@@ -387,7 +370,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = parser.parse_args()
     results: dict[str, Any] = {}
-    with scratch_database(args.database_url) as url:
+    with scratch_database(url=args.database_url) as url:
         engine = sa.create_engine(url)
         outbox.create_schema(engine)
         try:

@@ -13,19 +13,16 @@ how long writers and relays wait. Then the downgrade back to ``outbox_0001``, ti
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import sqlalchemy as sa
+from _scratch import scratch_database
 from alembic import command
 from alembic.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
-ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 # Bench-only SQL: constants and bound numbers.
 FILL = """
@@ -45,20 +42,6 @@ FROM generate_series(%(lo)s::bigint, %(hi)s::bigint) AS i
 """
 
 
-@contextlib.contextmanager
-def scratch() -> Iterator[str]:
-    name = f"outbox_migration_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(ADMIN, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
-
-
 def config(url: str) -> Config:
     cfg = Config(str(ROOT / "alembic.ini"))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
@@ -68,7 +51,7 @@ def config(url: str) -> Config:
 
 def one(rows: int, unfinished: int) -> tuple[float, float, float]:
     """(seconds to upgrade, seconds to downgrade, table size in MB)."""
-    with scratch() as url:
+    with scratch_database("outbox_migration") as url:
         cfg = config(url)
         command.upgrade(cfg, "outbox_0001")
         engine = sa.create_engine(url, poolclass=sa.NullPool)

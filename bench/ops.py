@@ -19,15 +19,12 @@ Creates a scratch database (dropped at the end) unless --database-url is given.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
 import statistics
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +35,12 @@ from prometheus_client import CollectorRegistry
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _scratch import scratch_database  # noqa: E402
+
 import outbox  # noqa: E402
 from outbox.health import observe_relay  # noqa: E402
 from outbox.providers.memory import MemoryProvider  # noqa: E402
 from outbox.relay import Relay  # noqa: E402
-
-ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 # Bench-only SQL with constants (no user input): fast seeding with generate_series.
 SEED_PENDING = (
@@ -62,23 +59,6 @@ SEED_HISTORY = (
     "now() - interval '60 days', now() - interval '60 days', now() - interval '60 days', "
     "'{}'::jsonb, 0, now() - interval '60 days' FROM generate_series(1, %(n)s) AS i"
 )
-
-
-@contextlib.contextmanager
-def scratch_database(url: str | None) -> Iterator[str]:
-    if url:
-        yield url
-        return
-    name = f"outbox_bench_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(ADMIN, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    try:
-        yield ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 def seed(engine: sa.Engine, sql: str, n: int) -> None:
@@ -227,12 +207,12 @@ def main() -> None:
     if args.only in (None, "metrics"):
         print(f"(a) relay throughput, metrics on vs off: {args.events} events x {args.rounds} "
               f"rounds, batch {args.batch}", flush=True)
-        with scratch_database(args.database_url) as url:
+        with scratch_database(url=args.database_url) as url:
             bench_metrics(url, args.events, args.rounds, args.batch)
     if args.only in (None, "cleanup"):
         print(f"(b) cleanup {args.cleanup_args} of {args.history} finished rows while the "
               f"relay drains {args.events}", flush=True)
-        with scratch_database(args.database_url) as url:
+        with scratch_database(url=args.database_url) as url:
             bench_cleanup(url, args.history, args.events, args.batch,
                           args.cleanup_args.split())
 

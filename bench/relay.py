@@ -55,14 +55,14 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import _scratch  # noqa: E402
+
 import outbox  # noqa: E402
 from outbox._sql import relay as relay_sql  # noqa: E402
 from outbox._sql.capture import pg_uuid7_sql  # noqa: E402
 from outbox.events import new_event_id  # noqa: E402
 from outbox.providers.memory import MemoryProvider  # noqa: E402
 from outbox.relay import Relay  # noqa: E402
-
-ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 # Bench-only SQL with constants and bound numbers (no user input). Ids are time-ordered (UUIDv7)
 # like the ones capture writes, with the time of each row's generation.
@@ -86,20 +86,12 @@ def libpq(url: str) -> str:
 
 @contextlib.contextmanager
 def scratch_database() -> Iterator[str]:
-    name = f"outbox_bench_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(ADMIN, isolation_level="AUTOCOMMIT", poolclass=sa.NullPool)
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    engine = sa.create_engine(url, poolclass=sa.NullPool)
-    outbox.create_schema(engine)
-    engine.dispose()
-    try:
+    """A scratch database with the outbox schema."""
+    with _scratch.scratch_database() as url:
+        engine = sa.create_engine(url, poolclass=sa.NullPool)
+        outbox.create_schema(engine)
+        engine.dispose()
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 def seed(url: str, n: int, *, status: str = "pending", truncate: bool = True,
