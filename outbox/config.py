@@ -30,8 +30,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Union
 from urllib.parse import urlsplit
 
-import yaml
-
 from outbox._duration import parse_duration
 from outbox._redact import redact as redact_url
 from outbox._retry import RetryPolicy
@@ -362,6 +360,8 @@ class _FromText(str):
 
 
 def _read_yaml(path: Path) -> Mapping[str, Any]:
+    import yaml  # here, not at the top: most starts read no file, and the import takes 15 ms
+
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

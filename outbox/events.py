@@ -94,11 +94,12 @@ def utcnow() -> dt.datetime:
 def new_event_id() -> uuid.UUID:
     """A new event id: a version-7 UUID (RFC 9562), 48 bits of Unix milliseconds then 74 random.
 
-    Why not ``uuid4``: ids ordered by time keep the primary-key index's writes together. Every
-    claim and every completion of an event adds an entry for the new row version to that index
-    (status changes are never HOT updates, see :class:`Event`); with random ids each entry of a
-    batch of consecutive events lands on a leaf page of its own — a cache miss and, after each
-    checkpoint, a full-page image in the WAL — with time-ordered ids a batch touches a few pages.
+    Why not ``uuid4``: ids ordered by time keep the id indexes' writes together. Every event
+    adds an entry to the id index of ``events_live`` when it is written and to that of
+    ``events_done`` when the relay completes it (a claim that finds no room on its page adds one
+    more); with random ids each entry of a batch of consecutive events lands on a leaf page of
+    its own — a cache miss and, after each checkpoint, a full-page image in the WAL — with
+    time-ordered ids a batch touches a few pages.
     The ids are as unique as ``uuid4`` ones for all practical purposes (74 random bits per
     millisecond) and reveal only the creation time, which the row holds anyway.
     """

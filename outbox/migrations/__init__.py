@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from alembic.script import Script
 
 __all__ = [
-    "VERSIONS", "VERSION_TABLE", "MigrationError", "current", "downgrade", "head",
+    "HEAD", "VERSIONS", "VERSION_TABLE", "MigrationError", "current", "downgrade", "head",
     "include_object", "mismatch", "upgrade",
 ]
 
@@ -46,6 +46,9 @@ __all__ = [
 VERSIONS = Path(__file__).with_name("versions")
 #: The table recording the outbox revision a database is at.
 VERSION_TABLE = "outbox_alembic_version"
+#: The newest revision in :data:`VERSIONS` (what :func:`head` reads from the files; a test keeps
+#: the two equal). Known without Alembic, so that a relay's start need not import it.
+HEAD = "outbox_0002"
 
 # Alembic's own version table layout (alembic.ddl.impl.version_table_impl), so that the
 # repository's environment, which uses it as its version_table, and this module agree.
@@ -111,9 +114,11 @@ def mismatch(bind: sa.Connection | sa.Engine) -> str | None:
     """What to do when ``bind``'s outbox revision is not the newest this installation ships
     (``None`` when it is, or when no revision is recorded). The relay logs it at start."""
     at = current(bind)
+    if at is None or at == HEAD:
+        return None
     chain = _revisions()
     newest = chain[-1].revision
-    if at is None or at == newest:
+    if at == newest:
         return None
     if at not in {s.revision for s in chain}:
         return (f"the outbox tables are at revision {at}, which this version of outbox does "

@@ -311,6 +311,9 @@ class Publisher(Protocol):
       not delivered again (Redis and NATS remember ids for their ``duplicate_window``);
     - events of one call are appended in input order, so a consumer sees one publisher's events
       in the order it published them;
+    - a published event belongs to the provider: the caller does not change it afterwards (an
+      in-process provider keeps the object as it is; the relay never touches an event again
+      once it has forwarded it);
     - ``close`` stops this provider's group members (they give back what they hold), flushes what
       is in flight and releases connections; it is idempotent, and any other call after it raises
       :class:`outbox.exceptions.ProviderError`.

@@ -325,3 +325,19 @@ def test_copy_event_is_a_deep_copy_equal_to_event_copy() -> None:
     assert c.to_dict() == e.to_dict() == e.copy().to_dict()
     c.meta["changes"]["a"]["old"].append(9)
     assert e.meta["changes"]["a"]["old"] == [1]
+
+
+async def test_publish_keeps_the_event_itself_store_keeps_a_copy() -> None:
+    # publish_many is the relay's hot path: a published event is the provider's (the Publisher
+    # contract), so it is kept without a copy; what the provider hands out is still a copy.
+    p = MemoryProvider()
+    published, stored = ev(), ev()
+    assert await p.publish_many([published]) == [None]
+    await p.store(stored)
+    assert p._events[published.id.int] is published
+    assert p._events[stored.id.int] is not stored
+    got = await p.get(published.id)
+    assert got is not None and got is not published and got.to_dict() == published.to_dict()
+    got.payload["k"] = "changed"
+    again = await p.get(published.id)
+    assert again is not None and again.payload == {"k": "v"}
