@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "$OUTBOX_DATABASE_URL, else sqlite:///outbox.db)")
     p.add_argument("--config", metavar="PATH", help="outbox YAML config (default: $OUTBOX_CONFIG)")
     p.add_argument("--provider", metavar="NAME",
-                   help="where events are forwarded: memory (default), redis, nats")
+                   help="where events are forwarded: memory (default), redis, nats, database")
     p.add_argument("--app", action="append", default=[], metavar="MODULE",
                    help="module to import so its @outbox.subscribe handlers register "
                         "(repeatable)")

@@ -362,7 +362,9 @@ def test_the_relay_says_when_the_schema_is_behind_the_package(
     engine = sa.create_engine(pg_url)
     try:
         assert outbox.migrations.mismatch(engine) is None
-        monkeypatch.setattr(outbox.migrations, "VERSIONS", later)  # the package was upgraded
+        # the package was upgraded: a newer revision file, and HEAD names it
+        monkeypatch.setattr(outbox.migrations, "VERSIONS", later)
+        monkeypatch.setattr(outbox.migrations, "HEAD", "outbox_9001")
         assert "add a revision calling outbox.migrations.upgrade('outbox_9001')" in str(
             outbox.migrations.mismatch(engine))
         relay = Relay(engine, broker=outbox.Broker(MemoryProvider()))
