@@ -177,7 +177,8 @@ class MemoryConfig(_Section):
 
 @dataclass(frozen=True, repr=False)
 class MetricsConfig(_Section):
-    """``event_broker.metrics``: the relay's /metrics, /healthz, /readyz listener (off: no port)."""
+    """``event_broker.metrics``: the /metrics, /healthz, /readyz listener of the relay and of
+    ``python -m outbox.consume`` (off: no port)."""
 
     port: int | None = field(default=None, metadata={"min": 0, "max": 65535})
     host: str = "127.0.0.1"

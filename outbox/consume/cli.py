@@ -25,7 +25,7 @@ import logging
 import os
 import signal
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -33,6 +33,9 @@ from outbox._cli import Failure, import_apps, leaves, load_config, print_error
 from outbox._logs import add_logging_arguments, configure_logging, preserved_logging
 from outbox.exceptions import OutboxError
 from outbox.providers.base import StartPosition, parse_start
+
+if TYPE_CHECKING:
+    from outbox.config import MetricsConfig
 
 __all__ = ["build_parser", "main"]
 
@@ -76,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="on SIGTERM, how long handlers in flight may finish (default 30)")
     parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                        help="serve /metrics, /healthz, /readyz on this port")
-    parser.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
-                        help="address for --metrics-port (default 127.0.0.1)")
+                        help="serve /metrics, /healthz, /readyz on this port (metrics.port)")
+    parser.add_argument("--metrics-host", default=None, metavar="HOST",
+                        help="address for --metrics-port (metrics.host, default 127.0.0.1)")
     add_logging_arguments(parser, default_level=None)
     return parser
 
@@ -114,11 +117,11 @@ def build_provider(config: Any) -> Any:
 # running
 
 
-async def _serve(consumer: Any, args: argparse.Namespace) -> None:
+async def _serve(consumer: Any, metrics: MetricsConfig) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(_signals, consumer, tg.cancel_scope)
-        if args.metrics_port is not None:
-            tg.start_soon(_health, consumer, args)
+        if metrics.port is not None:
+            tg.start_soon(_health, consumer, metrics.host, metrics.port)
         await consumer.run()
         tg.cancel_scope.cancel()
 
@@ -134,7 +137,7 @@ async def _signals(consumer: Any, scope: anyio.CancelScope) -> None:
             consumer.stop()
 
 
-async def _health(consumer: Any, args: argparse.Namespace) -> None:
+async def _health(consumer: Any, host: str, port: int) -> None:
     from outbox.health import (
         HealthMonitor,
         HealthServer,
@@ -147,7 +150,7 @@ async def _health(consumer: Any, args: argparse.Namespace) -> None:
     if consumer.inbox is not None:
         checks["database"] = database_check(consumer.inbox.engine)
     state = HealthState(expected=tuple(checks))
-    server = HealthServer(state, host=args.metrics_host, port=args.metrics_port).start()
+    server = HealthServer(state, host=host, port=port).start()
     try:
         await HealthMonitor(state, checks).run()
     finally:
@@ -166,7 +169,9 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     config = load_config(args.config, env, {"provider": args.provider,
                                             "database.url": args.database_url,
                                             "log_level": args.log_level,
-                                            "database.pgbouncer": args.pgbouncer or None})
+                                            "database.pgbouncer": args.pgbouncer or None,
+                                            "metrics.port": args.metrics_port,
+                                            "metrics.host": args.metrics_host})
     configure_logging(config.log_level, args.log_format)
     if config.instance_id:
         set_instance_id(config.instance_id)
@@ -187,7 +192,7 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     inbox = (Inbox(args.inbox_database_url, pgbouncer=config.database.pgbouncer)
              if args.inbox_database_url else None)
     metrics = None
-    if args.metrics_port is not None:
+    if config.metrics.port is not None:
         from outbox.metrics import get_metrics
 
         metrics = get_metrics()
@@ -204,7 +209,7 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     async def main() -> None:
         try:
-            await _serve(consumer, args)
+            await _serve(consumer, config.metrics)
         finally:
             with anyio.CancelScope(shield=True):
                 await provider.close()

@@ -95,6 +95,25 @@ def _status(url: str) -> int:
         return 0
 
 
+def test_the_config_metrics_section_serves_health_without_the_flag(
+    bus: dict[str, Any]
+) -> None:
+    from tests.servers import free_port
+
+    directory: Path = bus["dir"]
+    port = free_port()
+    consumer = start_consumer(directory, bus["config"], "ops", provider=bus["name"],
+                              env={"OUTBOX_METRICS_PORT": str(port)})
+    try:
+        consumer.wait_ready()
+        eventually_sync(lambda: _status(f"http://127.0.0.1:{port}/readyz") == 200, what="/readyz")
+        assert _status(f"http://127.0.0.1:{port}/metrics") == 200
+        code = consumer.terminate()
+    finally:
+        consumer.kill()
+    assert code == 0, consumer.log.read_text()
+
+
 def test_consumes_and_stops_gracefully_on_sigterm(bus: dict[str, Any]) -> None:
     from tests.servers import free_port
 
