@@ -9,6 +9,7 @@ in URLs hidden), never a traceback.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
@@ -21,7 +22,8 @@ from outbox.exceptions import OutboxError
 if TYPE_CHECKING:
     from outbox.config import Config
 
-__all__ = ["Failure", "import_apps", "leaves", "load_config", "print_error"]
+__all__ = ["Failure", "add_metrics_arguments", "import_apps", "leaves", "load_config",
+           "print_error"]
 
 
 class Failure(Exception):
@@ -51,6 +53,17 @@ def load_config(path: str | None, env: Mapping[str, str],
         raise Failure(f"config {path}: {exc}" if path else f"config: {exc}") from None
     except OSError as exc:
         raise Failure(f"cannot read config {path}: {exc.strerror or exc}") from None
+
+
+def add_metrics_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--metrics-port``/``--metrics-host`` for a sidecar; they override the config's
+    ``metrics.port``/``metrics.host`` (pass them to :func:`load_config` under those keys)."""
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="serve /metrics, /healthz, /readyz on this port (0: any free port; "
+                             "config metrics.port)")
+    parser.add_argument("--metrics-host", metavar="HOST",
+                        help="address for --metrics-port (config metrics.host, default "
+                             "127.0.0.1)")
 
 
 def import_apps(modules: Sequence[str]) -> None:

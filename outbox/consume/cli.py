@@ -29,7 +29,14 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from outbox._cli import Failure, import_apps, leaves, load_config, print_error
+from outbox._cli import (
+    Failure,
+    add_metrics_arguments,
+    import_apps,
+    leaves,
+    load_config,
+    print_error,
+)
 from outbox._logs import add_logging_arguments, configure_logging, preserved_logging
 from outbox.exceptions import OutboxError
 from outbox.providers.base import StartPosition, parse_start
@@ -78,10 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="deliveries handled at once (default: worker_count, 10)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="on SIGTERM, how long handlers in flight may finish (default 30)")
-    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                        help="serve /metrics, /healthz, /readyz on this port (metrics.port)")
-    parser.add_argument("--metrics-host", default=None, metavar="HOST",
-                        help="address for --metrics-port (metrics.host, default 127.0.0.1)")
+    add_metrics_arguments(parser)
     add_logging_arguments(parser, default_level=None)
     return parser
 
@@ -151,6 +155,7 @@ async def _health(consumer: Any, host: str, port: int) -> None:
         checks["database"] = database_check(consumer.inbox.engine)
     state = HealthState(expected=tuple(checks))
     server = HealthServer(state, host=host, port=port).start()
+    log.info("metrics on %s/metrics", server.url)  # like the relay's (port 0: the one picked)
     try:
         await HealthMonitor(state, checks).run()
     finally:

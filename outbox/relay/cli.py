@@ -31,7 +31,7 @@ from typing import Any
 
 import anyio
 
-from outbox._cli import Failure, import_apps, leaves, print_error
+from outbox._cli import Failure, add_metrics_arguments, import_apps, leaves, print_error
 from outbox._cli import load_config as _load_config
 from outbox._logs import add_logging_arguments, configure_logging, preserved_logging
 from outbox.exceptions import OutboxError
@@ -67,10 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "statements, no session settings, no LISTEN through it")
     p.add_argument("--listen-url", metavar="URL",
                    help="with --pgbouncer: a direct connection to LISTEN on (default: poll)")
-    p.add_argument("--metrics-port", type=int, metavar="PORT",
-                   help="serve /metrics, /healthz, /readyz on this port (0: any free port)")
-    p.add_argument("--metrics-host", metavar="HOST", help="address for --metrics-port "
-                   "(default 127.0.0.1)")
+    add_metrics_arguments(p)
     p.add_argument("--once", action="store_true",
                    help="process every event that is due, then exit 0")
     add_logging_arguments(p, default_level=None)

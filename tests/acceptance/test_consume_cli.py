@@ -112,6 +112,7 @@ def test_the_config_metrics_section_serves_health_without_the_flag(
     finally:
         consumer.kill()
     assert code == 0, consumer.log.read_text()
+    assert f"metrics on http://127.0.0.1:{port}/metrics" in consumer.log.read_text()
 
 
 def test_consumes_and_stops_gracefully_on_sigterm(bus: dict[str, Any]) -> None:
