@@ -37,6 +37,7 @@ from outbox._cli import Failure, load_config, print_error
 from outbox._duration import parse_duration
 from outbox._engines import create_engine
 from outbox._logs import LOG_LEVELS, configure_logging, preserved_logging, redact
+from outbox._redact import url_text
 from outbox._sql import console as console_sql
 from outbox.console import cli as console_cli
 from outbox.events import Event, EventSource, EventStatus, Operation, utcnow
@@ -339,7 +340,7 @@ def _engine(args: argparse.Namespace) -> Engine:
             f"no driver for {parsed.drivername}: {exc} (for PostgreSQL: pip install "
             "'outbox[postgres]')"
         ) from None
-    safe = parsed.render_as_string(hide_password=True)
+    safe = url_text(parsed)
     try:
         check_schema(engine)
     except OutboxError as exc:

@@ -58,6 +58,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, c
 from sqlalchemy.orm import Session, scoped_session
 
 from outbox._engines import engine_args
+from outbox._redact import url_text
 from outbox._sql import inbox as inbox_sql
 from outbox.events import utcnow
 from outbox.exceptions import NoInboxTransaction
@@ -195,7 +196,7 @@ class Inbox:
         self.is_async = isinstance(bind, AsyncEngine)
 
     def __repr__(self) -> str:
-        return f"<Inbox {self.engine.url.render_as_string(hide_password=True)}>"
+        return f"<Inbox {url_text(self.engine.url)}>"
 
     @property
     def dialect_name(self) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from outbox._redact import url_text
 from outbox._sql import ddl
 from outbox.events import JSONType, OutboxBase, ShortText, UTCDateTime  # noqa: F401
 from outbox.exceptions import SchemaMissing
@@ -124,6 +125,6 @@ def check_schema(bind: Engine | Connection, tables: tuple[str, ...] = ("events",
     missing = [t for t in tables if not inspector.has_table(t)]
     if missing:
         raise SchemaMissing(
-            f"table {', '.join(missing)} not found in {bind.engine.url.render_as_string()}: "
+            f"table {', '.join(missing)} not found in {url_text(bind.engine.url)}: "
             f"{MIGRATE_HINT}"
         )

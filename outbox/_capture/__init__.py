@@ -8,7 +8,7 @@ the order a change meets them:
   (:mod:`~outbox._capture.scope`), puts session listeners on it and, once per process, listeners
   on every ``Mapper``.
 - :mod:`~outbox._capture.plan` — per model, once: the captured columns (secret-looking names left
-  out, :mod:`~outbox._capture.secret_columns`), primary key, event types, JSON conversion.
+  out, :mod:`~outbox._secret_names`), primary key, event types, JSON conversion.
 - :mod:`~outbox._capture.flush` — records each INSERT / UPDATE / DELETE the unit of work runs
   and, in ``after_flush``, writes their events with **one** statement on the flush's own
   connection. Commit writes the changes and their events together; a rollback, also to a

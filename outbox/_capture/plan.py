@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import ColumnProperty, Mapper
 
 from outbox import _json
-from outbox._capture.secret_columns import looks_secret
+from outbox._secret_names import looks_secret
 from outbox.events import Operation, OutboxBase, event_type
 from outbox.exceptions import CaptureError, SerializationError
 

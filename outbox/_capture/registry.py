@@ -143,7 +143,7 @@ def capture(
     ``"create"``, ``"update"``, ``"delete"``, ``"read"`` (or :class:`outbox.events.Operation`).
     ``exclude``: ``{Model: {"column", ...}}`` columns never written to events. Columns whose
     names look like secrets (``password``, ``hashed_password``, ``api_key``, ``refresh_token``,
-    … see :mod:`outbox._capture.secret_columns`) are left out too unless listed in
+    … see :mod:`outbox._secret_names`) are left out too unless listed in
     ``include={Model: {"column", ...}}``. An update of a column left out still writes an event;
     its ``metadata.changes`` has ``{"column": {"redacted": true}}``: that it changed, not its
     values.

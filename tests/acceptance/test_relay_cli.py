@@ -118,11 +118,12 @@ TOKEN_APP = textwrap.dedent('''
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_failed_start_never_shows_a_token_in_a_url(tmp_path: Path, log_format: str) -> None:
-    """Tokens in URLs (``nats://TOKEN@host``, a lone user-info part) are hidden like passwords:
-    in the error line of a failed start and in the log lines before it."""
+    """Tokens in URLs (``nats://TOKEN@host``, a lone user-info part) and passwords given as query
+    parameters are hidden: in the error line of a failed start and in the log lines before it.
+    A database URL's user name is not a secret and is shown."""
     (tmp_path / "tokenapp.py").write_text(TOKEN_APP)
     port = servers.free_port()
-    res = relay("--database-url", f"postgresql+psycopg://s3cr3t@127.0.0.1:{port}/x",
+    res = relay("--database-url", f"postgresql+psycopg://app@127.0.0.1:{port}/x?password=s3cr3t",
                 "--provider", "nats", "--app", "tokenapp", "--once", "--log-format", log_format,
                 cwd=tmp_path, env={"OUTBOX_NATS_URL": f"nats://s3cr3t@127.0.0.1:{port}"})
     assert res.returncode == 2 and "Traceback" not in res.stderr
@@ -130,7 +131,7 @@ def test_failed_start_never_shows_a_token_in_a_url(tmp_path: Path, log_format: s
     assert f"nats://***@127.0.0.1:{port}" in res.stderr  # the app's log line, redacted
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("outbox.relay: error: cannot connect to ")
-    assert f"postgresql+psycopg://***@127.0.0.1:{port}/x" in last
+    assert f"postgresql+psycopg://app@127.0.0.1:{port}/x?password=***" in last
 
 
 def test_missing_events_table_says_to_migrate(pg_url: str, tmp_path: Path) -> None:

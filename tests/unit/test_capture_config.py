@@ -134,6 +134,6 @@ def test_secret_looking_columns_are_excluded_unless_included(
     ("passage", False), ("secretary_id", False),
 ])
 def test_which_names_look_like_secrets(name: str, secret: bool) -> None:
-    from outbox._capture.secret_columns import looks_secret
+    from outbox._secret_names import looks_secret
 
     assert looks_secret(name) is secret

@@ -227,15 +227,25 @@ def test_tokens_in_urls_never_appear_in_repr_or_dict() -> None:
     c = Config.from_dict({
         "nats": {"url": "nats://s3cr3t@127.0.0.1:4222,nats://u:s3cr3t-pw@127.0.0.2:4222"},
         "redis": {"url": "rediss://s3cr3t@127.0.0.1:6380/0"},
-        "database": {"url": "postgresql+psycopg://s3cr3t@db/app",
-                     "listen_url": "postgresql+psycopg://s3cr3t@db-direct/app"},
     })
-    for text in (repr(c), str(c), repr(c.nats), repr(c.database), str(c.to_dict())):
+    for text in (repr(c), str(c), repr(c.nats), str(c.to_dict())):
         assert "s3cr3t" not in text
     assert "nats://***@127.0.0.1:4222,nats://u:***@127.0.0.2:4222" in repr(c.nats)
     assert c.to_dict()["redis"]["url"] == "rediss://***@127.0.0.1:6380/0"
-    assert c.to_dict()["database"]["listen_url"] == "postgresql+psycopg://***@db-direct/app"
     assert c.to_dict(redact=False)["nats"]["url"].startswith("nats://s3cr3t@")
+
+
+def test_database_user_names_are_shown_and_query_secrets_hidden() -> None:
+    """A SQL database URL's lone user-info part is a user name (shown); a password given as a
+    query parameter is hidden in reprs and dicts like one in the user-info part."""
+    c = Config.from_dict({"database": {
+        "url": "postgresql+psycopg://app@db/shop?password=hunter2&sslmode=require",
+        "listen_url": "postgresql+psycopg://app:hunter2@db-direct/shop"}})
+    for text in (repr(c), repr(c.database), str(c.to_dict())):
+        assert "hunter2" not in text
+    assert c.to_dict()["database"]["url"] == \
+        "postgresql+psycopg://app@db/shop?password=***&sslmode=require"
+    assert c.to_dict()["database"]["listen_url"] == "postgresql+psycopg://app:***@db-direct/shop"
 
 
 @pytest.mark.parametrize("text", ["30s", "500ms", "5m", "24h", "1d", "2w", "1h30m", "1.5h"])

@@ -86,6 +86,9 @@ def test_passwords_in_urls_are_masked(stream: io.StringIO) -> None:
     assert redact("nats://a:b@h1,nats://tok@h2 down") == "nats://a:***@h1,nats://***@h2 down"
     assert redact("mail ada@example.com about http://h/x?a=b@c") == \
         "mail ada@example.com about http://h/x?a=b@c"
+    # the user name of a SQL database URL is not a secret (libpq has no tokens there)
+    assert redact("postgresql+psycopg://app@db/x and mysql://root@h/t") == \
+        "postgresql+psycopg://app@db/x and mysql://root@h/t"
     configure_logging("INFO", "json", stream)
     logging.getLogger("outbox.z").warning("cannot reach %s", "redis://u:topsecret@h")
     logging.getLogger("outbox.z").warning("cannot reach %s", "nats://t0psecret@h")
@@ -95,6 +98,20 @@ def test_passwords_in_urls_are_masked(stream: io.StringIO) -> None:
     assert "a:***@c" in text
     assert "***" in JsonFormatter().format(logging.LogRecord("n", logging.INFO, "", 0,
                                                              "x://u:p@h", (), None))
+
+
+def test_secret_query_parameters_are_masked() -> None:
+    """``?password=`` (libpq and SQLAlchemy accept it) and other secret-looking parameters: the
+    value is hidden wherever the URL appears; other parameters and the sentence around stay."""
+    assert redact("cannot connect to postgresql+psycopg://app@127.0.0.1/x?password=SecretQ-991: "
+                  "refused") == "cannot connect to postgresql+psycopg://app@127.0.0.1/x?" \
+                                "password=***: refused"
+    assert redact("postgresql://h/x?sslmode=require&sslpassword=k3y&application_name=a") == \
+        "postgresql://h/x?sslmode=require&sslpassword=***&application_name=a"
+    assert redact("redis://h/0?token=t0k&db=1, nats://h?auth_token=abc") == \
+        "redis://h/0?token=***&db=1, nats://h?auth_token=***"
+    assert redact("http://h/x?q=password") == "http://h/x?q=password"
+    assert redact("no url here: password=abc") == "no url here: password=abc"
 
 
 def test_configure_is_idempotent_and_validates(stream: io.StringIO) -> None:

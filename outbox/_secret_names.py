@@ -1,10 +1,11 @@
-"""Which columns capture leaves out by default: those whose names look like secrets.
+"""Names that look like secrets: capture's default exclusions and URL query redaction.
 
 A name is split into lower-case words (``hashed_password`` → hashed, password; ``apiKey`` → api,
 key) and looks like a secret when a word is one of :data:`SECRET_WORDS` or two neighbouring words
 are one of :data:`SECRET_PAIRS`. Such columns are treated as if listed in ``capture(exclude=…)``
 unless listed in ``capture(include=…)``: a password hash or an API token never reaches an event
-(nor the bus, nor the audit log) because someone forgot to exclude it.
+(nor the bus, nor the audit log) because someone forgot to exclude it. URL query parameters with
+such names (``?password=…``) are hidden in every text outbox prints (:mod:`outbox._redact`).
 """
 
 from __future__ import annotations
