@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from outbox._capture import Capture, capture
 from outbox._context import context, request_scope, set_context
+from outbox._meta import __version__ as __version__
 from outbox._retry import RetryPolicy
 from outbox.events import Event, EventSource, EventStatus, new_event
 from outbox.exceptions import OutboxError
@@ -42,7 +43,6 @@ if TYPE_CHECKING:  # names resolved lazily below, spelled out for type checkers
     from outbox.providers.redis import RedisProvider
     from outbox.relay import Relay
 
-__version__ = "0.1.0"
 
 # name -> module that defines it. Imported on first access so that optional drivers (redis,
 # nats, psycopg) are only needed by the code that uses them.

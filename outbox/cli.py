@@ -37,6 +37,7 @@ from outbox._cli import Failure, load_config, print_error
 from outbox._duration import parse_duration
 from outbox._engines import create_engine
 from outbox._logs import LOG_LEVELS, configure_logging, preserved_logging, redact
+from outbox._meta import DISTRIBUTION
 from outbox._redact import url_text
 from outbox._sql import console as console_sql
 from outbox.console import cli as console_cli
@@ -338,7 +339,7 @@ def _engine(args: argparse.Namespace) -> Engine:
     except ImportError as exc:
         raise Failure(
             f"no driver for {parsed.drivername}: {exc} (for PostgreSQL: pip install "
-            "'outbox[postgres]')"
+            f"'{DISTRIBUTION}[postgres]')"
         ) from None
     safe = url_text(parsed)
     try:

@@ -6,6 +6,8 @@ part of the data flow refused (configuration, capture, broker, provider, wire fo
 
 from __future__ import annotations
 
+from outbox._meta import DISTRIBUTION
+
 __all__ = [
     "BrokerClosed",
     "BrokerNotStarted",
@@ -49,7 +51,7 @@ class MissingDependency(OutboxError, ImportError):
         self.feature = feature
         self.extra = extra
         super().__init__(
-            f"{feature} needs the '{module}' package: pip install 'outbox[{extra}]'"
+            f"{feature} needs the '{module}' package: pip install '{DISTRIBUTION}[{extra}]'"
         )
 
 

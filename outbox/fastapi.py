@@ -10,7 +10,7 @@
 returns what it returns, and sets ``user_id`` (``user.id`` by default) for the events of the
 request. With :class:`outbox.asgi.ContextMiddleware` installed the user stays set until the
 request ends — also for a session dependency that commits when it exits; without it, until this
-dependency exits (docs/fastapi.md). Needs ``pip install 'outbox[fastapi]'``.
+dependency exits (docs/fastapi.md). Needs ``pip install 'sqlalchemy-outbox[fastapi]'``.
 """
 
 from __future__ import annotations

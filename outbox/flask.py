@@ -8,7 +8,7 @@ Each request runs inside :func:`outbox.request_scope`. The callables are called 
 each request, before the application's own ``before_request`` hooks, so they must find the user
 themselves (Flask-Login's ``current_user`` does); code that authenticates later — a hook, a view
 decorator — calls ``outbox.set_context(user_id=…)`` instead, which holds for the rest of the
-request. Needs ``pip install 'outbox[flask]'``.
+request. Needs ``pip install 'sqlalchemy-outbox[flask]'``.
 """
 
 from __future__ import annotations

@@ -38,9 +38,7 @@ def _unique(prefix: str) -> str:
 
 # -- PostgreSQL ---------------------------------------------------------------------------------
 
-PG_ADMIN_URL = (
-    f"postgresql+psycopg://{servers.PG_USER}@{servers.PG_HOST}:{servers.PG_PORT}/postgres"
-)
+PG_ADMIN_URL = servers.pg_url("postgres")
 
 
 def _pg_admin() -> sa.Engine:
@@ -56,7 +54,7 @@ def new_pg_database() -> Iterator[str]:
     with admin.connect() as conn:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
     try:
-        yield f"postgresql+psycopg://{servers.PG_USER}@{servers.PG_HOST}:{servers.PG_PORT}/{name}"
+        yield servers.pg_url(name)
     finally:
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -84,12 +82,11 @@ def sqlite_url(tmp_path: pytest.TempPathFactory) -> str:
 def mariadb_url() -> Iterator[str]:
     servers.require("MariaDB", servers.MARIADB_HOST, servers.MARIADB_PORT)
     name = _unique("outbox_t")
-    base = f"mysql+pymysql://root@{servers.MARIADB_HOST}:{servers.MARIADB_PORT}"
-    admin = sa.create_engine(f"{base}/test", poolclass=sa.NullPool)
+    admin = sa.create_engine(servers.mariadb_url("test"), poolclass=sa.NullPool)
     with admin.begin() as conn:
         conn.exec_driver_sql(f"CREATE DATABASE `{name}`")
     try:
-        yield f"{base}/{name}"
+        yield servers.mariadb_url(name)
     finally:
         with admin.begin() as conn:
             conn.exec_driver_sql(f"DROP DATABASE IF EXISTS `{name}`")
@@ -133,7 +130,7 @@ def pg_engine(pg_url: str) -> Iterator[sa.Engine]:
 @pytest.fixture
 def redis_url() -> str:
     servers.require("Redis", servers.REDIS_HOST, servers.REDIS_PORT)
-    return f"redis://{servers.REDIS_HOST}:{servers.REDIS_PORT}/0"
+    return servers.redis_url()
 
 
 @pytest.fixture
@@ -164,7 +161,7 @@ class NatsNames:
 @pytest.fixture
 def nats_url() -> str:
     servers.require("NATS", servers.NATS_HOST, servers.NATS_PORT)
-    return f"nats://{servers.NATS_HOST}:{servers.NATS_PORT}"
+    return servers.nats_url()
 
 
 @pytest.fixture

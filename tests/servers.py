@@ -18,20 +18,56 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
 from tests.helpers import eventually_sync
 
+# The shared servers (docs/development.md, "Servers elsewhere"): where they are and how to log in.
 PG_HOST = os.environ.get("OUTBOX_TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("OUTBOX_TEST_PG_PORT", "5432"))
 PG_USER = os.environ.get("OUTBOX_TEST_PG_USER", "postgres")
+PG_PASSWORD = os.environ.get("OUTBOX_TEST_PG_PASSWORD", "")
 REDIS_HOST = os.environ.get("OUTBOX_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("OUTBOX_TEST_REDIS_PORT", "6379"))
+REDIS_PASSWORD = os.environ.get("OUTBOX_TEST_REDIS_PASSWORD", "")
 NATS_HOST = os.environ.get("OUTBOX_TEST_NATS_HOST", "127.0.0.1")
 NATS_PORT = int(os.environ.get("OUTBOX_TEST_NATS_PORT", "4222"))
+NATS_USER = os.environ.get("OUTBOX_TEST_NATS_USER", "")
+NATS_PASSWORD = os.environ.get("OUTBOX_TEST_NATS_PASSWORD", "")
 MARIADB_HOST = os.environ.get("OUTBOX_TEST_MARIADB_HOST", "127.0.0.1")
 MARIADB_PORT = int(os.environ.get("OUTBOX_TEST_MARIADB_PORT", "3306"))
+MARIADB_USER = os.environ.get("OUTBOX_TEST_MARIADB_USER", "root")
+MARIADB_PASSWORD = os.environ.get("OUTBOX_TEST_MARIADB_PASSWORD", "")
+
+
+def _login(user: str, password: str) -> str:
+    """``user[:password]@`` for a URL (quoted), or nothing without a user and password."""
+    if not user and not password:
+        return ""
+    return f"{quote(user, safe='')}{':' + quote(password, safe='') if password else ''}@"
+
+
+def pg_url(database: str, driver: str = "psycopg") -> str:
+    """A URL of ``database`` on the shared PostgreSQL."""
+    return f"postgresql+{driver}://{_login(PG_USER, PG_PASSWORD)}{PG_HOST}:{PG_PORT}/{database}"
+
+
+def mariadb_url(database: str) -> str:
+    """A URL of ``database`` on the shared MariaDB."""
+    return (f"mysql+pymysql://{_login(MARIADB_USER, MARIADB_PASSWORD)}{MARIADB_HOST}:"
+            f"{MARIADB_PORT}/{database}")
+
+
+def redis_url() -> str:
+    """The shared Redis, database 0."""
+    return f"redis://{_login('', REDIS_PASSWORD)}{REDIS_HOST}:{REDIS_PORT}/0"
+
+
+def nats_url() -> str:
+    """The shared NATS server."""
+    return f"nats://{_login(NATS_USER, NATS_PASSWORD)}{NATS_HOST}:{NATS_PORT}"
 
 IN_CI = bool(os.environ.get("CI"))
 
@@ -224,7 +260,7 @@ class PrivatePgBouncer:
         self.binary = _require_binary("pgbouncer")
         self.port = self.port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="outbox-pgbouncer-"))
-        (self.dir / "users.txt").write_text(f'"{PG_USER}" ""\n')
+        (self.dir / "users.txt").write_text(f'"{PG_USER}" "{PG_PASSWORD}"\n')
         (self.dir / "pgbouncer.ini").write_text(f"""
 [databases]
 * = host={PG_HOST} port={PG_PORT}
@@ -250,7 +286,8 @@ pidfile = {self.dir}/pgbouncer.pid
                 shutil.chown(child, self._user, self._user)
 
     def url(self, database: str) -> str:
-        return f"postgresql+psycopg://{PG_USER}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql+psycopg://{_login(PG_USER, PG_PASSWORD)}127.0.0.1:{self.port}/" \
+            f"{database}"
 
     def start(self) -> None:
         self.proc = subprocess.Popen(

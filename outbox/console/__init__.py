@@ -3,7 +3,8 @@ replay, lag and throughput, relays, database-bus consumers.
 
 Run it with ``python -m outbox console`` or mount :func:`create_app` in your ASGI application
 (``app.mount("/outbox", create_app(engine, username=…, password=…))``); see docs/console.md.
-It needs the ``console`` extra (``pip install 'outbox[console]'``: Starlette, Jinja2, uvicorn).
+It needs the ``console`` extra (``pip install 'sqlalchemy-outbox[console]'``: Starlette, Jinja2,
+uvicorn).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ def test_a_missing_framework_names_the_extra(module: str, framework: str, extra:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
-    assert f"pip install 'outbox[{extra}]'" in done.stdout
+    assert f"pip install 'sqlalchemy-outbox[{extra}]'" in done.stdout
 
 
 def test_importing_outbox_loads_no_framework() -> None:

@@ -1,4 +1,4 @@
-"""NATS JetStream provider: ``NATSProvider`` (needs ``pip install 'outbox[nats]'``).
+"""NATS JetStream provider: ``NATSProvider`` (needs ``pip install 'sqlalchemy-outbox[nats]'``).
 
 - :mod:`._provider` — :class:`NATSProvider`, the configuration and the ports;
 - :mod:`._connection` — the connection, reconnects, the streams it needs, which errors are

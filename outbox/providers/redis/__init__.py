@@ -1,4 +1,4 @@
-"""Redis Streams provider: ``RedisProvider`` (needs ``pip install 'outbox[redis]'``).
+"""Redis Streams provider: ``RedisProvider`` (needs ``pip install 'sqlalchemy-outbox[redis]'``).
 
 - :mod:`._provider` — :class:`RedisProvider`, the configuration and the ports;
 - :mod:`._connection` — the client (URL, TLS, timeouts) and which errors are outages;
