@@ -17,26 +17,53 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from outbox._redact import redact
-from outbox.exceptions import OutboxError
+from outbox.exceptions import ConfigError, OutboxError
 
 if TYPE_CHECKING:
     from outbox.config import Config
 
-__all__ = ["Failure", "add_metrics_arguments", "import_apps", "leaves", "load_config",
-           "print_error"]
+__all__ = ["ConfigFailure", "Failure", "add_metrics_arguments", "import_apps", "leaves",
+           "load_config", "print_error", "print_warning", "warn_unknown_variables"]
 
 
 class Failure(Exception):
-    """The command cannot do its job: one line on stderr, no traceback.
+    """The command cannot do its job: one line on stderr (a line per problem), no traceback.
 
     The exit code is the command's: 2 for the sidecars (every such error is a start-up error),
-    1 for ``python -m outbox`` (2 is its bad usage).
+    1 for ``python -m outbox`` (2 is its bad usage, :class:`ConfigFailure` included).
     """
 
 
+class ConfigFailure(Failure):
+    """The configuration (file, ``OUTBOX_*`` variables, flags) is wrong: bad usage, exit 2 in
+    every command. The message has a line per problem."""
+
+
+_warned: set[str] = set()
+
+
+def print_warning(message: object) -> None:
+    """``warning: message`` on stderr, once per process, credentials in URLs hidden."""
+    text = redact(str(message))
+    if text not in _warned:
+        _warned.add(text)
+        print(f"warning: {text}", file=sys.stderr)
+
+
+def warn_unknown_variables(env: Mapping[str, str]) -> None:
+    """A warning line for each ``OUTBOX_*`` variable in ``env`` that is no setting (a typo)."""
+    from outbox.config import unknown_variables
+
+    for warning in unknown_variables(env):
+        print_warning(warning)
+
+
 def print_error(message: object, prog: str | None = None) -> None:
-    """``[prog: ]error: message`` on stderr, credentials in URLs hidden."""
-    print(f"{prog + ': ' if prog else ''}error: {redact(str(message))}", file=sys.stderr)
+    """``[prog: ]error: message`` on stderr, a line each for a message of several lines,
+    credentials in URLs hidden."""
+    lead = f"{prog + ': ' if prog else ''}error: "
+    for line in redact(str(message)).splitlines() or [""]:
+        print(f"{lead}{line}", file=sys.stderr)
 
 
 def load_config(path: str | None, env: Mapping[str, str],
@@ -46,13 +73,17 @@ def load_config(path: str | None, env: Mapping[str, str],
     from outbox.config import Config
 
     path = path or env.get("OUTBOX_CONFIG") or None
+    where = f"config {path}" if path else "config"
+    warn_unknown_variables(env)
     try:
-        config = Config.load(path, env=env)
+        config = Config.load(path, env=env, warn_unknown=False)
         return config.with_overrides(dict(overrides)) if overrides else config
+    except ConfigError as exc:
+        raise ConfigFailure("\n".join(f"{where}: {p}" for p in exc.problems)) from None
     except OutboxError as exc:
-        raise Failure(f"config {path}: {exc}" if path else f"config: {exc}") from None
+        raise ConfigFailure(f"{where}: {exc}") from None
     except OSError as exc:
-        raise Failure(f"cannot read config {path}: {exc.strerror or exc}") from None
+        raise ConfigFailure(f"cannot read config {path}: {exc.strerror or exc}") from None
 
 
 def add_metrics_arguments(parser: argparse.ArgumentParser) -> None:

@@ -23,6 +23,9 @@ connection may run on different server connections:
 
 Applications' own engines need only the first point: ``create_engine(url,
 connect_args={"prepare_threshold": None})`` (docs/pgbouncer.md).
+
+**Driver.** ``postgres://…`` and ``postgresql://…`` (no ``+driver``) mean psycopg 3 here when it
+is installed: platforms hand out ``postgres://`` URLs, which SQLAlchemy itself refuses.
 """
 
 from __future__ import annotations
@@ -64,10 +67,31 @@ def _prepare_threshold(text: str) -> int | None:
     return value
 
 
+def _driver_named(url: URL) -> URL:
+    """``postgres://`` (libpq's and many platforms' spelling, which SQLAlchemy refuses with
+    "Can't load plugin") and a ``postgresql://`` without a driver (SQLAlchemy's default is
+    psycopg2) as ``postgresql+psycopg://`` when psycopg 3 is installed, the driver of the
+    ``postgres`` extra."""
+    name = url.drivername
+    backend, _, driver = name.partition("+")
+    if backend == "postgres":
+        return url.set(drivername=f"postgresql+{driver or _default_pg_driver()}")
+    if name == "postgresql" and _default_pg_driver() == "psycopg":
+        return url.set(drivername="postgresql+psycopg")
+    return url
+
+
+def _default_pg_driver() -> str:
+    import importlib.util
+
+    return "psycopg" if importlib.util.find_spec("psycopg") is not None else "psycopg2"
+
+
 def engine_args(url: str | URL, *, pgbouncer: bool = False) -> tuple[URL, dict[str, Any]]:
-    """``(url, connect_args)`` for ``create_engine``: the URL without the driver options that
-    must be Python values, and those options converted (see the module doc)."""
-    parsed = sa.make_url(url)
+    """``(url, connect_args)`` for ``create_engine``: the URL with its driver named (see
+    :func:`_driver_named`), without the driver options that must be Python values, and those
+    options converted (see the module doc)."""
+    parsed = _driver_named(sa.make_url(url))
     is_psycopg = parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in _PSYCOPG
     if pgbouncer and not is_psycopg:
         raise ConfigError("database.pgbouncer", "PgBouncer mode is for PostgreSQL with "

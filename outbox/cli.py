@@ -33,7 +33,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from outbox import _json, ops
-from outbox._cli import Failure, load_config, print_error
+from outbox._cli import (
+    ConfigFailure,
+    Failure,
+    load_config,
+    print_error,
+    warn_unknown_variables,
+)
 from outbox._duration import parse_duration
 from outbox._engines import create_engine
 from outbox._logs import LOG_LEVELS, configure_logging, preserved_logging, redact
@@ -591,6 +597,7 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
     args = parser.parse_args(argv)  # exits 2 on bad usage, 0 for --help
     with preserved_logging():
         configure_logging(args.log_level)
+        warn_unknown_variables(os.environ)
         return _main(parser, args, out)
 
 
@@ -604,6 +611,9 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, out: IO[str
     except UsageError as exc:
         parser.print_usage(sys.stderr)
         print_error(exc, parser.prog)
+        return EXIT_USAGE
+    except ConfigFailure as exc:
+        print_error(exc)
         return EXIT_USAGE
     except Failure as exc:
         print_error(exc)

@@ -20,6 +20,7 @@ credentials hidden (:mod:`outbox._redact`).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import types
@@ -48,7 +49,10 @@ __all__ = [
     "RedisConfig",
     "provider_from_config",
     "redact_url",
+    "unknown_variables",
 ]
+
+log = logging.getLogger("outbox.config")
 
 ROOT = "event_broker"
 ENV_PREFIX = "OUTBOX_"
@@ -244,14 +248,21 @@ class Config(_Section):
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+        cls, path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+        *, warn_unknown: bool = True,
     ) -> Config:
         """Defaults, then the YAML file, then ``OUTBOX_*`` variables from ``env``.
 
         ``path`` defaults to ``$OUTBOX_CONFIG``; without either, no file is read. ``env``
-        defaults to ``os.environ`` (used for ``${VAR}`` expansion too).
+        defaults to ``os.environ`` (used for ``${VAR}`` expansion too). An ``OUTBOX_*`` variable
+        that names no key (a typo: ``OUTBOX_DATABSE_URL``) is logged as a warning on the
+        ``outbox.config`` logger (``warn_unknown=False``: not; :func:`unknown_variables`
+        lists them).
         """
         env = os.environ if env is None else env
+        if warn_unknown:
+            for message in unknown_variables(env):
+                log.warning("%s", message)
         if path is None:
             path = env.get(f"{ENV_PREFIX}CONFIG") or None
         data: Mapping[str, Any] = {}
@@ -276,8 +287,7 @@ class Config(_Section):
                 raise ConfigError(ROOT, "must be a mapping of keys to values")
         raw = _expand(data, env, ROOT)
         _apply_env(raw, env)
-        config: Config = _build(cls, raw, ROOT)
-        return config
+        return _build_all(raw)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
         """A copy with dotted keys replaced (``{"database.batch_size": 500}``), validated.
@@ -290,8 +300,7 @@ class Config(_Section):
             if value is None:
                 continue
             _set_dotted(raw, dotted, _FromText(value) if isinstance(value, str) else value)
-        config: Config = _build(Config, raw, ROOT)
-        return config
+        return _build_all(raw)
 
     def to_dict(self, *, redact: bool = True) -> dict[str, Any]:
         """Plain data (secrets as ``***`` unless ``redact=False``)."""
@@ -419,11 +428,39 @@ def _expand(value: Any, env: Mapping[str, str], key: str) -> Any:
     return value
 
 
+def _variables() -> dict[str, str]:
+    """``OUTBOX_*`` variable name -> dotted key, for every key of :class:`Config`."""
+    return {ENV_PREFIX + "_".join(path).upper(): ".".join(path) for path, _ in _all_keys(Config)}
+
+
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
-    for path, _ in _all_keys(Config):
-        name = ENV_PREFIX + "_".join(path).upper()
+    for name, dotted in _variables().items():
         if name in env:
-            _set_dotted(raw, ".".join(path), _FromText(env[name]))
+            _set_dotted(raw, dotted, _FromText(env[name]))
+
+
+#: ``OUTBOX_*`` variables that are not keys but are read elsewhere (the file's path; this
+#: repository's test suite and CI).
+_NOT_KEYS = frozenset({f"{ENV_PREFIX}CONFIG"})
+_NOT_KEY_PREFIXES = (f"{ENV_PREFIX}TEST_", f"{ENV_PREFIX}CI_")
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """A warning for each ``OUTBOX_*`` variable in ``env`` that no key reads (with the name
+    it was probably meant to be): such a variable is ignored, so a typo would go unnoticed."""
+    import difflib
+
+    known = _variables()
+    out = []
+    for name in sorted(env):
+        if (not name.startswith(ENV_PREFIX) or name in known or name in _NOT_KEYS
+                or name.startswith(_NOT_KEY_PREFIXES)):
+            continue
+        close = difflib.get_close_matches(name, [*known, *_NOT_KEYS], n=1, cutoff=0.8)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        out.append(f"environment variable {name} is not an outbox setting and is "
+                   f"ignored{hint}")
+    return out
 
 
 def _all_keys(cls: type) -> list[tuple[tuple[str, ...], dataclasses.Field[Any]]]:
@@ -451,27 +488,46 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type[Any], raw: Mapping[str, Any], key: str) -> Any:
+def _build_all(raw: Mapping[str, Any]) -> Config:
+    """The :class:`Config` of ``raw``, or one :class:`ConfigError` naming every problem in it."""
+    problems: list[ConfigError] = []
+    config = _build(Config, raw, ROOT, problems)
+    if problems:
+        raise ConfigError.of(problems)
+    assert isinstance(config, Config)
+    return config
+
+
+def _build(cls: type[Any], raw: Mapping[str, Any], key: str, problems: list[ConfigError]) -> Any:
+    """``cls`` from ``raw``; each problem is added to ``problems`` (the value is then unusable)
+    and the rest is still checked, so that one run reports them all."""
     if not isinstance(raw, Mapping):
-        raise ConfigError(key, f"must be a mapping, got {_kind(raw)}")
+        problems.append(ConfigError(key, f"must be a mapping, got {_kind(raw)}"))
+        return None
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}", "unknown key; known keys here: "
-                          + ", ".join(fields))
+    before = len(problems)
+    problems.extend(ConfigError(f"{key}.{name}", "unknown key; known keys here: "
+                                + ", ".join(fields)) for name in sorted(set(raw) - set(fields)))
     values: dict[str, Any] = {}
     for name, value in raw.items():
-        f = fields[name]
+        f = fields.get(name)
+        if f is None:
+            continue
         sub_key = f"{key}.{name}"
         target = hints[name]
-        if target is RetryPolicy:
-            values[name] = _retry_policy({} if value is None else value, sub_key)
-        elif dataclasses.is_dataclass(target) and isinstance(target, type):
-            values[name] = _build(target, {} if value is None else value, sub_key)
-        else:
-            values[name] = _convert(value, target, f, sub_key)
-    return cls(**values)
+        if (target is not RetryPolicy and dataclasses.is_dataclass(target)
+                and isinstance(target, type)):
+            values[name] = _build(target, {} if value is None else value, sub_key, problems)
+            continue
+        try:
+            if target is RetryPolicy:
+                values[name] = _retry_policy({} if value is None else value, sub_key)
+            else:
+                values[name] = _convert(value, target, f, sub_key)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    return None if len(problems) > before else cls(**values)
 
 
 def _retry_policy(raw: Any, key: str) -> RetryPolicy:
@@ -481,8 +537,8 @@ def _retry_policy(raw: Any, key: str) -> RetryPolicy:
         raise ConfigError(key, f"must be a mapping, got {_kind(raw)}")
     unknown = sorted(set(raw) - set(_RETRY_FIELDS))
     if unknown:
-        raise ConfigError(f"{key}.{unknown[0]}", "unknown key; known keys here: "
-                          + ", ".join(_RETRY_FIELDS))
+        raise ConfigError.of([ConfigError(f"{key}.{name}", "unknown key; known keys here: "
+                                          + ", ".join(_RETRY_FIELDS)) for name in unknown])
     kwargs = {
         name: _convert(value, _RETRY_FIELDS[name], None, f"{key}.{name}")
         for name, value in raw.items()

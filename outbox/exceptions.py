@@ -37,11 +37,25 @@ class OutboxError(Exception):
 
 
 class ConfigError(OutboxError, ValueError):
-    """Invalid configuration. The message names the offending key, never a secret value."""
+    """Invalid configuration. The message names the offending key, never a secret value.
+
+    A configuration with several problems raises one ``ConfigError`` whose :attr:`problems` are
+    all of them (its message: one line each); a single problem's ``problems`` is itself.
+    """
 
     def __init__(self, key: str, message: str) -> None:
         self.key = key
+        self.problems: tuple[ConfigError, ...] = (self,)
         super().__init__(f"{key}: {message}" if key else message)
+
+    @classmethod
+    def of(cls, problems: list[ConfigError]) -> ConfigError:
+        """One error for ``problems`` (two or more: their messages, one per line)."""
+        if len(problems) == 1:
+            return problems[0]
+        error = cls("", "\n".join(str(p) for p in problems))
+        error.problems = tuple(problems)
+        return error
 
 
 class MissingDependency(OutboxError, ImportError):

@@ -56,10 +56,7 @@ def run(args: argparse.Namespace, engine: Engine, out: IO[str]) -> int:
     overrides: dict[str, Any] = {"console.host": args.host, "console.port": args.port}
     if args.read_only:
         overrides["console.read_only"] = True
-    try:
-        settings = load_config(args.config, os.environ, overrides).console
-    except Failure as exc:  # a bad config is bad usage here (exit 2)
-        raise ValueError(str(exc)) from None
+    settings = load_config(args.config, os.environ, overrides).console  # bad: exit 2
 
     from outbox.console import require_web
     from outbox.console.app import _loopback_host

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+import outbox
 from tests.integration.ops_seed import add, event, statuses
 
 COMMANDS = [[], ["events"], ["events", "list"], ["events", "show"], ["replay"], ["stats"],
@@ -75,3 +76,44 @@ def test_exit_codes_without_database(tmp_path: Path) -> None:
     assert usage.returncode == 2 and "invalid duration" in usage.stderr
     unknown = outbox_cli("events", "show", "nope", cwd=tmp_path)
     assert unknown.returncode == 2 and "expected a UUID" in unknown.stderr
+
+
+BAD_CONFIG = ("event_broker:\n  worker_count: 0\n  redis:\n    prot: 1\n  database:\n"
+              "    poll_interval: -1\n")
+
+
+@pytest.mark.parametrize("command", [["outbox", "stats"], ["outbox.relay", "--once"],
+                                     ["outbox.consume", "--provider", "redis", "--group", "g"]],
+                         ids=lambda c: c[0])
+def test_config_mistakes_are_all_named_exit_2_and_typos_flagged(command: list[str],
+                                                                tmp_path: Path) -> None:
+    """Every command: each bad key on a line of its own (not only the first), exit 2 (bad
+    usage), and an ``OUTBOX_*`` variable that is no setting named with what it resembles."""
+    (tmp_path / "bad.yaml").write_text(BAD_CONFIG)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    env["OUTBOX_DATABSE_URL"] = "sqlite:///typo.db"
+    done = subprocess.run([sys.executable, "-m", *command, "--config", "bad.yaml"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert ("warning: environment variable OUTBOX_DATABSE_URL is not an outbox setting and is "
+            "ignored (did you mean OUTBOX_DATABASE_URL?)") in lines
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 3, done.stderr
+    for key in ("event_broker.worker_count", "event_broker.redis.prot",
+                "event_broker.database.poll_interval"):
+        assert sum(key in line for line in errors) == 1, (key, errors)
+
+
+def test_postgres_scheme_urls_work(pg_url: str) -> None:
+    """``postgres://`` (what platforms hand out; SQLAlchemy alone refuses it) and a driverless
+    ``postgresql://`` reach the database through psycopg."""
+    engine = sa.create_engine(pg_url)
+    outbox.create_schema(engine)
+    engine.dispose()
+    bare = pg_url.replace("postgresql+psycopg://", "postgres://")
+    for url in (bare, bare.replace("postgres://", "postgresql://")):
+        done = outbox_cli("stats", "--json", env={"OUTBOX_DATABASE_URL": url})
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["total"] == 0

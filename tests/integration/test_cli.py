@@ -273,9 +273,10 @@ def test_database_url_from_config_file(engine: sa.Engine, url: str, tmp_path: An
     assert len(json.loads(out.getvalue())) == 1
     bad = tmp_path / "bad.yaml"
     bad.write_text("event_broker:\n  database:\n    url: 42\n    colour: blue\n")
-    assert cli.main(["--config", str(bad), "stats"], out=io.StringIO()) == 1
+    # a bad configuration is bad usage (exit 2), as in the sidecars
+    assert cli.main(["--config", str(bad), "stats"], out=io.StringIO()) == 2
     assert cli.main(["--config", str(tmp_path / "missing.yaml"), "stats"],
-                    out=io.StringIO()) == 1
+                    out=io.StringIO()) == 2
 
 
 def test_commands_on_mariadb(mariadb_url: str) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from outbox import Config, MemoryProvider, RetryPolicy
-from outbox.config import provider_from_config, redact_url
+from outbox.config import provider_from_config, redact_url, unknown_variables
 from outbox.exceptions import ConfigError, MissingDependency
 
 SEED_YAML = """
@@ -155,6 +156,46 @@ def test_bad_values_name_the_key(data: dict[str, Any], key: str, message: str) -
     with pytest.raises(ConfigError, match=message) as info:
         Config.from_dict(data)
     assert info.value.key == key or str(info.value).startswith(key)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    """One run names every bad key (not only the first), in files, sections and variables."""
+    with pytest.raises(ConfigError) as info:
+        Config.load(env={"OUTBOX_REDIS_PORT": "abc", "OUTBOX_WORKER_COUNT": "0"})
+    assert {p.key for p in info.value.problems} == {"event_broker.redis.port",
+                                                    "event_broker.worker_count"}
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict({"workers": 3, "provider": "kafka", "redis": {"prot": 1, "port": 0},
+                          "retry_policy": {"tries": 3, "delay": 1}, "database": []})
+    keys = [p.key for p in info.value.problems]
+    assert sorted(keys) == sorted([
+        "event_broker.workers", "event_broker.provider", "event_broker.redis.prot",
+        "event_broker.redis.port", "event_broker.retry_policy.delay",
+        "event_broker.retry_policy.tries", "event_broker.database"])
+    assert str(info.value).splitlines() == [str(p) for p in info.value.problems]
+
+
+def test_unknown_outbox_variables_are_named_with_a_guess(caplog: pytest.LogCaptureFixture) -> None:
+    """A typo'd ``OUTBOX_*`` variable would be ignored: it is named, with what it resembles;
+    the variables that are not keys (the file's path, the test suite's) are not."""
+    env = {"OUTBOX_DATABSE_URL": "sqlite://", "OUTBOX_REDIS_URL": "redis://h/0",
+           "OUTBOX_CONFIG_FILE": "x.yaml", "OUTBOX_TEST_PG_HOST": "db", "OUTBOX_CONFIG": "",
+           "OUTBOX_FROBNICATE": "1", "OTHER": "x"}
+    warnings = unknown_variables(env)
+    assert warnings == [
+        "environment variable OUTBOX_CONFIG_FILE is not an outbox setting and is ignored "
+        "(did you mean OUTBOX_CONFIG?)",
+        "environment variable OUTBOX_DATABSE_URL is not an outbox setting and is ignored "
+        "(did you mean OUTBOX_DATABASE_URL?)",
+        "environment variable OUTBOX_FROBNICATE is not an outbox setting and is ignored",
+    ]
+    with caplog.at_level(logging.WARNING, logger="outbox.config"):
+        Config.load(env=env)
+    assert [r.getMessage() for r in caplog.records] == warnings
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="outbox.config"):
+        Config.load(env=env, warn_unknown=False)
+    assert not caplog.records
 
 
 def test_bad_environment_values_name_the_key() -> None:
