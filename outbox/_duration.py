@@ -4,6 +4,9 @@ A duration is one or more ``<number><unit>`` parts, units ``ms``, ``s``, ``m``, 
 ``w``, written together (``30d``, ``1h30m``, ``90s``, ``2w``, ``500ms``, ``1.5h``; any case).
 Config values that are durations also take a plain number of seconds (``0.5``); the
 command line does not (``--older-than 30`` would be ambiguous).
+
+A *time* (``--since``, ``--until``, the console's filters) is a duration ago or an ISO 8601
+date/time: :func:`parse_time`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 
-__all__ = ["parse_duration"]
+__all__ = ["parse_duration", "parse_time"]
 
 _PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -32,3 +35,19 @@ def parse_duration(text: str) -> dt.timedelta:
             "1h30m"
         )
     return dt.timedelta(seconds=total)
+
+
+def parse_time(text: str, now: dt.datetime | None = None) -> dt.datetime:
+    """A duration ago (``1h``) or an ISO 8601 date/time (UTC when no offset is given)."""
+    try:
+        return (now or dt.datetime.now(dt.UTC)) - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        value = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"invalid time {text!r}: use a duration ago (30m, 1h, 7d) or an ISO 8601 time "
+            "(2026-01-31, 2026-01-31T12:00:00Z)"
+        ) from None
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)

@@ -40,7 +40,7 @@ from outbox._cli import (
     print_error,
     warn_unknown_variables,
 )
-from outbox._duration import parse_duration
+from outbox._duration import parse_duration, parse_time
 from outbox._engines import create_engine
 from outbox._logs import LOG_LEVELS, configure_logging, preserved_logging, redact
 from outbox._meta import DISTRIBUTION
@@ -66,22 +66,6 @@ class UsageError(Exception):
 
 # --------------------------------------------------------------------------------------------
 # value parsing
-
-
-def parse_time(text: str, now: dt.datetime | None = None) -> dt.datetime:
-    """A duration ago (``1h``) or an ISO 8601 date/time (UTC when no offset is given)."""
-    try:
-        return (now or utcnow()) - parse_duration(text)
-    except ValueError:
-        pass
-    try:
-        value = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(
-            f"invalid time {text!r}: use a duration ago (30m, 1h, 7d) or an ISO 8601 time "
-            "(2026-01-31, 2026-01-31T12:00:00Z)"
-        ) from None
-    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 def _arg(parse: Callable[[str], Any], what: str) -> Callable[[str], Any]:

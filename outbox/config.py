@@ -130,7 +130,7 @@ class RedisConfig(_Section):
     key_file: str | None = None
     socket_timeout: float = _at_least(5.0, 0, above=True)
     connect_timeout: float = _at_least(5.0, 0, above=True)
-    # Consumer groups and dedupe (outbox/providers/redis.py): reclaim entries idle this long,
+    # Consumer groups and dedupe (outbox/providers/redis/): reclaim entries idle this long,
     # dead-letter after this many deliveries, keep publish dedupe keys this long (seconds).
     claim_idle: float = _at_least(30.0, 0, above=True)
     max_deliveries: int = _at_least(10, 1)
@@ -161,7 +161,7 @@ class NATSConfig(_Section):
     cert_file: str | None = None
     key_file: str | None = None
     connect_timeout: float = _at_least(5.0, 0, above=True)
-    # JetStream (outbox/providers/nats.py): Nats-Msg-Id dedupe window, ack_wait of the durables,
+    # JetStream (outbox/providers/nats/): Nats-Msg-Id dedupe window, ack_wait of the durables,
     # deliveries before the dead-letter stream, publish ack timeout, reconnect interval (seconds).
     duplicate_window: float = _at_least(120.0, 0, above=True)
     claim_idle: float = _at_least(30.0, 0, above=True)

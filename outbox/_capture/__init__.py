@@ -1,6 +1,6 @@
 """``outbox.capture(...)``: an event row for every captured change, in the change's transaction.
 
-What users rely on is in README.md ("Capturing changes"); how it works, module by module, in
+What users rely on is in docs/capture.md; how it works, module by module, in
 the order a change meets them:
 
 - :mod:`~outbox._capture.registry` — ``capture(target)`` and :class:`Capture`: resolves the target

@@ -12,8 +12,8 @@ from typing import Any
 
 from markupsafe import Markup, escape
 
+from outbox._duration import parse_time
 from outbox._sql.console import ThroughputBucket
-from outbox.cli import parse_time
 from outbox.events import EventSource, EventStatus, Operation, utcnow
 from outbox.providers.base import EventFilter
 
