@@ -126,7 +126,8 @@ def sync_url(url: str | URL) -> URL:
     ``+aiomysql`` and ``+asyncmy`` have no sync mode: :class:`ConfigError`, one line naming the
     driver to use instead (``postgresql+psycopg://`` also serves ``create_async_engine``)."""
     parsed = sa.make_url(url)
-    backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+    # From the name, not get_driver_name(): that loads the dialect ("postgres://" has none).
+    backend, _, driver = parsed.drivername.partition("+")
     if driver in _SYNC_MODE:
         return parsed.set(drivername=f"{backend}+{_SYNC_MODE[driver]}")
     if driver in _ASYNC_ONLY:

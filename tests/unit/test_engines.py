@@ -15,6 +15,7 @@ from outbox.exceptions import ConfigError
     ("sqlite+aiosqlite:///app.db", "sqlite+pysqlite:///app.db"),
     ("postgresql+psycopg://app@db/app", "postgresql+psycopg://app@db/app"),  # already sync
     ("mysql+pymysql://root@db/app", "mysql+pymysql://root@db/app"),
+    ("postgres://app@db/app", "postgres://app@db/app"),  # no driver named: engine_args' part
 ])
 def test_async_drivers_with_a_sync_mode_keep_their_url(url: str, expected: str) -> None:
     assert sync_url(url).render_as_string(hide_password=False) == expected
