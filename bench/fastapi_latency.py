@@ -429,6 +429,8 @@ def main() -> None:
     if unknown:
         p.error(f"unknown variants: {', '.join(unknown)}")
     needed = {VARIANTS[v][0] for v in variants}
+    # SIGTERM (e.g. from `timeout`) unwinds like ^C: child processes stopped, databases dropped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results: dict[str, list[dict[str, list[float]]]] = {v: [] for v in variants}
     baseline: list[dict[str, float]] = []
     with contextlib.ExitStack() as stack:
