@@ -25,7 +25,9 @@ Applications' own engines need only the first point: ``create_engine(url,
 connect_args={"prepare_threshold": None})`` (docs/pgbouncer.md).
 
 **Driver.** ``postgres://…`` and ``postgresql://…`` (no ``+driver``) mean psycopg 3 here when it
-is installed: platforms hand out ``postgres://`` URLs, which SQLAlchemy itself refuses.
+is installed: platforms hand out ``postgres://`` URLs, which SQLAlchemy itself refuses. The
+engines made here are sync: an async application's URL (``+psycopg_async``, ``+aiosqlite``) runs
+on the same library's sync mode (:func:`sync_url`); async-only drivers are refused in one line.
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 
 from outbox import _json
+from outbox._redact import url_text
 from outbox.exceptions import ConfigError
 
-__all__ = ["PGBOUNCER_CONNECT_ARGS", "create_engine", "engine_args"]
+__all__ = ["PGBOUNCER_CONNECT_ARGS", "create_engine", "engine_args", "sync_url"]
 
 #: ``connect_args`` for a psycopg engine behind PgBouncer in transaction pooling.
 PGBOUNCER_CONNECT_ARGS: dict[str, Any] = {"prepare_threshold": None}
@@ -47,6 +50,10 @@ _PSYCOPG = ("psycopg", "psycopg_async")
 # psycopg.connect() keywords that are Python objects, not libpq options; SQLAlchemy sets these.
 _MANAGED = ("autocommit", "row_factory", "cursor_factory", "context")
 _NONE = ("none", "null", "")
+#: Async drivers whose library has a sync mode taking the same URL options.
+_SYNC_MODE = {"psycopg_async": "psycopg", "aiosqlite": "pysqlite"}
+#: Async-only drivers, and the sync driver to name instead.
+_ASYNC_ONLY = {"asyncpg": "psycopg", "aiomysql": "pymysql", "asyncmy": "pymysql"}
 
 
 def _prepare_threshold(text: str) -> int | None:
@@ -112,11 +119,31 @@ def engine_args(url: str | URL, *, pgbouncer: bool = False) -> tuple[URL, dict[s
     return parsed, connect_args
 
 
+def sync_url(url: str | URL) -> URL:
+    """``url`` for a sync engine, so that an async application's URL works where outbox runs sync
+    code (the relay, the CLI, the database provider, the test recorder): ``+psycopg_async`` and
+    ``+aiosqlite`` become the same library's sync mode, with the same options. ``+asyncpg``,
+    ``+aiomysql`` and ``+asyncmy`` have no sync mode: :class:`ConfigError`, one line naming the
+    driver to use instead (``postgresql+psycopg://`` also serves ``create_async_engine``)."""
+    parsed = sa.make_url(url)
+    # From the name, not get_driver_name(): that loads the dialect ("postgres://" has none).
+    backend, _, driver = parsed.drivername.partition("+")
+    if driver in _SYNC_MODE:
+        return parsed.set(drivername=f"{backend}+{_SYNC_MODE[driver]}")
+    if driver in _ASYNC_ONLY:
+        instead = f"{backend}+{_ASYNC_ONLY[driver]}://"
+        also = " (create_async_engine takes that URL too)" if driver == "asyncpg" else ""
+        raise ConfigError("", f"database URL {url_text(parsed)}: {driver} is an async-only "
+                          f"driver and outbox needs a sync engine here: use {instead}…{also}")
+    return parsed
+
+
 def create_engine(url: str | URL, *, pgbouncer: bool = False, **kwargs: Any) -> Engine:
-    """``sqlalchemy.create_engine`` with :func:`engine_args` applied (``kwargs`` as there); on
-    psycopg, ``jsonb`` values are parsed with :func:`outbox._json.loads` (orjson when installed:
-    the relay and the database bus parse two documents per event)."""
-    parsed, connect_args = engine_args(url, pgbouncer=pgbouncer)
+    """``sqlalchemy.create_engine`` with :func:`sync_url` and :func:`engine_args` applied
+    (``kwargs`` as there); on psycopg, ``jsonb`` values are parsed with
+    :func:`outbox._json.loads` (orjson when installed: the relay and the database bus parse two
+    documents per event)."""
+    parsed, connect_args = engine_args(sync_url(url), pgbouncer=pgbouncer)
     if connect_args:
         kwargs["connect_args"] = {**connect_args, **kwargs.get("connect_args", {})}
     engine = sa.create_engine(parsed, **kwargs)

@@ -273,6 +273,7 @@ class _TableWatch:
 
     def __init__(self, bind: Any) -> None:
         self.bind = bind
+        self._engine = _sync_engine(bind)
         self.mark = self._max_seq()
 
     def _run(self, fn: Callable[[Any], _T]) -> _T:
@@ -280,7 +281,7 @@ class _TableWatch:
         import sqlalchemy as sa
         from sqlalchemy.orm import Session
 
-        bind = getattr(self.bind, "sync_engine", self.bind)  # AsyncEngine
+        bind = self._engine or self.bind
         if isinstance(bind, sa.Engine):
             with bind.connect() as conn:
                 return fn(conn)
@@ -303,6 +304,21 @@ class _TableWatch:
         from outbox._sql import events as event_sql
 
         return self._run(lambda conn: event_sql.events_after(conn, self.mark))
+
+
+def _sync_engine(bind: Any) -> Any:
+    """For an ``AsyncEngine``, a sync engine on the same database: the recorder's methods are
+    sync (called from async tests too), and an async engine's connections can only be used by
+    awaiting them. Same driver library in its sync mode (``outbox._engines.sync_url``), no pool."""
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    if not isinstance(bind, AsyncEngine):
+        return None
+    import sqlalchemy as sa
+
+    from outbox._engines import sync_url
+
+    return sa.create_engine(sync_url(bind.url), poolclass=sa.NullPool)
 
 
 # -- fixtures --------------------------------------------------------------------------------------

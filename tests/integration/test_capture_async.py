@@ -137,3 +137,47 @@ async def test_context_follows_into_worker_threads(adb: AsyncDb) -> None:
         engine.dispose()
     by_name = {e.payload["name"]: e.user_id for e in await adb.events()}
     assert by_name == {"from thread": "req-1", "no context": None}
+
+
+async def test_the_recorder_watches_an_async_engine(adb: AsyncDb) -> None:
+    """``outbox_recorder.watch(async_engine)`` from an async test: the recorder's sync queries
+    run on the same database through the driver's sync mode (it raised MissingGreenlet)."""
+    handle = outbox.capture(adb.Session)
+    async_url = adb.engine.url.set(drivername="postgresql+psycopg_async")
+    spelled_async = create_async_engine(async_url)
+    try:
+        with outbox.testing.EventRecorder() as recorder:
+            recorder.watch(adb.engine)
+            recorder.watch(spelled_async)
+            with outbox.context(user_id=5):
+                async with adb.Session() as s:
+                    s.add(User(name="watched"))
+                    await s.commit()
+            for watch in recorder._watches:  # each watch reports the row once
+                assert [e.type for e in watch.new_rows()] == ["public.cap_users.create"]
+            recorder.assert_emitted("public.cap_users.create", payload={"name": "watched"},
+                                    user_id=5, count=1)  # one event, seen by both
+    finally:
+        handle.remove()
+        await spelled_async.dispose()
+
+
+async def test_an_async_applications_url_serves_the_relay(adb: AsyncDb) -> None:
+    """The relay (a sync engine) takes the URL an async app gives create_async_engine:
+    ``+psycopg_async`` runs psycopg in its sync mode; ``+asyncpg`` is refused in one line."""
+    async with adb.Session() as s:
+        s.add(outbox.new_event("system", "app.ping", {"n": 1}))
+        await s.commit()
+    async_url = adb.engine.url.set(drivername="postgresql+psycopg_async")
+    broker = outbox.Broker(outbox.MemoryProvider())
+    seen: list[str] = []
+    broker.subscribe("app.*", lambda event: seen.append(event.type))
+    relay = outbox.Relay(async_url.render_as_string(hide_password=False), broker=broker)
+    assert relay.engine.dialect.driver == "psycopg" and not relay.engine.dialect.is_async
+    await relay.drain()
+    assert seen == ["app.ping"]
+    with pytest.raises(outbox.exceptions.ConfigError) as error:
+        outbox.Relay(adb.engine.url.set(drivername="postgresql+asyncpg", password="s3cret"))
+    assert "s3cret" not in str(error.value)
+    assert str(error.value).endswith("use postgresql+psycopg://… (create_async_engine takes "
+                                     "that URL too)")

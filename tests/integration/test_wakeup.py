@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 import outbox
-from outbox._sql.ddl import NOTIFY_CHANNEL
+from outbox._sql.ddl import NOTIFY_CHANNEL, WAKE_LOCK_CLASS
 from outbox._wakeup import Idle, IdleLock
 from outbox.relay.listener import conninfo_from_url
 from tests.helpers import eventually
@@ -85,11 +85,14 @@ async def test_one_listener_holds_the_lock_the_others_see_it(
         write_event(pg_engine)
         assert notified(listen) == 1  # reaches every listener of the channel
 
-        # The lock goes with its connection: a dead holder leaves it to the next one.
+        # The lock goes with its connection: a dead holder leaves it to the next one. (This
+        # database's lock only: idle relays of other databases on the server hold theirs.)
         with psycopg.connect(conninfo_from_url(pg_engine.url), autocommit=True) as admin:
             pid = admin.execute(
                 "SELECT pid FROM pg_locks WHERE locktype = 'advisory' "
-                "AND mode = 'ExclusiveLock' AND granted").fetchone()
+                "AND mode = 'ExclusiveLock' AND granted AND classid::bigint = %s "
+                "AND database = (SELECT oid FROM pg_database "
+                "WHERE datname = current_database())", (WAKE_LOCK_CLASS,)).fetchone()
             assert pid is not None
             admin.execute("SELECT pg_terminate_backend(%s)", (pid[0],))
         async def second_takes_it() -> bool:
