@@ -56,7 +56,7 @@ class Base(DeclarativeBase):
 
 recipe_tags = sa.Table(
     "fid_recipe_tags", Base.metadata,
-    sa.Column("recipe_id", sa.ForeignKey("fid_recipes.id", ondelete="CASCADE")),
+    sa.Column("recipe_id", sa.ForeignKey("fid_recipes.id")),
     sa.Column("tag_id", sa.ForeignKey("fid_tags.id")),
     sa.PrimaryKeyConstraint("recipe_id", "tag_id"),
 )
@@ -127,7 +127,7 @@ class Favorite(Base):
 
     person_id: Mapped[int] = mapped_column(sa.ForeignKey("fid_people.id"), primary_key=True)
     recipe_id: Mapped[int] = mapped_column(
-        sa.ForeignKey("fid_recipes.id", ondelete="CASCADE"), primary_key=True)
+        sa.ForeignKey("fid_recipes.id"), primary_key=True)
     added_on: Mapped[dt.date | None] = mapped_column(
         sa.Date(), server_default=sa.text("CURRENT_DATE"))
 

@@ -138,13 +138,12 @@ def test_association_rows_get_create_and_delete_events(
 
 def test_associations_false_leaves_out_unmapped_association_tables(engine: sa.Engine) -> None:
     made = sessionmaker(engine)
-    with outbox.capture(made, models=Base, associations=False):
-        with made() as s:
-            person, soup = Person(name="p"), Recipe(title="soup", tags=[Tag(name="t")])
-            s.add_all([person, soup])
-            s.commit()
-            person.favorites.append(soup)  # a mapped, captured model: still captured
-            s.commit()
+    with outbox.capture(made, models=Base, associations=False), made() as s:
+        person, soup = Person(name="p"), Recipe(title="soup", tags=[Tag(name="t")])
+        s.add_all([person, soup])
+        s.commit()
+        person.favorites.append(soup)  # a mapped, captured model: still captured
+        s.commit()
     entities = {e.entity for e in events(engine)}
     assert "fid_recipe_tags" not in entities
     assert "fid_favorites" in entities
@@ -335,10 +334,9 @@ def test_a_session_opened_in_a_hook_is_captured_by_capture_engine_and_warned_abo
                 s.add(Recipe(title="two"))
                 s.commit()
         assert {e.entity for e in events(engine)} == {"fid_recipes"}
-        with outbox.capture(engine, models=Base):
-            with made() as s:
-                s.add(Recipe(title="three"))
-                s.commit()
+        with outbox.capture(engine, models=Base), made() as s:
+            s.add(Recipe(title="three"))
+            s.commit()
         assert [e.payload.get("name") or e.payload["title"] for e in events(engine)][-2:] == [
             "for three", "three"]
     finally:
@@ -357,9 +355,8 @@ def test_psycopg2_writes_a_flushs_events_with_one_json_array(pg_engine: sa.Engin
 
     sa.event.listen(pg_engine, "before_cursor_execute", seen)
     made = sessionmaker(pg_engine)
-    with outbox.capture(made, models=Base):
-        with made() as s:
-            s.add_all([Tag(name=f"t{i}") for i in range(20)])
-            s.commit()
+    with outbox.capture(made, models=Base), made() as s:
+        s.add_all([Tag(name=f"t{i}") for i in range(20)])
+        s.commit()
     assert len(statements) == 1 and "jsonb_array_elements" in statements[0]
     assert [e.payload["name"] for e in events(pg_engine)] == [f"t{i}" for i in range(20)]
