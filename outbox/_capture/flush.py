@@ -26,6 +26,7 @@ from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.orm import Mapper, Session
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.orm.base import NO_VALUE
+from sqlalchemy.orm.exc import UnmappedColumnError
 from sqlalchemy.orm.state import InstanceState
 
 from outbox._capture.plan import MapperPlan, TablePlan
@@ -415,9 +416,10 @@ def _as_executed(batch: Batch, plan: MapperPlan, dict_: Mapping[str, Any]) -> Ma
             if fixed is None:
                 fixed = dict(dict_)
             for col, value in bound.items():
-                prop = plan.mapper._columntoproperty.get(col)
-                if prop is not None:
-                    fixed[prop.key] = value
+                try:
+                    fixed[plan.mapper.get_property_by_column(col).key] = value
+                except UnmappedColumnError:
+                    continue
     return dict_ if fixed is None else fixed
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapper
+from sqlalchemy.orm.exc import UnmappedColumnError
 
 from outbox._capture.plan import (
     LinkPlan,
@@ -187,7 +188,7 @@ class Scope:
                 for col in table.columns:
                     try:
                         keys[col.key] = mapper.get_property_by_column(col).key  # type: ignore[union-attr]
-                    except sa.orm.exc.UnmappedColumnError:
+                    except UnmappedColumnError:
                         continue
                 found = (plan, keys)
             elif (mapper is None and self.associations
