@@ -444,15 +444,15 @@ def _update_changes(
         ):
             redacted.append(key)
     changes = changes_of(plan, old, new, keys, dialect)
-    if not changes and not redacted:
-        return None
     changes.update(redacted_changes(plan, redacted))
     if old_db:
-        # Columns the UPDATE itself set (onupdate / server_onupdate / version counter).
+        # Columns the UPDATE itself set (onupdate / server_onupdate / version counter): when
+        # they changed, the row did, even if no column the application set did (SQLAlchemy
+        # also runs an UPDATE when a value compares unequal to what it equals once stored).
         extra = [k for k in plan.onupdate_keys if k in old_db and k not in old]
         if extra:
             changes.update(changes_of(plan, old_db, new, extra, dialect))
-    return changes
+    return changes or None
 
 
 # --------------------------------------------------------------------------------------------
