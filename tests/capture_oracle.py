@@ -57,6 +57,10 @@ def install(conn: sa.Connection, tables: Sequence[str]) -> None:
         conn.exec_driver_sql(
             f'CREATE TRIGGER capture_oracle_log AFTER INSERT OR UPDATE OR DELETE ON "{table}" '
             "FOR EACH ROW EXECUTE FUNCTION capture_oracle_log()")
+    # events written before the oracle was installed are not checked
+    conn.exec_driver_sql(
+        "INSERT INTO capture_oracle (op, max_seq) SELECT 'installed', coalesce(max(seq), 0) "
+        "FROM events")
 
 
 def uninstall(conn: sa.Connection, tables: Sequence[str]) -> None:
@@ -115,11 +119,12 @@ def check(
     markers: list[int] = []
     changes: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
     pending: dict[tuple[Any, ...], dict[str, Any]] = {}
-    first = None
+    installed = 0
     for txid, tbl, op, new, old, max_seq in rows:
+        if op == "installed":
+            installed = max_seq
+            continue
         if op == "flush":
-            if first is None and max_seq is not None:
-                first = max_seq  # events before the oracle was installed are not checked
             markers.append(max_seq)
             changes.extend(((*key, max_seq), values) for key, values in pending.items())
             pending = {}
@@ -135,9 +140,9 @@ def check(
 
     unmatched: dict[tuple[Any, ...], dict[str, Any]] = {}
     for ev in events:
-        flush = next((m for m in markers if m >= ev.seq), None)
-        if flush is None and not markers:
+        if ev.seq <= installed:
             continue
+        flush = next((m for m in markers if m >= ev.seq), None)
         key = (ev.txid, ev.entity, ev.operation, ev.entity_id, flush)
         assert key not in unmatched, f"two events for one row change: {key}"
         unmatched[key] = ev.payload

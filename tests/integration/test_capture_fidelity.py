@@ -245,6 +245,25 @@ def test_payload_values_are_what_the_column_stored(
     assert (delete.payload["birthday"], delete.payload["note"]) == ("2026-12-03", "141")
 
 
+def test_an_update_that_changes_only_what_the_database_sets_gets_its_event(
+    engine: sa.Engine, factory: sessionmaker[Session]
+) -> None:
+    """SQLAlchemy runs an UPDATE for ``note = 0`` again on a string column that stored "0"
+    (0 compares unequal to what it stored): the version counter and ``updated_at`` change, so
+    the row did, and its event says so."""
+    with factory() as s:
+        [person] = _people(s, "ada")
+        person.note = 0  # type: ignore[assignment]
+        s.flush()
+        person.note = 0  # type: ignore[assignment]
+        s.commit()
+    with engine.connect() as conn:
+        version = conn.scalar(sa.select(Person.version))
+    updates = events(engine, operation="update")
+    assert [e.payload["version"] for e in updates] == list(range(2, version + 1))
+    assert set(updates[-1].meta["changes"]) >= {"version", "updated_at"}
+
+
 def test_composite_entity_id_follows_the_tables_primary_key(
     engine: sa.Engine, factory: sessionmaker[Session]
 ) -> None:
