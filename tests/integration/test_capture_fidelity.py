@@ -248,19 +248,19 @@ def test_payload_values_are_what_the_column_stored(
 def test_an_update_that_changes_only_what_the_database_sets_gets_its_event(
     engine: sa.Engine, factory: sessionmaker[Session]
 ) -> None:
-    """SQLAlchemy runs an UPDATE for ``note = 0`` again on a string column that stored "0"
-    (0 compares unequal to what it stored): the version counter and ``updated_at`` change, so
-    the row did, and its event says so."""
+    """The session holds "0" as loaded from the database; ``note = 0`` compares unequal, so
+    SQLAlchemy runs an UPDATE that stores "0" again: the version counter and ``updated_at``
+    change, so the row did, and its event says so."""
     with factory() as s:
         [person] = _people(s, "ada")
-        person.note = 0  # type: ignore[assignment]
-        s.flush()
+        sa.orm.attributes.set_committed_value(person, "note", "0")  # as a query loads it
         person.note = 0  # type: ignore[assignment]
         s.commit()
     with engine.connect() as conn:
         version = conn.scalar(sa.select(Person.version))
     updates = events(engine, operation="update")
-    assert [e.payload["version"] for e in updates] == list(range(2, version + 1))
+    assert version == 2  # the UPDATE ran
+    assert [e.payload["version"] for e in updates] == [2]
     assert set(updates[-1].meta["changes"]) >= {"version", "updated_at"}
 
 
