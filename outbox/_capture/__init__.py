@@ -8,11 +8,14 @@ the order a change meets them:
   (:mod:`~outbox._capture.scope`), puts session listeners on it and, once per process, listeners
   on every ``Mapper``.
 - :mod:`~outbox._capture.plan` — per model, once: the captured columns (secret-looking names left
-  out, :mod:`~outbox._secret_names`), primary key, event types, JSON conversion.
+  out, :mod:`~outbox._secret_names`), primary key, event types, JSON conversion; per column
+  and dialect, what it stores for a value (:mod:`~outbox._capture.values`).
 - :mod:`~outbox._capture.flush` — records each INSERT / UPDATE / DELETE the unit of work runs
   and, in ``after_flush``, writes their events with **one** statement on the flush's own
   connection. Commit writes the changes and their events together; a rollback, also to a
   savepoint, removes both.
+- :mod:`~outbox._capture.statements` — the flush's own statements, row by row: association
+  rows, per-row values of batched UPDATEs, DELETEs that matched nothing.
 - :mod:`~outbox._capture.bulk` — ORM bulk ``insert()/update()/delete()`` run through the session:
   one event per affected row, by ``RETURNING``, or a refusal.
 - :mod:`~outbox._capture.rows` — the event rows; :mod:`~outbox._sql.capture` — the

@@ -119,7 +119,7 @@ def capture_bulk(scope: Scope, orm_state: ORMExecuteState) -> Result[Any] | None
         if before is None:
             reason = (
                 f"bulk UPDATE on {plan.model} changed a row (primary key "
-                f"{plan.entity_id(_ident(plan, row))}) that another transaction committed "
+                f"{list(_ident(plan, row))!r}) that another transaction committed "
                 "after outbox read the old values; its event cannot be written exactly"
             )
             poison(session, reason)
@@ -229,7 +229,8 @@ def _emit(
     keys: Sequence[str] = (),
 ) -> None:
     factory = RowFactory()
-    default_schema = conn.dialect.default_schema_name
+    dialect = conn.dialect
+    default_schema = dialect.default_schema_name
     captured = [k for k in keys if k in plan.keyset]
     excluded = [k for k in keys if k in plan.excluded_keys]
     rows = []
@@ -237,13 +238,13 @@ def _emit(
         changes = None
         if op is Operation.UPDATE:
             assert before is not None
-            changes = changes_of(plan, before, values, captured)
+            changes = changes_of(plan, before, values, captured, dialect)
             redacted = [k for k in excluded
                         if not plan.compare[k](before.get(k), values.get(k))]
             if not changes and not redacted:
                 continue  # SET x = x: nothing changed, no event
             changes.update(redacted_changes(plan, redacted))
-        entity_id = plan.entity_id(_ident(plan, values))
-        rows.append(factory.row(plan, default_schema, op, entity_id, plan.payload(values),
+        payload = plan.stored(values, dialect)  # RETURNING / SELECT: the stored values
+        rows.append(factory.row(plan, default_schema, op, plan.entity_id(payload), payload,
                                 changes))
     factory.write(conn, rows)

@@ -13,7 +13,6 @@ from typing import Any
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.state import InstanceState
 
-from outbox._capture.plan import jsonable
 from outbox._capture.scope import Scope
 from outbox.events import EventSource, Operation, new_event
 
@@ -33,9 +32,10 @@ def emit_read(scope: Scope, state: InstanceState[Any], session: Session) -> None
     schema, types = plan.types(bind.dialect.default_schema_name)
     dict_ = state.dict
     # Only what the query loaded: a read event never issues SQL of its own.
-    payload = {name: jsonable(plan.model, name, dict_[key]) for key, name in plan.cols
-               if key in dict_}
-    entity_id = plan.entity_id([dict_.get(k) for k in plan.pk_keys])
+    loaded = {key: dict_[key] for key, _ in plan.cols if key in dict_}
+    payload = {name: value for name, value in plan.stored(loaded, bind.dialect).items()
+               if name in {plan.names[k] for k in loaded}}
+    entity_id = plan.entity_id(payload)
     event = new_event(
         source=EventSource.DATABASE,
         type=types[Operation.READ],

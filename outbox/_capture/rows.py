@@ -11,16 +11,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Dialect
 
 from outbox import _json
-from outbox._capture.plan import MapperPlan, jsonable
+from outbox._capture.plan import MapperPlan, TablePlan, jsonable
 from outbox._context import current_context
 from outbox._sql.capture import INSERT_EVENTS, PG_INSERT_EVENTS
 from outbox._tracing import current_trace_context
 from outbox.events import Operation, get_instance_id, new_event_id, utcnow
 
 __all__ = ["REDACTED", "RowFactory", "changes_of", "redacted_changes"]
+
+
+#: PostgreSQL drivers that get the rows of a flush as one JSON array (``PG_INSERT_EVENTS``):
+#: both bind ``%(name)s`` parameters (psycopg on the server, psycopg2 in the client).
+_JSON_ARRAY_DRIVERS = frozenset({"psycopg", "psycopg2"})
 
 
 class RowFactory:
@@ -48,7 +53,7 @@ class RowFactory:
 
     def row(
         self,
-        plan: MapperPlan,
+        plan: TablePlan,
         default_schema: str | None,
         op: Operation,
         entity_id: str,
@@ -78,7 +83,7 @@ class RowFactory:
         if not rows:
             return
         dialect = connection.dialect
-        if (dialect.name == "postgresql" and dialect.driver == "psycopg"
+        if (dialect.name == "postgresql" and dialect.driver in _JSON_ARRAY_DRIVERS
                 and dialect.paramstyle == "pyformat"
                 and not connection.get_execution_options().get("schema_translate_map")):
             connection.exec_driver_sql(PG_INSERT_EVENTS, {
@@ -104,20 +109,25 @@ class RowFactory:
 
 
 def changes_of(
-    plan: MapperPlan, old: Mapping[str, Any], new: Mapping[str, Any], keys: Sequence[str]
+    plan: MapperPlan, old: Mapping[str, Any], new: Mapping[str, Any], keys: Sequence[str],
+    dialect: Dialect,
 ) -> dict[str, Any]:
-    """``{column: {"old", "new"}}`` for the captured ``keys`` whose value really changed."""
+    """``{column: {"old", "new"}}`` for the captured ``keys`` whose value really changed, as
+    stored (the rule of payloads)."""
     out: dict[str, Any] = {}
     names = plan.names
     compare = plan.compare
-    model = plan.model
+    stored = plan.stored_value
     for key in keys:
         before = old.get(key)
         after = new.get(key)
         if compare[key](before, after):
             continue
-        name = names[key]
-        out[name] = {"old": jsonable(model, name, before), "new": jsonable(model, name, after)}
+        old_json = stored(key, before, dialect)
+        new_json = stored(key, after, dialect)
+        if old_json == new_json and type(old_json) is type(new_json):
+            continue  # different in Python, the same once stored (a TypeDecorator's rounding)
+        out[names[key]] = {"old": old_json, "new": new_json}
     return out
 
 

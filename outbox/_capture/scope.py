@@ -14,8 +14,15 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Mapper
+from sqlalchemy.orm.exc import UnmappedColumnError
 
-from outbox._capture.plan import MapperPlan, build_plan, column_names, is_outbox_table
+from outbox._capture.plan import (
+    LinkPlan,
+    MapperPlan,
+    build_plan,
+    column_names,
+    is_outbox_table,
+)
 from outbox._capture.sqlalchemy_internals import all_mappers
 from outbox.events import Operation
 from outbox.exceptions import CaptureError
@@ -93,7 +100,12 @@ class Scope:
         operations: Iterable[str | Operation] = DEFAULT_OPERATIONS,
         exclude: Mapping[Any, Collection[str]] | None = None,
         include: Mapping[Any, Collection[str]] | None = None,
+        associations: bool = True,
     ) -> None:
+        if not isinstance(associations, bool):
+            raise CaptureError(f"capture(associations=...) must be True or False, "
+                               f"got {associations!r}")
+        self.associations = associations
         self.models = Models(models)
         self.operations = _operations(operations)
         self.exclude = _columns(exclude, self.models, "exclude")
@@ -110,13 +122,15 @@ class Scope:
         self.read = Operation.READ in self.operations
         self._plans: dict[Mapper[Any], MapperPlan | None] = {}
         self._table_mappers: dict[Any, Mapper[Any] | None] = {}
+        self._links: dict[Any, tuple[LinkPlan | MapperPlan, dict[str, str]] | None] = {}
         # Validate what exists now: a bad model fails here rather than at the first flush.
         for mapper in self.models.known():
             self.plan(mapper)
 
     def signature(self) -> tuple[object, ...]:
         """Equal for two calls of ``capture()`` with the same arguments."""
-        return (self.models.key(), self.operations, self.exclude, self.include)
+        return (self.models.key(), self.operations, self.exclude, self.include,
+                self.associations)
 
     def plan(self, mapper: Mapper[Any]) -> MapperPlan | None:
         """The capture plan of ``mapper``, or ``None`` when it is not captured."""
@@ -150,6 +164,48 @@ class Scope:
                 break
         self._table_mappers[table] = found
         return found
+
+
+    def link_plan(self, table: Any) -> tuple[LinkPlan | MapperPlan, dict[str, str]] | None:
+        """For a ``secondary`` association table of a captured model: the plan its rows' events
+        follow and ``{column key: the plan's key}``; ``None`` for any other table.
+
+        A table that a captured model maps gets that model's events (whatever
+        ``associations=`` says: the model is captured); an unmapped one gets events of its
+        own when ``associations=True``.
+        """
+        try:
+            return self._links[table]
+        except (KeyError, TypeError):
+            pass
+        found: tuple[LinkPlan | MapperPlan, dict[str, str]] | None = None
+        sides = _secondary_sides(table)
+        if sides:
+            mapper = self.mapper_for_table(table)
+            plan = self.plan(mapper) if mapper is not None else None
+            if plan is not None:
+                keys = {}
+                for col in table.columns:
+                    try:
+                        keys[col.key] = mapper.get_property_by_column(col).key  # type: ignore[union-attr]
+                    except UnmappedColumnError:
+                        continue
+                found = (plan, keys)
+            elif (mapper is None and self.associations
+                  and any(self.models.includes(m) for m in sides)):
+                found = (LinkPlan(table), {c.key: c.key for c in table.columns})
+        self._links[table] = found
+        return found
+
+
+def _secondary_sides(table: Any) -> list[Mapper[Any]]:
+    """The mappers on either side of a relationship whose ``secondary`` is ``table``."""
+    sides: list[Mapper[Any]] = []
+    for mapper in all_mappers():
+        for rel in mapper.relationships:
+            if rel.secondary is table:
+                sides.extend((mapper, rel.mapper))
+    return sides
 
 
 def _iterable(value: Any, what: str) -> Iterable[Any]:

@@ -1,7 +1,7 @@
 """The private SQLAlchemy attributes capture reads, each where SQLAlchemy has no public API for it.
 
 Everything else capture needs goes through public API (``Mapper.get_property_by_column``,
-``UpdateBase.entity_description``, ``Result.keys()``, ``InstanceState``). These five are read
+``UpdateBase.entity_description``, ``Result.keys()``, ``InstanceState``). These eight are read
 here and nowhere else, so a SQLAlchemy release that changes one breaks one function, and
 ``tests/unit/test_capture_sqlalchemy_internals.py`` — which checks each against the installed
 SQLAlchemy and names the versions it was checked on (:data:`CHECKED_ON`) — fails before users
@@ -22,8 +22,11 @@ __all__ = [
     "CHECKED_ON",
     "all_mappers",
     "cursor_result",
+    "prefetched_columns",
     "returns_defaults",
     "set_rowcount",
+    "unit_of_work_statement",
+    "update_key_param",
     "upsert_clause",
 ]
 
@@ -82,3 +85,28 @@ def cursor_result(result: Result[Any]) -> CursorResult[Any] | None:
         return result
     raw = getattr(result, "raw", None)
     return raw if isinstance(raw, CursorResult) else None
+
+
+def unit_of_work_statement(execution_options: Any) -> bool:
+    """True for a statement of the unit of work's mapper persistence (INSERT/UPDATE/DELETE of
+    objects), False for others run during a flush (``secondary`` association rows).
+
+    SQLAlchemy's ``orm/persistence.py`` executes every statement it builds with
+    ``execution_options={"compiled_cache": mapper._compiled_cache}``; the association rows of
+    ``orm/dependency.py`` (``ManyToManyDP._run_crud``) are executed without options.
+    """
+    return "compiled_cache" in execution_options
+
+
+def prefetched_columns(context: Any) -> list[Any]:
+    """The columns whose values SQLAlchemy computed in Python for a statement
+    (``SQLCompiler.prefetch``: ``default`` / ``onupdate`` callables and scalars)."""
+    compiled = getattr(context, "compiled", None)
+    return list(getattr(compiled, "prefetch", None) or ())
+
+
+def update_key_param(column: Any) -> str:
+    """The parameter name under which the unit of work's UPDATE binds a primary-key column in
+    its WHERE clause (``orm/persistence.py``: ``bindparam(col._label)``)."""
+    label: str = column._label
+    return label

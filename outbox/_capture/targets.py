@@ -10,11 +10,12 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from outbox.exceptions import CaptureError
 
-__all__ = ["overlaps", "resolve_target"]
+__all__ = ["engine_pool", "overlaps", "resolve_target"]
 
 # async_sessionmaker -> the Session subclass capture gave it.
 _async_sync_classes: weakref.WeakKeyDictionary[Any, type[Session]] = weakref.WeakKeyDictionary()
@@ -85,3 +86,17 @@ def overlaps(a: object, b: object) -> bool:
     if isinstance(b, type):
         return isinstance(a, b)
     return a is b
+
+
+def engine_pool(target: Any) -> Any:
+    """The connection pool of an ``Engine``, ``AsyncEngine`` or ``Connection``; else ``None``.
+
+    ``capture(engine)`` captures the connections of a pool: an engine made with
+    ``engine.execution_options(...)`` shares it, so it is captured too.
+    """
+    if isinstance(target, Engine | Connection):
+        return target.engine.pool
+    sync = getattr(target, "sync_engine", None)  # AsyncEngine / AsyncConnection
+    if isinstance(sync, Engine):
+        return sync.pool
+    return None

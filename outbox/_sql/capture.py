@@ -1,9 +1,9 @@
 """The statements capture runs on ``events`` (``outbox._capture`` builds the rows).
 
 - :data:`INSERT_EVENTS`: the Core ``INSERT`` of event rows (every dialect but PostgreSQL on
-  psycopg; an executemany for several rows).
-- :data:`PG_INSERT_EVENTS`: PostgreSQL on psycopg: the rows of a flush travel as one JSON array
-  and the server expands them (see the comment above it).
+  psycopg or psycopg2; an executemany for several rows).
+- :data:`PG_INSERT_EVENTS`: PostgreSQL on psycopg or psycopg2: the rows of a flush travel as one
+  JSON array and the server expands them (see the comment above it).
 - :data:`SQLITE_TAKE_WRITE_LOCK`: a no-op write that starts SQLite's write transaction.
 - :func:`pg_uuid7_sql`: a version-7 event id built by PostgreSQL (also used by ``bench/``).
 """
@@ -42,9 +42,10 @@ def pg_uuid7_sql(at: str) -> str:
     )
 
 
-# PostgreSQL (psycopg): the rows of a flush travel as one JSON array (%(rows)s) and are expanded
-# by the server. The statement text does not depend on the number of rows, so psycopg prepares
-# it once per connection; the client does one json.dumps instead of adapting 17 values per row.
+# PostgreSQL (psycopg, psycopg2): the rows of a flush travel as one JSON array (%(rows)s) and are
+# expanded by the server. The statement text does not depend on the number of rows, so psycopg
+# prepares it once per connection; the client does one json.dumps instead of adapting 17 values
+# per row (psycopg2 interpolates the parameters in the client: five values, not 17 per row).
 # Ids carry the flush's time; WITH ORDINALITY keeps seq in the flush's order.
 _PG_EVENT_ID = pg_uuid7_sql("%(now)s::timestamptz")  # the flush's time
 PG_INSERT_EVENTS = f"""

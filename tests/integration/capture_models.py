@@ -198,9 +198,12 @@ def make_db(url: str, **capture_kw: Any) -> Iterator[Db]:
         engine.dispose()
 
 
-@pytest.fixture(params=["postgresql", "sqlite", "mariadb"])
+@pytest.fixture(params=["postgresql", "psycopg2", "sqlite", "mariadb"])
 def any_url(request: pytest.FixtureRequest) -> str:
-    """An empty database on each supported dialect."""
-    fixture = {"postgresql": "pg_url", "sqlite": "sqlite_url", "mariadb": "mariadb_url"}
+    """An empty database on each supported dialect (PostgreSQL on psycopg 3 and psycopg2)."""
+    fixture = {"postgresql": "pg_url", "psycopg2": "pg_url", "sqlite": "sqlite_url",
+               "mariadb": "mariadb_url"}
     url: str = request.getfixturevalue(fixture[request.param])
+    if request.param == "psycopg2":
+        url = url.replace("+psycopg", "+psycopg2")
     return url

@@ -91,3 +91,55 @@ def test_cursor_result_under_an_orm_result() -> None:
         core = session.connection().execute(sa.delete(items))
         assert internals.cursor_result(core) is core
     engine.dispose()
+
+
+class Stamped(Base):
+    __tablename__ = "internals_stamped"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str]
+    shout: Mapped[str | None] = mapped_column(
+        onupdate=lambda ctx: ctx.get_current_parameters()["name"].upper())
+    tags: Mapped[list[Item]] = sa.orm.relationship(secondary="internals_links")
+
+
+links = sa.Table(
+    "internals_links", Base.metadata,
+    sa.Column("stamped_id", sa.ForeignKey("internals_stamped.id"), primary_key=True),
+    sa.Column("item_id", sa.ForeignKey("internals_items.id"), primary_key=True),
+)
+
+
+def test_unit_of_work_statements_prefetch_and_update_keys() -> None:
+    """What :mod:`outbox._capture.statements` reads from the flush's statements."""
+    engine = sa.create_engine("sqlite://")
+    Base.metadata.create_all(engine)
+    seen: list[tuple[str, bool, list[str], list[dict[str, object]]]] = []
+
+    def after(conn, clause, multiparams, params, options, result):  # type: ignore[no-untyped-def]
+        if isinstance(clause, sa.sql.dml.UpdateBase):
+            seen.append((type(clause).__name__ + " " + clause.table.name,
+                         internals.unit_of_work_statement(options),
+                         [c.key for c in internals.prefetched_columns(result.context)],
+                         list(result.context.compiled_parameters)))
+
+    sa.event.listen(engine, "after_execute", after)
+    with Session(engine) as s:
+        rows = [Stamped(name=n, tags=[Item(name="i")]) for n in ("a", "b")]
+        s.add_all(rows)
+        s.flush()
+        for row, name in zip(rows, ("c", "d"), strict=True):
+            row.name = name
+        s.flush()
+        seen_before_delete = len(seen)
+        rows[0].tags.clear()
+        s.flush()
+    by_kind = {kind: (uow, prefetch, params) for kind, uow, prefetch, params in seen}
+    assert by_kind["Insert internals_stamped"][0] is True, VERSION
+    assert by_kind["Insert internals_links"][0] is False, VERSION  # secondary rows
+    assert by_kind["Delete internals_links"][0] is False, VERSION
+    uow, prefetch, params = by_kind["Update internals_stamped"]
+    assert uow is True and prefetch == ["shout"], VERSION
+    key = internals.update_key_param(Stamped.__table__.c.id)
+    assert [(p[key], p["shout"]) for p in params] == [(1, "C"), (2, "D")], VERSION
+    assert seen_before_delete < len(seen)
+    engine.dispose()
