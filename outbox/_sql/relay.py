@@ -38,6 +38,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from outbox import _json
 from outbox._sql import operator
 from outbox._txretry import retrying
 from outbox.events import COLUMNS, Event, EventStatus, JSONType, UTCDateTime
@@ -50,9 +51,31 @@ COMPLETED = EventStatus.COMPLETED.value
 FAILED = EventStatus.FAILED.value
 
 _TABLE = "events"
-_COLS = ", ".join(f"t.{c}" for c in COLUMNS)
-_BARE_COLS = ", ".join(COLUMNS)  # SQLite's RETURNING takes no table prefix
 _RESULT_COLUMNS = tuple(Event.__table__.c[c] for c in COLUMNS)
+_JSON_COLUMNS = frozenset({"payload", "metadata"})
+# Timestamps a writer sets: any value PostgreSQL accepts (``infinity``, year 20000) may be there.
+_WRITER_TIMES = frozenset({"created_at", "next_attempt_at", "completed_at"})
+#: Timestamps outside Python's range come back as NULL on PostgreSQL (psycopg cannot load them,
+#: and would fail the whole claim); ``created_at`` and ``next_attempt_at`` are never NULL
+#: otherwise, so the row is then known to be undeliverable (see ``_RowDecoder``).
+_PG_TIME_RANGE = "BETWEEN '0001-01-02 00:00:00+00' AND '9999-12-30 00:00:00+00'"
+
+
+def _returned(column: str, pg: bool, prefix: str = "t.") -> str:
+    """How a claim returns ``column``: JSON as text, decoded per row, so that one undecodable
+    value (nested deeper than any parser goes) fails its own row, not the claim."""
+    if not pg:
+        return f"{prefix}{column}"
+    if column in _JSON_COLUMNS:
+        return f"{prefix}{column}::text"
+    if column in _WRITER_TIMES:
+        return f"CASE WHEN {prefix}{column} {_PG_TIME_RANGE} THEN {prefix}{column} END"
+    return f"{prefix}{column}"
+
+
+_PG_COLS = ", ".join(_returned(c, True) for c in COLUMNS)
+_COLS = ", ".join(_returned(c, False) for c in COLUMNS)
+_BARE_COLS = ", ".join(COLUMNS)  # SQLite's RETURNING takes no table prefix
 
 # The head-of-key rule, shared by every dialect: no older unfinished event of the same key.
 _IS_HEAD = (
@@ -74,7 +97,7 @@ WHERE t.status = 'pending' AND t.id = ANY(ARRAY(
     LIMIT :limit
     FOR UPDATE OF e SKIP LOCKED
 ))
-RETURNING {_COLS}
+RETURNING {_PG_COLS}
 """  # noqa: S608
 
 # Walk the live partition's (seq, next_attempt_at) index in order and stop at LIMIT: the claim
@@ -129,7 +152,7 @@ WHERE id IN :ids AND status = 'pending'
 """
 
 _SELECT_BY_TOKEN = (
-    f"SELECT {_COLS} FROM events AS t "  # noqa: S608
+    "SELECT {cols} FROM events AS t "
     "WHERE t.id IN :ids AND t.lease_token = :token AND t.status = 'processing'"
 )
 
@@ -146,6 +169,15 @@ SET status = :status, retry_count = :retry_count, error = :error,
     next_attempt_at = :next_attempt_at, completed_at = :completed_at, metadata = :meta,
     lease_owner = :lease_owner, lease_token = NULL, lease_expires_at = NULL
 WHERE id = :id AND lease_token = :token AND status = 'processing'
+"""
+
+# A row the relay cannot turn into an event (see ``_RowDecoder``): failed at once, in the claim's
+# transaction, by ``seq`` (its id may be what is wrong); payload and metadata stay as they are.
+_FAIL_UNDECODABLE = """
+UPDATE events
+SET status = 'failed', error = :error, retry_count = retry_count + 1, completed_at = :now,
+    lease_token = NULL, lease_expires_at = NULL
+WHERE seq = :seq AND lease_token = :token AND status = 'processing'
 """
 
 _RENEW = """
@@ -188,10 +220,8 @@ _DB_NOW = {
 }
 
 
-def _stmt(
-    sql: str, *, returning: bool = False, expanding: Iterable[str] = (), pg: bool = False
-) -> sa.TextClause:
-    """A text statement with typed parameters (and typed result columns when it returns rows).
+def _stmt(sql: str, *, expanding: Iterable[str] = (), pg: bool = False) -> sa.TextClause:
+    """A text statement with typed parameters (rows it returns come as the driver gives them).
 
     ``expanding`` parameters take a list: ``IN :ids`` becomes one placeholder per item, except on
     PostgreSQL (``pg``), where it becomes ``= ANY(:ids)`` with one array parameter — the same
@@ -213,10 +243,7 @@ def _stmt(
         item_type: sa.types.TypeEngine[Any] = sa.Uuid() if name == "ids" else sa.Text()
         binds.append(sa.bindparam(name, expanding=True, type_=item_type))
     present = [b for b in binds if re.search(rf":{b.key}\b", sql)]
-    clause = sa.text(sql).bindparams(*present)
-    if returning:
-        return clause.columns(*_RESULT_COLUMNS)  # type: ignore[return-value]
-    return clause
+    return sa.text(sql).bindparams(*present)
 
 
 @dataclass(slots=True)
@@ -234,6 +261,8 @@ class Claim:
     query_seconds: float = 0.0
     #: True when the scan started at the lowest seq (``floor=0``)
     full: bool = False
+    #: claimed rows that could not be read as events, marked ``failed`` in the claim
+    undeliverable: list[Undeliverable] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -303,8 +332,10 @@ class RelayStore:
         self._offset = 0.0  # database clock minus local clock, seconds
         # PostgreSQL: psycopg already returns uuid, parsed jsonb and aware datetimes (UTC, see
         # _PG_PLAN), so the rows skip SQLAlchemy's result processing.
-        self._claim = _stmt(_PG_CLAIM if self._is_pg else _SQLITE_CLAIM,
-                            returning=not self._is_pg)
+        # Rows come back as the driver returns them and are decoded one by one (_RowDecoder).
+        self._claim = _stmt(_PG_CLAIM if self._is_pg else _SQLITE_CLAIM)
+        self._decoder = _RowDecoder(engine.dialect)
+        self._fail_undecodable = _stmt(_FAIL_UNDECODABLE)
         self._mysql_pick = _stmt(_MYSQL_PICK)
         self._key_runs = _stmt(_KEY_RUNS, expanding=("keys",), pg=self._is_pg).columns(
             sa.column("id", sa.Uuid()), sa.column("ordering_key", sa.Text()),
@@ -313,7 +344,8 @@ class RelayStore:
         )
         self._mark_claimed = _stmt(_MARK_CLAIMED, expanding=("ids",), pg=self._is_pg)
         self._select_by_token = _stmt(
-            _SELECT_BY_TOKEN, returning=True, expanding=("ids",), pg=self._is_pg
+            _SELECT_BY_TOKEN.format(cols=_PG_COLS if self._is_pg else _COLS),
+            expanding=("ids",), pg=self._is_pg,
         )
         self._complete = _stmt(_COMPLETE, expanding=("ids",), pg=self._is_pg)
         self._settle = _stmt(_SETTLE)
@@ -356,7 +388,7 @@ class RelayStore:
         params = {"now": now, "expires": expires, "owner": self.owner, "token": token,
                   "limit": limit, "floor": floor}
 
-        def transaction() -> tuple[list[Event], list[Event], float]:
+        def transaction() -> tuple[list[Event], list[Event], list[Undeliverable], float]:
             with self._begin() as conn:
                 if self._claim_prefix:
                     conn.exec_driver_sql(self._claim_prefix)
@@ -369,20 +401,48 @@ class RelayStore:
                     ids = [r[0] for r in conn.execute(self._mysql_pick, params)]
                     query_seconds = time.perf_counter() - q0
                     rows = self._mark_and_load(conn, ids, params) if ids else []
-                events = [_to_event(r) for r in rows]
+                events, bad = self._decoder.decode(rows)
                 followers: list[Event] = []
-                room = limit - len(events)
+                room = limit - len(events) - len(bad)
                 keys = {e.ordering_key for e in events if e.ordering_key is not None}
                 if room > 0 and keys:
-                    followers = self._claim_followers(conn, keys, room, params)
-            return events, followers, query_seconds
+                    followers = self._claim_followers(conn, keys, room, params, bad)
+                if bad:
+                    events, followers = self._fail_rows(conn, bad, events, followers, params)
+            return events, followers, bad, query_seconds
 
-        events, followers, query_seconds = retrying(transaction, what="claim")
+        events, followers, bad, query_seconds = retrying(transaction, what="claim")
         events.extend(followers)
         events.sort(key=_seq)
         return Claim(token=token, events=events, expires_at=expires,
                      seconds=time.perf_counter() - started, followers=len(followers),
-                     query_seconds=query_seconds, full=floor == 0)
+                     query_seconds=query_seconds, full=floor == 0, undeliverable=bad)
+
+    def _fail_rows(
+        self, conn: Connection, bad: list[Undeliverable], events: list[Event],
+        followers: list[Event], params: dict[str, Any],
+    ) -> tuple[list[Event], list[Event]]:
+        """Mark the undecodable rows ``failed`` (in the claim's transaction) and give back the
+        claimed events that follow one of them in its key: a failed event holds its key."""
+        conn.execute(self._fail_undecodable, [
+            {"seq": b.seq, "error": b.error, "token": params["token"], "now": params["now"]}
+            for b in bad
+        ])
+        first_bad: dict[str, int] = {}
+        for b in bad:
+            if b.ordering_key is not None:
+                first_bad[b.ordering_key] = min(b.seq, first_bad.get(b.ordering_key, b.seq))
+        if not first_bad:
+            return events, followers
+
+        def held(e: Event) -> bool:
+            key = e.ordering_key
+            return key is not None and key in first_bad and e.seq > first_bad[key]
+
+        back = [e.id for e in (*events, *followers) if held(e)]
+        if back:
+            self._unclaim(conn, back, params["token"])
+        return ([e for e in events if not held(e)], [e for e in followers if not held(e)])
 
     def _mark_and_load(self, conn: Connection, ids: list[Any], params: dict[str, Any]) -> list[Any]:
         conn.execute(self._mark_claimed, {**params, "ids": ids})
@@ -391,7 +451,8 @@ class RelayStore:
         )
 
     def _claim_followers(
-        self, conn: Connection, keys: set[str], room: int, params: dict[str, Any]
+        self, conn: Connection, keys: set[str], room: int, params: dict[str, Any],
+        bad: list[Undeliverable],
     ) -> list[Event]:
         """Claim the pending, due events that directly follow our heads in their keys.
 
@@ -431,7 +492,9 @@ class RelayStore:
             if len(rows) != len(ids):
                 self._unclaim(conn, ids, token)
                 return []
-        return [_to_event(r) for r in rows]
+        events, undecodable = self._decoder.decode(rows)
+        bad.extend(undecodable)
+        return events
 
     def _unclaim(self, conn: Connection, ids: list[Any], token: uuid.UUID) -> None:
         conn.execute(
@@ -568,8 +631,80 @@ def _run_on_connect(sql: str, dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.commit()
 
 
-def _to_event(row: Any) -> Event:
-    return Event._from_row(row)
+@dataclass(slots=True)
+class Undeliverable:
+    """A claimed row that is no event the relay can deliver (see :class:`_RowDecoder`)."""
+
+    seq: int
+    ordering_key: str | None
+    error: str
+
+
+class _RowDecoder:
+    """Claimed rows → events, one row at a time, so that a row no writer of this package would
+    produce (inserted by hand, another service, a bad migration) fails alone: JSON nested deeper
+    than a parser goes, ``metadata`` that is no object, a timestamp outside Python's range, a
+    value the dialect's type cannot read. Its batch-mates are delivered.
+
+    PostgreSQL: psycopg returns every column typed except the JSON columns (text here, parsed
+    with :func:`outbox._json.loads`, as the engine's jsonb loader would); other dialects return
+    driver values that go through each column type's result processing.
+    """
+
+    def __init__(self, dialect: sa.Dialect) -> None:
+        def json_column(value: Any) -> Any:
+            return _json.loads(value) if isinstance(value, (str, bytes)) else value
+
+        pg = dialect.name == "postgresql"
+        procs: list[Any] = []
+        for col in _RESULT_COLUMNS:
+            if col.name in _JSON_COLUMNS:
+                procs.append(json_column)
+            elif pg:
+                procs.append(None)
+            else:
+                procs.append(col.type.dialect_impl(dialect).result_processor(dialect, None))
+        self._procs = tuple(procs)
+        self._decoded = tuple((i, p) for i, p in enumerate(procs) if p is not None)
+        self._seq = COLUMNS.index("seq")
+        self._key = COLUMNS.index("ordering_key")
+        self._meta = COLUMNS.index("metadata")
+        self._required = tuple(COLUMNS.index(c) for c in ("created_at", "next_attempt_at"))
+
+    def decode(self, rows: Sequence[Any]) -> tuple[list[Event], list[Undeliverable]]:
+        events: list[Event] = []
+        bad: list[Undeliverable] = []
+        for row in rows:
+            values = list(row)
+            column = ""
+            try:
+                for i, proc in self._decoded:
+                    column = COLUMNS[i]
+                    values[i] = proc(values[i])
+            except Exception as exc:  # whatever the value did: this row's failure, not the batch's
+                problem: str | None = f"{column} cannot be read: {_describe(exc)}"
+            else:
+                problem = self._problem(values)
+            if problem is None:
+                events.append(Event._from_row(values))
+                continue
+            bad.append(Undeliverable(seq=int(row[self._seq]), ordering_key=row[self._key],
+                                     error=f"undeliverable row: {problem}"))
+        return events, bad
+
+    def _problem(self, values: list[Any]) -> str | None:
+        for i in self._required:
+            if values[i] is None:  # NULL only when out of range (_PG_TIME_RANGE)
+                return f"{COLUMNS[i]} is outside the years 1-9999"
+        meta = values[self._meta]
+        if not isinstance(meta, dict):
+            return f"metadata is not a JSON object but {type(meta).__name__}"
+        return None
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 500 else text[:497] + "..."
 
 
 def _seq(event: Event) -> int:

@@ -322,6 +322,8 @@ class Relay:
                         raise DatabaseUnavailable(self.stats.last_error or "database error")
                     await self._sleep(self.poll_interval)
                     continue
+                if not claim.events and claim.undeliverable:
+                    continue  # only rows it could not read (marked failed): there may be more
                 if not claim.events:
                     if not full and not self._lingering():
                         self._force_full = True  # reached the end from the floor: look behind
@@ -366,7 +368,11 @@ class Relay:
             self._arrivals.append((time.monotonic(), len(claim.events)))
             self._floor = max(self._floor if not full else 0, _next_floor(claim))
             self._held[claim.token] = (claim, {e.id for e in claim.events})
+        for bad in claim.undeliverable:
+            log.error("event seq=%d cannot be delivered and is marked failed: %s",
+                      bad.seq, bad.error)
         s = self.stats
+        s.failed += len(claim.undeliverable)
         s.claims += 1
         s.claimed += len(claim.events)
         s.followers_claimed += claim.followers
