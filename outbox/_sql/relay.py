@@ -171,8 +171,9 @@ SET status = :status, retry_count = :retry_count, error = :error,
 WHERE id = :id AND lease_token = :token AND status = 'processing'
 """
 
-# A row the relay cannot turn into an event (see ``_RowDecoder``): failed at once, in the claim's
-# transaction, by ``seq`` (its id may be what is wrong); payload and metadata stay as they are.
+# A row the relay cannot turn into an event (see ``_RowDecoder``), failed at once in the claim's
+# transaction, or one whose outcome cannot be written (``RelayStore._settle_apart``): by ``seq``
+# (its id may be what is wrong), payload and metadata as they are, in the live rows' partition.
 _FAIL_UNDECODABLE = """
 UPDATE events
 SET status = 'failed', error = :error, retry_count = retry_count + 1, completed_at = :now,
@@ -284,6 +285,8 @@ class SettleResult:
     completed: int = 0
     settled: int = 0
     lost: list[uuid.UUID] = field(default_factory=list)
+    #: events marked ``failed`` instead because their row could not take the outcome: the error
+    unsettleable: dict[uuid.UUID, str] = field(default_factory=dict)
 
 
 class RelayStore:
@@ -517,27 +520,71 @@ class RelayStore:
         if not outcomes:
             return result
         now = self.now()
-        done = [o.event.id for o in outcomes if o.status == COMPLETED]
-        others = [o for o in outcomes if o.status != COMPLETED]
-        params = [self._settle_params(o, token, now) for o in others]
+        try:
+            self._settle_together(token, outcomes, now, result)
+        except sa.exc.DBAPIError:
+            # Not a passing conflict (``retrying`` handles those): a row's own value may be what
+            # the statement cannot write (e.g. one too long for an index of the history).
+            self._settle_apart(token, outcomes, now, result)
+        if result.completed + result.settled + len(result.unsettleable) != len(outcomes):
+            result.lost = self._lost(token, [o.event.id for o in outcomes])
+        return result
 
-        def transaction() -> None:
+    def _settle_together(
+        self, token: uuid.UUID, outcomes: Sequence[Outcome], now: dt.datetime,
+        result: SettleResult,
+    ) -> None:
+        """Every outcome in one transaction (``result`` counts are set only once it commits)."""
+        done = [o.event.id for o in outcomes if o.status == COMPLETED]
+        params = [self._settle_params(o, token, now) for o in outcomes if o.status != COMPLETED]
+
+        def transaction() -> tuple[int, int]:
             with self._begin() as conn:
                 if self._settle_prefix:
                     conn.exec_driver_sql(self._settle_prefix)
+                completed = 0
                 if done:
-                    result.completed = conn.execute(
+                    completed = conn.execute(
                         self._complete, {"ids": done, "token": token, "now": now}
                     ).rowcount
                 changed = 0
                 for p in params:  # executemany hides per-row counts on some drivers
                     changed += conn.execute(self._settle, p).rowcount
-                result.settled = changed
+                return completed, changed
 
-        retrying(transaction, what="settle")
-        if result.completed != len(done) or result.settled != len(others):
-            result.lost = self._lost(token, [o.event.id for o in outcomes])
-        return result
+        completed, settled = retrying(transaction, what="settle")
+        result.completed += completed
+        result.settled += settled
+
+    def _settle_apart(
+        self, token: uuid.UUID, outcomes: Sequence[Outcome], now: dt.datetime,
+        result: SettleResult,
+    ) -> None:
+        """The batch's settle failed: settle each event on its own, so that the one whose row
+        cannot take its outcome is marked ``failed`` where it is (with the database's reason)
+        and the others are settled. If even that fails the database is in trouble, not a row:
+        the error propagates and the caller retries the batch (settled rows are fenced)."""
+        for o in outcomes:
+            try:
+                self._settle_together(token, [o], now, result)
+                continue
+            except sa.exc.DBAPIError:
+                pass
+            try:  # once more: a connection that broke just now is not the row's fault
+                self._settle_together(token, [o], now, result)
+                continue
+            except sa.exc.DBAPIError as exc:
+                reason = _reason(exc)
+            error = f"cannot be settled as {o.status}: {reason}"
+
+            def transaction(o: Outcome = o, error: str = error) -> int:
+                with self._begin() as conn:
+                    return int(conn.execute(self._fail_undecodable, {
+                        "seq": o.event.seq, "error": error, "token": token, "now": now,
+                    }).rowcount)
+
+            if retrying(transaction, what="settle"):
+                result.unsettleable[o.event.id] = error
 
     def _settle_params(self, o: Outcome, token: uuid.UUID, now: dt.datetime) -> dict[str, Any]:
         e = o.event
@@ -700,6 +747,12 @@ class _RowDecoder:
         if not isinstance(meta, dict):
             return f"metadata is not a JSON object but {type(meta).__name__}"
         return None
+
+
+def _reason(exc: sa.exc.DBAPIError) -> str:
+    """The first line of the driver's message (no statement, no parameters)."""
+    text = str(exc.orig).strip() if exc.orig is not None else ""
+    return (text.splitlines()[0] if text else type(exc).__name__)[:500]
 
 
 def _describe(exc: BaseException) -> str:

@@ -433,10 +433,14 @@ class Relay:
         self._held.pop(claim.token, None)
         s = self.stats
         lost = set(res.lost)
+        for event_id, error in res.unsettleable.items():
+            log.error("event %s is marked failed: %s", event_id, error)
         for o in outcomes:
             if o.event.id in lost:
                 continue
-            if o.status == COMPLETED:
+            if o.event.id in res.unsettleable:
+                s.failed += 1
+            elif o.status == COMPLETED:
                 s.completed += 1
             elif o.status == FAILED:
                 s.failed += 1

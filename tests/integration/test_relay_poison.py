@@ -130,3 +130,31 @@ async def test_each_poison_row_fails_alone_and_restarts_do_not_loop(
     status = _status(engine)
     assert all(status[i][0] == "completed" for i in later)
     assert set(seen) >= set(good) | set(later)
+
+
+_HUGE = "(SELECT string_agg(md5(i::text), '') FROM generate_series(1, 32000) AS i)"  # ~1 MB
+
+
+@pytest.mark.parametrize("column", ["user_id", "session_id", "entity_id", "instance_id"])
+async def test_a_value_too_long_for_an_index_fails_alone(pg_engine: sa.Engine, column: str) -> None:
+    """A value PostgreSQL stores but no btree entry can hold: the row cannot move into the
+    history's indexes; it ends failed with the database's reason, its batch-mates complete."""
+    ids = _add(
+        pg_engine, [("test.good", None)] * 3 + [("test.odd", "k")] + [("test.good", None)] * 3
+    )
+    with pg_engine.begin() as conn:
+        conn.execute(
+            sa.text(f"UPDATE events SET {column} = {_HUGE} WHERE id = :id"),  # noqa: S608
+            {"id": ids[3]},
+        )
+    seen: list[uuid.UUID] = []
+    relay = await _drain(pg_engine, seen, batch_size=100)
+    status = _status(pg_engine)
+    assert all(status[i] == ("completed", None) for i in ids if i != ids[3])
+    state, error = status[ids[3]]
+    assert state == "failed" and error is not None
+    assert error.startswith("cannot be settled as completed: index row"), error
+    assert relay.stats.failed == 1 and relay.stats.completed == 6
+    for _ in range(2):
+        again = await _drain(pg_engine, seen)
+        assert again.stats.claimed == 0
