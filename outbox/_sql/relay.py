@@ -58,7 +58,7 @@ _WRITER_TIMES = frozenset({"created_at", "next_attempt_at", "completed_at"})
 #: Timestamps outside Python's range come back as NULL on PostgreSQL (psycopg cannot load them,
 #: and would fail the whole claim); ``created_at`` and ``next_attempt_at`` are never NULL
 #: otherwise, so the row is then known to be undeliverable (see ``_RowDecoder``).
-_PG_TIME_RANGE = "BETWEEN '0001-01-02 00:00:00+00' AND '9999-12-30 00:00:00+00'"
+_PG_TIME_RANGE = "BETWEEN '0001-01-02' AND '9999-12-30'"  # a day inside, whatever the TimeZone
 
 
 def _returned(column: str, pg: bool, prefix: str = "t.") -> str:
