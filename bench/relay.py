@@ -14,8 +14,8 @@
     Targets: relay ≥ 1.0x pgqueuer (goal 1.3x), relay ≥ 70 % of the raw loop.
 (s) The handler styles users write, same drain (CLI, N events with a 200-byte payload field,
     batch 500), R rounds alternating, medians: ``def`` (the README's: worker threads),
-    ``async def``, ``def`` with ``threaded=False``, and the raw loop. Targets: def ≥ 0.9x async,
-    def ≥ 0.85x the raw loop. Not in the default set: ``--only s``.
+    ``async def``, ``def`` with ``threaded=False``, the raw loop and pgqueuer as in (a). Targets:
+    def ≥ 0.9x async, def ≥ 0.85x the raw loop, def ≥ 1.2x pgqueuer. Run it with ``--only s``.
 (b) The same drain with H completed history rows in the table (default 2,000,000): ≥ 90 % of (a).
 (c) Latency commit → handler at R events/s (default 200) from a writer process, p50 / p99, with
     NOTIFY on, and with NOTIFY off (poll_interval 1 s). Targets with NOTIFY: p50 ≤ 2 ms,
@@ -332,14 +332,22 @@ def part_s(args: argparse.Namespace, out: dict[str, Any]) -> None:
     default), an ``async def`` one, a ``def`` one with ``threaded=False``; and the raw loop.
     Events carry a 200-byte payload field; alternating order, medians."""
     n, batch, pad = args.events, 500, 200
-    runs: dict[str, list[float]] = {name: [] for name in (*STYLES, "raw")}
+    runs: dict[str, list[float]] = {name: [] for name in (*STYLES, "raw", "pgqueuer")}
+    try:
+        import pgqueuer  # noqa: F401
+    except ImportError:
+        del runs["pgqueuer"]
+        print("(s) pgqueuer not installed (pip install -e '.[bench]'): skipped")
     with scratch_database() as url:
         names = list(runs)
         for r in range(args.rounds):
             for name in names if r % 2 == 0 else reversed(names):
-                seed(url, n, pad=pad)
-                runs[name].append(raw_loop(url, batch) if name == "raw"
-                                  else relay_cli(url, batch, app=STYLES[name]))
+                if name == "pgqueuer":
+                    runs[name].append(float(pgqueuer_drain(url, n)))
+                else:
+                    seed(url, n, pad=pad)
+                    runs[name].append(raw_loop(url, batch) if name == "raw"
+                                      else relay_cli(url, batch, app=STYLES[name]))
                 print(f"(s) round {r + 1} {name:10} {runs[name][-1]:9,.0f} events/s", flush=True)
     med = {name: statistics.median(v) for name, v in runs.items()}
     print(f"(s) {n:,} events (200-byte field), batch {batch}, median of {args.rounds}: "
@@ -347,6 +355,9 @@ def part_s(args: argparse.Namespace, out: dict[str, Any]) -> None:
     print(f"(s) def / async {med['def'] / med['async']:.2f} (target >= 0.9); def / raw loop "
           f"{med['def'] / med['raw']:.2f} (target >= 0.85); def / def_inline "
           f"{med['def'] / med['def_inline']:.2f}", flush=True)
+    if "pgqueuer" in med:
+        print(f"(s) def / pgqueuer (2 processes x batch 500) {med['def'] / med['pgqueuer']:.2f} "
+              "(target >= 1.2)", flush=True)
     out["s"] = {"events": n, "batch": batch, "rounds": runs, "median": med}
 
 
