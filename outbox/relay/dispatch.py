@@ -42,6 +42,8 @@ from outbox.providers.base import Publisher
 
 __all__ = ["BatchResult", "Dispatcher", "handled_names", "lanes"]
 
+#: Seconds every handler thread of a batch must have been in one event before another joins.
+_GROW_AFTER = 0.02
 _META_KEY = "outbox"
 _HANDLED = "handled"
 _MAX_ERROR = 4000
@@ -184,10 +186,14 @@ class Dispatcher:
         self, indexes: Sequence[int], all_lanes: list[list[Event]],
         ready: list[list[tuple[Event, tuple[str, ...]]]], result: BatchResult,
     ) -> None:
-        """Lanes whose handlers are all sync and threaded: ``concurrency`` worker threads take
-        lanes one after the other and run them as :meth:`_lane` does — one thread hop per worker
-        and batch, not one per event; the event loop stays free (leases, wake-ups, the next
-        claim). A blocking handler holds up only the lanes its thread would take next.
+        """Lanes whose handlers are all sync and threaded: worker threads take lanes one after
+        the other and run them as :meth:`_lane` does — one thread hop per worker and batch, not
+        one per event; the event loop stays free (leases, wake-ups, the next claim).
+
+        One worker to start with (threads that only compete for the GIL are slower than one);
+        another joins, up to ``concurrency``, whenever every worker has been in one event's
+        handlers for ``_GROW_AFTER`` seconds — handlers that block (I/O, sleeps) then run
+        ``concurrency`` lanes at a time, as on the event loop.
 
         Cancelled (shutdown timeout): the threads finish the handler they are in and take nothing
         more; outcomes they reach after that are not recorded (the caller hands those events
@@ -197,7 +203,9 @@ class Dispatcher:
         lock = threading.Lock()
         stopped = False
         pending = iter(indexes)
+        taken = 0
         reports: list[tuple[Event, Any, float]] = []
+        since: list[float] = []  # per worker: when its current event started (0: finished)
 
         def record(apply: Callable[..., None], *args: Any) -> bool:
             with lock:
@@ -206,19 +214,35 @@ class Dispatcher:
                 apply(*args)
                 return True
 
-        def worker() -> None:
+        def worker(n: int) -> None:
+            nonlocal taken
             while True:
                 with lock:
                     i = None if stopped else next(pending, None)
+                    taken += 1
                 if i is None:
+                    since[n] = 0.0
                     return
-                self._lane_blocking(broker, all_lanes[i], ready[i], result, record, reports)
+                self._lane_blocking(broker, all_lanes[i], ready[i], result, record, reports,
+                                    since, n)
 
         try:
             async with anyio.create_task_group() as tg:
-                for _ in range(min(self.concurrency, len(indexes))):
-                    tg.start_soon(functools.partial(anyio.to_thread.run_sync, worker,
-                                                    abandon_on_cancel=True))
+                def spawn() -> None:
+                    since.append(time.perf_counter())
+                    tg.start_soon(functools.partial(
+                        anyio.to_thread.run_sync, functools.partial(worker, len(since) - 1),
+                        abandon_on_cancel=True))
+
+                spawn()
+                limit = min(self.concurrency, len(indexes))
+                while len(since) < limit:
+                    await anyio.sleep(_GROW_AFTER)
+                    if taken >= len(indexes):
+                        break  # every lane is taken (or being taken): no worker would get one
+                    now = time.perf_counter()
+                    if all(now - t >= _GROW_AFTER for t in since if t):
+                        spawn()
         finally:
             with lock:
                 stopped = True
@@ -229,13 +253,13 @@ class Dispatcher:
     def _lane_blocking(
         self, broker: _Broker, lane: list[Event], ready: list[tuple[Event, tuple[str, ...]]],
         result: BatchResult, record: Callable[..., bool],
-        reports: list[tuple[Event, Any, float]],
+        reports: list[tuple[Event, Any, float]], since: list[float], n: int,
     ) -> None:
         """:meth:`_lane` in a worker thread; every change to ``result`` goes through ``record``
         (under the batch's lock, refused once the batch was cancelled)."""
         for position, event in enumerate(lane):
             done = handled_names(event)
-            started = time.perf_counter()
+            since[n] = started = time.perf_counter()
             try:
                 with event_context(event), continue_trace(event) as span:
                     res = broker.dispatch_blocking(event, done=done)

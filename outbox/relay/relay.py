@@ -192,6 +192,7 @@ class Relay:
         self.broker, self.provider, self.retry_policy = broker, provider, policy
         self.dispatcher = Dispatcher(broker, provider, retry_policy=policy, now=self.store.now,
                                      concurrency=self.concurrency)
+        _log_handlers(broker)
         self._started = True
         self._set_ready(True)
 
@@ -610,6 +611,18 @@ class Relay:
     async def blocked_keys(self, limit: int = 100) -> list[tuple[str, int, int]]:
         """Ordering keys held back by a failed event: (key, seq, failed events)."""
         return await _in_thread(self.store.blocked_keys, limit)
+
+
+def _log_handlers(broker: Any) -> None:
+    """Say which handlers run (pattern → name): a typo'd pattern shows here, not as events that
+    complete without the handler one meant."""
+    subs = broker.subscriptions() if hasattr(broker, "subscriptions") else []
+    if not subs:
+        log.info("no handlers subscribed: events go to the provider only")
+        return
+    log.info("handlers: %s", ", ".join(
+        f"{sub.pattern.text} -> {sub.name}{' (thread)' if sub.threaded else ''}"
+        for sub in subs))
 
 
 def _next_floor(claim: Claim) -> int:

@@ -271,3 +271,25 @@ async def test_a_blocking_sync_handler_does_not_stall_the_loop_and_cancel_record
     await anyio.sleep(0.1)  # the abandoned thread finishes its handler, takes nothing more
     assert started == [1]
     assert result.outcomes == {}  # nothing recorded after the cancellation
+
+
+@pytest.mark.anyio
+async def test_blocking_sync_handlers_get_more_threads_up_to_concurrency() -> None:
+    import threading
+    import time
+
+    events = batch(["a", "b", "c", "d", "a", "b", "c", "d"])
+    broker = Broker(MemoryProvider())
+    threads: set[int] = set()
+
+    def slow(e: Event) -> None:  # blocks, as a handler doing I/O does
+        threads.add(threading.get_ident())
+        time.sleep(0.2)
+
+    broker.subscribe("test.>", slow, name="slow")
+    started = time.perf_counter()
+    res = await run(events, broker, None)  # concurrency=4
+    elapsed = time.perf_counter() - started
+    assert all(o.status == "completed" for o in res.outcomes.values())
+    assert len(threads) == 4
+    assert elapsed < 1.2  # 4 lanes of 2 x 0.2 s side by side, not 8 x 0.2 s one after another
