@@ -135,18 +135,43 @@ async def test_each_poison_row_fails_alone_and_restarts_do_not_loop(
 _HUGE = "(SELECT string_agg(md5(i::text), '') FROM generate_series(1, 32000) AS i)"  # ~1 MB
 
 
-@pytest.mark.parametrize("column", ["user_id", "session_id", "entity_id", "instance_id"])
-async def test_a_value_too_long_for_an_index_fails_alone(pg_engine: sa.Engine, column: str) -> None:
-    """A value PostgreSQL stores but no btree entry can hold: the row cannot move into the
-    history's indexes; it ends failed with the database's reason, its batch-mates complete."""
-    ids = _add(
-        pg_engine, [("test.good", None)] * 3 + [("test.odd", "k")] + [("test.good", None)] * 3
-    )
-    with pg_engine.begin() as conn:
+def _huge_row(engine: sa.Engine, column: str) -> tuple[list[uuid.UUID], str]:
+    """Seven events, the fourth with a ~1 MB ``column`` (written by raw SQL); that value."""
+    ids = _add(engine, [("test.good", None)] * 3 + [("test.odd", "k")] + [("test.good", None)] * 3)
+    with engine.begin() as conn:
         conn.execute(
             sa.text(f"UPDATE events SET {column} = {_HUGE} WHERE id = :id"),  # noqa: S608
             {"id": ids[3]},
         )
+        value = conn.execute(sa.text(f"SELECT {_HUGE}")).scalar_one()
+    return ids, value
+
+
+@pytest.mark.parametrize("column", ["user_id", "session_id", "entity", "entity_id", "instance_id"])
+async def test_a_value_longer_than_an_index_entry_is_stored_and_found(
+    pg_engine: sa.Engine, column: str
+) -> None:
+    """Any text PostgreSQL stores in these columns moves into the history (its indexes on them
+    cannot overflow: hash indexes, a prefix for instance_id) and an EventFilter on the whole
+    value finds it."""
+    from outbox import EventFilter, ops
+
+    ids, value = _huge_row(pg_engine, column)
+    relay = await _drain(pg_engine, [], batch_size=100)
+    status = _status(pg_engine)
+    assert all(status[i] == ("completed", None) for i in ids), status
+    assert relay.stats.completed == 7 and relay.stats.failed == 0
+    with pg_engine.connect() as conn:
+        found = ops.list_events(conn, EventFilter(**{column: value}))
+        assert [e.id for e in found] == [ids[3]]
+        assert ops.list_events(conn, EventFilter(**{column: value[:200]})) == []
+
+
+async def test_a_row_that_cannot_take_its_outcome_fails_alone(pg_engine: sa.Engine) -> None:
+    """A type longer than a btree entry holds (the type index keeps whole types): the row cannot
+    move into the history; it ends failed with the database's reason, its batch-mates complete,
+    and restarts do not meet it again."""
+    ids, _ = _huge_row(pg_engine, "type")
     seen: list[uuid.UUID] = []
     relay = await _drain(pg_engine, seen, batch_size=100)
     status = _status(pg_engine)
