@@ -274,6 +274,11 @@ async def _pgqueuer_left(dsn: str) -> int:
         await conn.close()
 
 
+#: CPU µs per event of the relay processes of each ``relay_cli`` call (user + system, start-up
+#: included), in call order
+CPU_PER_EVENT: list[float] = []
+
+
 def relay_cli(url: str, batch: int, count: int = 1, app: str = "noop_handlers") -> float:
     """``count`` ``python -m outbox.relay --once`` processes draining the table: events/s from
     their start to the last one's exit."""
@@ -282,10 +287,14 @@ def relay_cli(url: str, batch: int, count: int = 1, app: str = "noop_handlers") 
         [str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "outbox.relay", "--database-url", url, "--once", "--no-notify",
            "--batch-size", str(batch), "--app", app, "--log-level", "WARNING"]
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=env) for _ in range(count)]
     codes = [p.wait() for p in procs]
     elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_PER_EVENT.append(((after.ru_utime + after.ru_stime) - (cpu.ru_utime + cpu.ru_stime))
+                         / max(1, total) * 1e6)
     if any(codes) or pending(url):
         raise SystemExit(f"relay exited with {codes}, {pending(url)} events left")
     return total / elapsed
@@ -333,6 +342,7 @@ def part_s(args: argparse.Namespace, out: dict[str, Any]) -> None:
     Events carry a 200-byte payload field; alternating order, medians."""
     n, batch, pad = args.events, 500, 200
     runs: dict[str, list[float]] = {name: [] for name in (*STYLES, "raw", "pgqueuer")}
+    cpu: dict[str, list[float]] = {name: [] for name in STYLES}
     try:
         import pgqueuer  # noqa: F401
     except ImportError:
@@ -348,7 +358,11 @@ def part_s(args: argparse.Namespace, out: dict[str, Any]) -> None:
                     seed(url, n, pad=pad)
                     runs[name].append(raw_loop(url, batch) if name == "raw"
                                       else relay_cli(url, batch, app=STYLES[name]))
-                print(f"(s) round {r + 1} {name:10} {runs[name][-1]:9,.0f} events/s", flush=True)
+                    if name in cpu:
+                        cpu[name].append(CPU_PER_EVENT[-1])
+                print(f"(s) round {r + 1} {name:10} {runs[name][-1]:9,.0f} events/s"
+                      + (f", {cpu[name][-1]:.1f} CPU µs/event" if name in cpu else ""),
+                      flush=True)
     med = {name: statistics.median(v) for name, v in runs.items()}
     print(f"(s) {n:,} events (200-byte field), batch {batch}, median of {args.rounds}: "
           + ", ".join(f"{k} {v:,.0f}/s" for k, v in med.items()), flush=True)
@@ -358,7 +372,9 @@ def part_s(args: argparse.Namespace, out: dict[str, Any]) -> None:
     if "pgqueuer" in med:
         print(f"(s) def / pgqueuer (2 processes x batch 500) {med['def'] / med['pgqueuer']:.2f} "
               "(target >= 1.2)", flush=True)
-    out["s"] = {"events": n, "batch": batch, "rounds": runs, "median": med}
+    print("(s) relay process CPU per event (start-up included), median: " + ", ".join(
+        f"{k} {statistics.median(v):.1f} µs" for k, v in cpu.items()), flush=True)
+    out["s"] = {"events": n, "batch": batch, "rounds": runs, "median": med, "cpu_us": cpu}
 
 
 def part_b(args: argparse.Namespace, out: dict[str, Any]) -> None:
