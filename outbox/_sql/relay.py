@@ -181,6 +181,28 @@ SET status = 'failed', error = :error, retry_count = retry_count + 1, completed_
 WHERE seq = :seq AND lease_token = :token AND status = 'processing'
 """
 
+# Hand-backs (outage, shutdown, the rest of a lane after a failure): nothing but the lease
+# changes, so one statement for all of them; also what gives back followers a claim cannot keep.
+_RELEASE = """
+UPDATE events
+SET status = 'pending', lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
+WHERE id IN :ids AND lease_token = :token AND status = 'processing'
+"""
+
+# PostgreSQL: every retry and failure of a batch in one statement, values per row as arrays.
+_PG_SETTLE_MANY = """
+UPDATE events AS t
+SET status = v.status, retry_count = v.retry_count, error = v.error,
+    next_attempt_at = v.next_attempt_at, completed_at = v.completed_at,
+    metadata = CAST(v.meta AS jsonb), lease_owner = v.lease_owner,
+    lease_token = NULL, lease_expires_at = NULL
+FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS text[]), CAST(:retry_counts AS integer[]),
+            CAST(:errors AS text[]), CAST(:next_attempts AS timestamptz[]),
+            CAST(:completed AS timestamptz[]), CAST(:metas AS text[]), CAST(:owners AS text[]))
+     AS v(id, status, retry_count, error, next_attempt_at, completed_at, meta, lease_owner)
+WHERE t.id = v.id AND t.lease_token = :token AND t.status = 'processing'
+"""
+
 _RENEW = """
 UPDATE events SET lease_expires_at = :expires
 WHERE id IN :ids AND lease_token = :token AND status = 'processing'
@@ -352,6 +374,8 @@ class RelayStore:
         )
         self._complete = _stmt(_COMPLETE, expanding=("ids",), pg=self._is_pg)
         self._settle = _stmt(_SETTLE)
+        self._release = _stmt(_RELEASE, expanding=("ids",), pg=self._is_pg)
+        self._pg_settle_many = _stmt(_PG_SETTLE_MANY)
         self._renew = _stmt(_RENEW, expanding=("ids",), pg=self._is_pg)
         self._pg_recover = _stmt(_PG_RECOVER)
         self._expired = _stmt(_GENERIC_EXPIRED).columns(
@@ -499,14 +523,8 @@ class RelayStore:
         bad.extend(undecodable)
         return events
 
-    def _unclaim(self, conn: Connection, ids: list[Any], token: uuid.UUID) -> None:
-        conn.execute(
-            _stmt("UPDATE events SET status = 'pending', lease_owner = NULL, lease_token = NULL, "
-                  "lease_expires_at = NULL WHERE id IN :ids AND lease_token = :token "
-                  "AND status = 'processing'",
-                  expanding=("ids",), pg=self._is_pg),
-            {"ids": ids, "token": token},
-        )
+    def _unclaim(self, conn: Connection, ids: list[Any], token: uuid.UUID) -> int:
+        return int(conn.execute(self._release, {"ids": ids, "token": token}).rowcount)
 
     # -- settle -----------------------------------------------------------------------------
 
@@ -534,9 +552,13 @@ class RelayStore:
         self, token: uuid.UUID, outcomes: Sequence[Outcome], now: dt.datetime,
         result: SettleResult,
     ) -> None:
-        """Every outcome in one transaction (``result`` counts are set only once it commits)."""
+        """Every outcome in one transaction (``result`` counts are set only once it commits):
+        one statement per kind — completions, hand-backs, and (PostgreSQL) retries and failures,
+        whose values differ per row; elsewhere those go one statement per row."""
         done = [o.event.id for o in outcomes if o.status == COMPLETED]
-        params = [self._settle_params(o, token, now) for o in outcomes if o.status != COMPLETED]
+        back = [o.event.id for o in outcomes if _handed_back(o)]
+        params = [self._settle_params(o, token, now) for o in outcomes
+                  if o.status != COMPLETED and not _handed_back(o)]
 
         def transaction() -> tuple[int, int]:
             with self._begin() as conn:
@@ -547,9 +569,13 @@ class RelayStore:
                     completed = conn.execute(
                         self._complete, {"ids": done, "token": token, "now": now}
                     ).rowcount
-                changed = 0
-                for p in params:  # executemany hides per-row counts on some drivers
-                    changed += conn.execute(self._settle, p).rowcount
+                changed = self._unclaim(conn, back, token) if back else 0
+                if self._is_pg and params:
+                    many = _as_arrays(params, token)
+                    changed += conn.execute(self._pg_settle_many, many).rowcount
+                else:
+                    for p in params:  # executemany hides per-row counts on some drivers
+                        changed += conn.execute(self._settle, p).rowcount
                 return completed, changed
 
         completed, settled = retrying(transaction, what="settle")
@@ -747,6 +773,27 @@ class _RowDecoder:
         if not isinstance(meta, dict):
             return f"metadata is not a JSON object but {type(meta).__name__}"
         return None
+
+
+def _handed_back(o: Outcome) -> bool:
+    """Back to ``pending`` with nothing but the lease changed (no retry, error or progress)."""
+    return (o.status == PENDING and o.retry_count is None and o.error is None
+            and o.next_attempt_at is None and o.meta is None)
+
+
+def _as_arrays(params: Sequence[dict[str, Any]], token: uuid.UUID) -> dict[str, Any]:
+    """Per-row settle parameters as the arrays of ``_PG_SETTLE_MANY``."""
+    return {
+        "token": token,
+        "ids": [p["id"] for p in params],
+        "statuses": [p["status"] for p in params],
+        "retry_counts": [p["retry_count"] for p in params],
+        "errors": [p["error"] for p in params],
+        "next_attempts": [p["next_attempt_at"] for p in params],
+        "completed": [p["completed_at"] for p in params],
+        "metas": [_json.dumps_safe(p["meta"]) for p in params],
+        "owners": [p["lease_owner"] for p in params],
+    }
 
 
 def _reason(exc: sa.exc.DBAPIError) -> str:
