@@ -226,23 +226,37 @@ class Dispatcher:
                 self._lane_blocking(broker, all_lanes[i], ready[i], result, record, reports,
                                     since, n)
 
+        running = 0
+        limit = min(self.concurrency, len(indexes))
+
         try:
             async with anyio.create_task_group() as tg:
-                def spawn() -> None:
-                    since.append(time.perf_counter())
-                    tg.start_soon(functools.partial(
-                        anyio.to_thread.run_sync, functools.partial(worker, len(since) - 1),
-                        abandon_on_cancel=True))
 
-                spawn()
-                limit = min(self.concurrency, len(indexes))
-                while len(since) < limit:
-                    await anyio.sleep(_GROW_AFTER)
-                    if taken >= len(indexes):
-                        break  # every lane is taken (or being taken): no worker would get one
-                    now = time.perf_counter()
-                    if all(now - t >= _GROW_AFTER for t in since if t):
-                        spawn()
+                async def run_worker(n: int) -> None:
+                    nonlocal running
+                    try:
+                        await anyio.to_thread.run_sync(functools.partial(worker, n),
+                                                       abandon_on_cancel=True)
+                    finally:
+                        running -= 1
+                        if not running:  # it found no lane left: every lane is taken
+                            grow.cancel()
+
+                def spawn() -> None:
+                    nonlocal running
+                    running += 1
+                    since.append(time.perf_counter())
+                    tg.start_soon(run_worker, len(since) - 1)
+
+                with anyio.CancelScope() as grow:
+                    spawn()
+                    while len(since) < limit:
+                        await anyio.sleep(_GROW_AFTER)
+                        if taken >= len(indexes):
+                            break  # every lane is taken: no new worker would get one
+                        now = time.perf_counter()
+                        if all(now - t >= _GROW_AFTER for t in since if t):
+                            spawn()
         finally:
             with lock:
                 stopped = True
