@@ -10,6 +10,10 @@ When an event fails (a handler raised, or the provider refused that event) the l
 its lane are handed back (released, not a retry): they wait behind the failing event, which keeps
 the key's order across retries.
 
+Lanes whose handlers are all sync handlers meant for a worker thread (a plain ``def``, the
+default) run in a few worker threads that take lane after lane — one thread hop per thread and
+batch, not one per event (``Dispatcher._in_threads``); the other lanes run on the event loop.
+
 Partial success: the names of the handlers that already succeeded for an event are kept in
 ``metadata["outbox"]["handled"]`` when the event goes back to ``pending``, and those handlers are
 skipped on the next attempt. Only the handlers that failed (and the provider) see a repeat.
