@@ -34,8 +34,7 @@ from sqlalchemy.engine import Connection, Engine
 from outbox._patterns import compile_pattern
 from outbox._sql import bus, operator
 from outbox._sql.events import has_xids
-from outbox.events import Event, EventStatus, UTCDateTime, utcnow
-from outbox.providers.base import EventFilter
+from outbox.events import Event, EventFilter, EventStatus, UTCDateTime, utcnow
 from outbox.schema import consumers_table, dead_letters_table
 
 __all__ = [

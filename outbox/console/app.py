@@ -31,9 +31,8 @@ from outbox._sql import console as console_sql
 from outbox.console import views
 from outbox.console.auth import SESSION_MAX_AGE, Credentials, Signer, parse_basic
 from outbox.console.redact import Redactor
-from outbox.events import EventStatus, utcnow
+from outbox.events import EventFilter, EventStatus, utcnow
 from outbox.exceptions import OutboxError
-from outbox.providers.base import EventFilter
 
 __all__ = ["Console", "create_app"]
 

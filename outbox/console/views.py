@@ -14,8 +14,7 @@ from markupsafe import Markup, escape
 
 from outbox._duration import parse_time
 from outbox._sql.console import ThroughputBucket
-from outbox.events import EventSource, EventStatus, Operation, utcnow
-from outbox.providers.base import EventFilter
+from outbox.events import EventFilter, EventSource, EventStatus, Operation, utcnow
 
 __all__ = [
     "FILTER_FIELDS",

@@ -11,8 +11,7 @@ import outbox
 from outbox import ops
 from outbox._sql import console as ops_console
 from outbox._sql.console import Cursor
-from outbox.events import Event, utcnow
-from outbox.providers.base import EventFilter
+from outbox.events import Event, EventFilter, utcnow
 from tests.integration.ops_seed import INJECTIONS, add, count, event, statuses
 
 
