@@ -153,7 +153,8 @@ async def _run(relay: Any, config: Any, once: bool) -> None:
                      url_text(relay.url), " (PgBouncer mode)" if relay.pgbouncer else "",
                      describe_provider(config),
                      relay.batch_size, relay.lease,
-                     "LISTEN/NOTIFY" if relay.notify else f"polling {relay.poll_interval}s")
+                     "once: drain and exit" if once else "LISTEN/NOTIFY" if relay.notify
+                     else f"polling {relay.poll_interval}s")
             if config.metrics.port is not None and not once:
                 from outbox.health import observe_relay
 

@@ -133,4 +133,5 @@ def test_relay_start_line_says_where_events_go(redis_prefix: str, tmp_path: Path
     assert done.returncode == 0, done.stderr
     assert ("provider redis redis://127.0.0.1:6379/0 (the default address: no redis.url or host "
             "is configured)") in done.stderr
+    assert "once: drain and exit" in done.stderr  # --once does not LISTEN
     assert "relay stopped: 0 completed, 0 retried, 0 failed, 0 hand-back(s)" in done.stderr
