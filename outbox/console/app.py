@@ -48,6 +48,8 @@ CSRF_COOKIE = "outbox_csrf"
 MAX_FORM_BYTES = 256 * 1024
 #: Known event types for the filter's suggestions are read again after this many seconds.
 TYPES_TTL = 60.0
+#: The type suggestions' query is cancelled after this many seconds (they are a decoration).
+SUGGESTIONS_TIMEOUT = 1.0
 _SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -69,6 +71,12 @@ class HTTPError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def _db_message(exc: sa.exc.DBAPIError) -> str:
+    """The first line of a database error, URL secrets hidden."""
+    first = str(exc.orig or exc).strip().splitlines()
+    return redact_text(first[0] if first else type(exc).__name__)
 
 
 def _client(request: Request) -> str:
@@ -127,6 +135,7 @@ class Console:
             self.engine = database
             self._own_engine = False
         self._types: tuple[float, list[str]] | None = None
+        self._types_refresh = anyio.Lock()
         loader = jinja2.PackageLoader("outbox.console", "templates")
         self.templates = jinja2.Environment(loader=loader, autoescape=True,
                                             undefined=jinja2.StrictUndefined,
@@ -145,11 +154,13 @@ class Console:
 
     # -- database
 
-    async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``fn(connection, *args)`` in a worker thread, on a connection of its own."""
+    async def read(self, fn: Callable[..., T], *args: Any, budget: float | None = None,
+                   **kwargs: Any) -> T:
+        """``fn(connection, *args)`` in a worker thread, on a connection of its own, its
+        statements cancelled after ``budget`` seconds (default: ``query_timeout``)."""
         def run() -> T:
             with self.engine.connect() as conn:
-                console_sql.limit_time(conn, self.query_timeout)
+                console_sql.limit_time(conn, budget or self.query_timeout)
                 return fn(conn, *args, **kwargs)
 
         return await anyio.to_thread.run_sync(run)
@@ -160,11 +171,26 @@ class Console:
         return await anyio.to_thread.run_sync(functools.partial(fn, self.engine, *args, **kwargs))
 
     async def known_types(self) -> list[str]:
+        """The type suggestions: a decoration, on a budget of its own. One refresh at a time
+        (concurrent pages take the cached list); a refresh that fails or runs past
+        ``SUGGESTIONS_TIMEOUT`` keeps the old list (or none) until the next ``TYPES_TTL`` —
+        the page is served either way."""
         cached = self._types
         if cached is not None and time.monotonic() - cached[0] < TYPES_TTL:
             return cached[1]
-        types = await self.read(console_sql.known_types)
-        self._types = (time.monotonic(), types)
+        stale = cached[1] if cached is not None else []
+        if self._types_refresh.locked():
+            return stale
+        async with self._types_refresh:
+            try:
+                types = await self.read(console_sql.known_types,
+                                        budget=min(SUGGESTIONS_TIMEOUT,
+                                                   self.query_timeout or SUGGESTIONS_TIMEOUT))
+            except sa.exc.DBAPIError as exc:
+                log.warning("console: type suggestions not refreshed (%s); using %d known "
+                            "type(s) for %.0f s", _db_message(exc), len(stale), TYPES_TTL)
+                types = stale
+            self._types = (time.monotonic(), types)
         return types
 
     # -- who is asking
@@ -348,8 +374,7 @@ def endpoint(console: Console, handler: Handler, *, public: bool = False,
                 return page.render("error.html", status=504, message=(
                     f"the query took longer than {console.query_timeout:g} s: narrow the "
                     "filter (a time range, a type, a user, an entity)"))
-            first = str(exc.orig or exc).strip().splitlines()
-            message = redact_text(first[0] if first else type(exc).__name__)
+            message = _db_message(exc)
             log.warning("console: database error on %s: %s", request.url.path, message)
             return page.render("error.html", status=503, message=f"database: {message}")
 

@@ -211,3 +211,31 @@ def client_app(pg_engine: sa.Engine) -> Any:
                           age=dt.timedelta(minutes=5)), failed()])
     with client_for(create_app(pg_engine, token=TOKEN)) as client:
         yield client
+
+
+def test_slow_type_suggestions_never_fail_the_trail(pg_engine: sa.Engine,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """The suggestions are a decoration: cancelled at their own budget, the page is served
+    with the last list (or none), and the refresh is not retried on every request."""
+    from outbox._sql import console as console_sql
+
+    add(pg_engine, [event("public.orders.create")])
+    calls: list[int] = []
+    real = console_sql.known_types
+
+    def slow(conn: sa.Connection, limit: int = 200) -> list[str]:
+        calls.append(1)
+        if len(calls) > 1:
+            conn.execute(sa.text("SELECT pg_sleep(5)"))  # past the 1 s budget
+        return real(conn, limit)
+
+    monkeypatch.setattr(console_sql, "known_types", slow)
+    monkeypatch.setattr("outbox.console.app.TYPES_TTL", 0.0)
+    app = create_app(pg_engine, token=TOKEN)
+    with client_for(app) as client, caplog.at_level(logging.WARNING, "outbox.console"):
+        first = client.get("/events", headers=BEARER)
+        assert first.status_code == 200 and "public.orders.create" in first.text
+        second = client.get("/events", headers=BEARER, params={"status": "pending"})
+        assert second.status_code == 200 and "public.orders.create" in second.text
+    assert "type suggestions not refreshed" in caplog.text and len(calls) == 2
