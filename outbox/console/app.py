@@ -50,6 +50,9 @@ MAX_FORM_BYTES = 256 * 1024
 TYPES_TTL = 60.0
 #: The type suggestions' query is cancelled after this many seconds (they are a decoration).
 SUGGESTIONS_TIMEOUT = 1.0
+#: Database connections the console uses at once, its own pool or the application's it is
+#: mounted on: a slow database makes requests wait (then 503), not take every connection.
+MAX_CONNECTIONS = 4
 _SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -129,13 +132,15 @@ class Console:
         self.page_size = page_size
         self.query_timeout = query_timeout
         if isinstance(database, str):
-            self.engine = sa.create_engine(database, pool_pre_ping=True)
+            self.engine = sa.create_engine(database, pool_pre_ping=True,
+                                           pool_size=MAX_CONNECTIONS, max_overflow=0)
             self._own_engine = True
         else:
             self.engine = database
             self._own_engine = False
         self._types: tuple[float, list[str]] | None = None
         self._types_refresh = anyio.Lock()
+        self._connections = anyio.CapacityLimiter(MAX_CONNECTIONS)
         loader = jinja2.PackageLoader("outbox.console", "templates")
         self.templates = jinja2.Environment(loader=loader, autoescape=True,
                                             undefined=jinja2.StrictUndefined,
@@ -163,12 +168,25 @@ class Console:
                 console_sql.limit_time(conn, budget or self.query_timeout)
                 return fn(conn, *args, **kwargs)
 
-        return await anyio.to_thread.run_sync(run)
+        return await self._in_thread(run)
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(engine, *args)`` in a worker thread (functions that run their own
         transactions: the replays)."""
-        return await anyio.to_thread.run_sync(functools.partial(fn, self.engine, *args, **kwargs))
+        return await self._in_thread(functools.partial(fn, self.engine, *args, **kwargs))
+
+    async def _in_thread(self, run: Callable[[], T]) -> T:
+        """``run()`` in a worker thread once one of ``MAX_CONNECTIONS`` slots is free; a
+        request that waits longer than ``query_timeout`` for one gets 503."""
+        with anyio.move_on_after(self.query_timeout or 30.0) as waited:
+            await self._connections.acquire()
+        if waited.cancelled_caught:
+            raise HTTPError(503, "the console is busy: its database queries are slow; try "
+                                 "again shortly")
+        try:
+            return await anyio.to_thread.run_sync(run)
+        finally:
+            self._connections.release()
 
     async def known_types(self) -> list[str]:
         """The type suggestions: a decoration, on a budget of its own. One refresh at a time
@@ -365,6 +383,9 @@ def endpoint(console: Console, handler: Handler, *, public: bool = False,
             return await handler(page)
         except HTTPError as exc:
             return page.render("error.html", status=exc.status, message=exc.message)
+        except sa.exc.TimeoutError:  # no connection from the pool in time
+            return page.render("error.html", status=503, message=(
+                "the database has no free connection for the console: try again shortly"))
         except RecursionError:  # an event's JSON nested deeper than the driver decodes
             return page.render("error.html", status=422, message=(
                 "an event on this page holds JSON nested deeper than can be read (written by "

@@ -239,3 +239,45 @@ def test_slow_type_suggestions_never_fail_the_trail(pg_engine: sa.Engine,
         second = client.get("/events", headers=BEARER, params={"status": "pending"})
         assert second.status_code == 200 and "public.orders.create" in second.text
     assert "type suggestions not refreshed" in caplog.text and len(calls) == 2
+
+
+def test_a_locked_table_gets_503_or_504_never_500(pg_engine: sa.Engine) -> None:
+    """50 parallel requests while ``events`` is locked: each answered within the budget with
+    503 (waiting for one of the console's few connections) or 504 (its query cancelled); the
+    console holds at most MAX_CONNECTIONS connections and serves normally afterwards."""
+    import concurrent.futures
+
+    from outbox.console.app import MAX_CONNECTIONS
+
+    add(pg_engine, [event("public.orders.create")])
+    app = create_app(pg_engine, token=TOKEN, query_timeout=1.0)
+    held, peak = [0], [0]
+
+    def checkout(*_: Any) -> None:
+        held[0] += 1
+        peak[0] = max(peak[0], held[0])
+
+    def checkin(*_: Any) -> None:
+        held[0] -= 1
+
+    sa.event.listen(pg_engine, "checkout", checkout)
+    sa.event.listen(pg_engine, "checkin", checkin)
+    locker = pg_engine.connect()
+    tx = locker.begin()
+    locker.execute(sa.text("LOCK TABLE events IN ACCESS EXCLUSIVE MODE"))
+    try:
+        with client_for(app) as client:
+            def get(i: int) -> int:
+                path = ("/events", "/failures", "/health", "/entity?entity=a&id=1")[i % 4]
+                return client.get(path, headers=BEARER).status_code
+
+            with concurrent.futures.ThreadPoolExecutor(50) as pool:
+                codes = list(pool.map(get, range(50)))
+            assert set(codes) <= {503, 504}, codes
+            assert 504 in codes and 503 in codes
+            assert peak[0] <= MAX_CONNECTIONS + 1, peak  # + the locker
+    finally:
+        tx.rollback()
+        locker.close()
+    with client_for(app) as client:
+        assert client.get("/events", headers=BEARER).status_code == 200
