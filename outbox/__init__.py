@@ -16,12 +16,11 @@ from outbox._capture import Capture, capture
 from outbox._context import context, request_scope, set_context
 from outbox._meta import __version__ as __version__
 from outbox._retry import RetryPolicy
-from outbox.events import Event, EventSource, EventStatus, new_event
+from outbox.events import Event, EventFilter, EventSource, EventStatus, new_event
 from outbox.exceptions import OutboxError
 
 # registers outbox_alembic_version on Event.metadata (the table outbox.migrations records in)
 from outbox.migrations import version_table as _version_table  # noqa: F401
-from outbox.providers.base import EventFilter
 from outbox.schema import create_schema  # also registers the outbox_* tables on Event.metadata
 
 if TYPE_CHECKING:  # names resolved lazily below, spelled out for type checkers

@@ -34,15 +34,23 @@ def parse_duration(text: str) -> dt.timedelta:
             f"invalid duration {text!r}: use a number and a unit (ms, s, m, h, d, w), e.g. 30d or "
             "1h30m"
         )
-    return dt.timedelta(seconds=total)
+    try:
+        return dt.timedelta(seconds=total)
+    except OverflowError:
+        raise ValueError(f"invalid duration {text!r}: longer than a timedelta holds") from None
 
 
 def parse_time(text: str, now: dt.datetime | None = None) -> dt.datetime:
     """A duration ago (``1h``) or an ISO 8601 date/time (UTC when no offset is given)."""
     try:
-        return (now or dt.datetime.now(dt.UTC)) - parse_duration(text)
+        ago = parse_duration(text)
     except ValueError:
         pass
+    else:
+        try:
+            return (now or dt.datetime.now(dt.UTC)) - ago
+        except OverflowError:
+            raise ValueError(f"invalid time {text!r}: that is before the year 1") from None
     try:
         value = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:

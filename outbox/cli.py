@@ -47,9 +47,8 @@ from outbox._meta import DISTRIBUTION
 from outbox._redact import url_text
 from outbox._sql import console as console_sql
 from outbox.console import cli as console_cli
-from outbox.events import Event, EventSource, EventStatus, Operation, utcnow
+from outbox.events import Event, EventFilter, EventSource, EventStatus, Operation, utcnow
 from outbox.exceptions import OutboxError
-from outbox.providers.base import EventFilter
 from outbox.schema import check_schema
 
 __all__ = ["build_parser", "main", "parse_duration", "parse_time"]

@@ -35,6 +35,7 @@ from outbox._duration import parse_duration
 from outbox._redact import redact as redact_url
 from outbox._retry import RetryPolicy
 from outbox.exceptions import ConfigError, MissingDependency
+from outbox.providers import _registry
 
 if TYPE_CHECKING:
     from outbox.providers.base import Provider
@@ -56,7 +57,8 @@ log = logging.getLogger("outbox.config")
 
 ROOT = "event_broker"
 ENV_PREFIX = "OUTBOX_"
-PROVIDERS = ("memory", "redis", "nats", "database")
+#: The ``provider`` key's choices: the table of ``outbox.providers._registry``.
+PROVIDERS: tuple[str, ...] = tuple(_registry.PROVIDERS)
 
 
 def _secret(default: Any = None) -> Any:
@@ -309,45 +311,33 @@ class Config(_Section):
 
 # -- provider factory ----------------------------------------------------------------------------
 
-_PROVIDER_CLASSES = {
-    "redis": ("outbox.providers.redis", "RedisProvider", "redis", "redis"),
-    "nats": ("outbox.providers.nats", "NATSProvider", "nats", "nats-py"),
-    "database": ("outbox.providers.database", "DatabaseProvider", "postgres", "psycopg"),
-}
-_DRIVERS = {"redis": "redis", "nats": "nats", "psycopg": "postgres", "psycopg_binary": "postgres"}
-
-
 def provider_from_config(config: Config) -> Provider:
     """The provider ``config.provider`` names, configured from its section.
 
     ``memory`` → :class:`~outbox.MemoryProvider`; ``redis``/``nats``/``database`` →
-    ``RedisProvider.from_config(config)`` etc., imported only now. A missing driver raises
-    :class:`MissingDependency` naming the extra to install.
+    ``RedisProvider.from_config(config)`` etc., imported only now (the table of providers is
+    ``outbox.providers._registry``). A missing driver raises :class:`MissingDependency` naming
+    the extra to install.
     """
-    if config.provider == "memory":
-        from outbox.providers.memory import MemoryProvider
+    import importlib
 
-        return MemoryProvider(
-            max_events=config.memory.max_events,
-            cleanup_interval=config.memory.cleanup_interval,
-            max_age=config.memory.max_age,
-        )
-    spec = _PROVIDER_CLASSES.get(config.provider)
+    from outbox.providers._registry import entry
+
+    spec = entry(config.provider)
     if spec is None:
         raise ConfigError(f"{ROOT}.provider", f"unknown provider {config.provider!r}; "
                           f"expected one of {', '.join(PROVIDERS)}")
-    module_name, class_name, extra, package = spec
-    import importlib
-
+    module_name, _, class_name = spec.target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         missing = (exc.name or "").split(".")[0]
-        if missing in _DRIVERS:
-            raise MissingDependency(f"the {config.provider} provider", _DRIVERS[missing],
+        if missing in spec.drivers:
+            raise MissingDependency(f"the {spec.name} provider", spec.drivers[missing],
                                     missing) from exc
-        if exc.name == module_name:
-            raise MissingDependency(f"the {config.provider} provider", extra, package) from exc
+        if exc.name == module_name and spec.extra and spec.package:
+            raise MissingDependency(f"the {spec.name} provider", spec.extra,
+                                    spec.package) from exc
         raise
     try:
         provider: Provider = getattr(module, class_name).from_config(config)

@@ -17,8 +17,9 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
@@ -30,19 +31,23 @@ from sqlalchemy.schema import CreateColumn
 from sqlalchemy.types import TypeDecorator
 
 from outbox import _json
+from outbox._patterns import compile_pattern
 from outbox._sql import ddl
 from outbox.exceptions import OutboxError, SerializationError
 
 __all__ = [
     "Event",
+    "EventFilter",
     "EventSource",
     "EventStatus",
     "Operation",
     "OutboxBase",
+    "as_event_id",
     "event_type",
     "get_instance_id",
     "new_event",
     "new_event_id",
+    "order_key",
     "set_instance_id",
     "utcnow",
 ]
@@ -517,3 +522,96 @@ def _after_create(target: sa.Table, connection: sa.Connection, **_: Any) -> None
 # its own (PG_LIVE_INDEXES, PG_DONE_INDEXES).
 _EVENTS_TABLE: sa.Table = Event.__table__  # type: ignore[assignment]
 _EVENTS_TABLE.primary_key.ddl_if(callable_=_single_table)
+
+
+# -- selecting events ------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """Which events ``list`` returns. ``None`` fields do not filter.
+
+    ``type`` is a pattern (``outbox.patterns``). ``start_time`` is inclusive and ``end_time``
+    exclusive, on ``created_at``. Results are ordered by ``created_at``, then ``seq``, then
+    ``id``, so ``limit``/``offset`` pages are stable.
+    """
+
+    source: EventSource | str | None = None
+    type: str | None = None
+    status: EventStatus | str | None = None
+    user_id: str | None = None
+    session_id: str | None = None
+    instance_id: str | None = None
+    schema_name: str | None = None
+    entity: str | None = None
+    entity_id: str | None = None
+    operation: str | None = None
+    start_time: dt.datetime | None = None
+    end_time: dt.datetime | None = None
+    limit: int | None = None
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        if self.type is not None:
+            compile_pattern(self.type)  # ValueError for a bad pattern, now
+        if self.limit is not None and self.limit < 0:
+            raise ValueError("EventFilter.limit must be >= 0")
+        if self.offset < 0:
+            raise ValueError("EventFilter.offset must be >= 0")
+        for name in ("start_time", "end_time"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, dt.datetime):
+                raise ValueError(f"EventFilter.{name} must be a datetime")
+
+    #: Fields compared for equality with the event attribute of the same name.
+    EQUALITY_FIELDS: ClassVar[tuple[str, ...]] = (
+        "source", "status", "user_id", "session_id", "instance_id", "schema_name", "entity",
+        "entity_id", "operation",
+    )
+
+    def equality_items(self) -> list[tuple[str, str]]:
+        """(field, value-as-text) for every equality field that is set."""
+        out = []
+        for name in self.EQUALITY_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                out.append((name, value.value if isinstance(value, enum.Enum) else str(value)))
+        return out
+
+    def matches(self, event: Event) -> bool:
+        """True when ``event`` passes every condition (ignores limit/offset)."""
+        for name, value in self.equality_items():
+            if getattr(event, name) != value:
+                return False
+        if self.type is not None and not compile_pattern(self.type).matches(event.type):
+            return False
+        created = event.created_at
+        if self.start_time is not None and created < _aware(self.start_time):
+            return False
+        return not (self.end_time is not None and created >= _aware(self.end_time))
+
+    def select(self, events: Iterable[Event]) -> list[Event]:
+        """The events that match, in the stable order, paged by ``offset``/``limit`` (what
+        ``list`` returns for providers that filter in Python)."""
+        rows = sorted((e for e in events if self.matches(e)), key=order_key)
+        end = None if self.limit is None else self.offset + self.limit
+        return rows[self.offset:end]
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+
+
+def order_key(event: Event) -> tuple[dt.datetime, bool, int, str]:
+    """``created_at``, then ``seq`` (events without one after those with one), then ``id``."""
+    seq = event.__dict__.get("seq")
+    return (event.created_at, seq is None, seq or 0, str(event.id))
+
+
+def as_event_id(event_id: uuid.UUID | str) -> uuid.UUID:
+    """``event_id`` as a UUID (``ValueError`` naming the bad value otherwise)."""
+    if isinstance(event_id, uuid.UUID):
+        return event_id
+    try:
+        return uuid.UUID(str(event_id))
+    except ValueError:
+        raise ValueError(f"not a valid event id: {event_id!r}") from None

@@ -227,6 +227,7 @@ class HealthMonitor:
         self.interval = interval
         self.timeout = timeout
         self.beat_interval = beat_interval
+        self._last_report: tuple[tuple[str, str], ...] = ()
 
     async def check_once(self) -> bool:
         """Run every check once, concurrently; record and return whether all passed."""
@@ -250,8 +251,17 @@ class HealthMonitor:
             for name, check in self.checks.items():
                 tg.start_soon(one, name, check)
         failed = sorted(n for n, ok in results.items() if not ok)
-        if failed:
-            log.warning("readiness checks failing: %s", ", ".join(failed))
+        # Said when the picture changes (a check starts failing, fails differently, recovers),
+        # with each failure's reason: a line every interval naming only the check told nothing.
+        now = self.state.checks()
+        report = tuple((n, now[n].detail if n in now else "") for n in failed)
+        if report != self._last_report:
+            if failed:
+                log.warning("readiness checks failing: %s",
+                            "; ".join(f"{n} ({d})" if d else n for n, d in report))
+            elif self._last_report:
+                log.info("readiness checks passing again")
+            self._last_report = report
         return not failed
 
     async def _beat(self) -> None:

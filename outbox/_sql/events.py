@@ -22,12 +22,13 @@ from outbox._sql import ddl
 from outbox.events import (
     _ATTR_TO_COLUMN,
     Event,
+    EventFilter,
     EventStatus,
     UTCDateTime,
+    as_event_id,
     get_instance_id,
     utcnow,
 )
-from outbox.providers.base import EventFilter, as_event_id
 
 __all__ = [
     "count_by_status",

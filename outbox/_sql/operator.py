@@ -32,8 +32,7 @@ from outbox._patterns import compile_pattern
 from outbox._sql import events as event_sql
 from outbox._sql.ddl import NOTIFY_CHANNEL
 from outbox._txretry import retrying
-from outbox.events import Event, EventStatus, utcnow
-from outbox.providers.base import EventFilter, as_event_id
+from outbox.events import Event, EventFilter, EventStatus, as_event_id, utcnow
 
 __all__ = [
     "FINISHED",

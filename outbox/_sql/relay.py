@@ -162,7 +162,7 @@ SET status = 'completed', completed_at = :now, lease_token = NULL, lease_expires
 WHERE id IN :ids AND lease_token = :token AND status = 'processing'
 """
 
-# Retry, final failure or release: values differ per event (executemany).
+# Retry, final failure or release: values differ per event (one statement per event).
 _SETTLE = """
 UPDATE events
 SET status = :status, retry_count = :retry_count, error = :error,
@@ -532,7 +532,8 @@ class RelayStore:
         """Write the outcome of every event of a claim in one transaction, fenced by ``token``.
 
         Completed events go in one ``UPDATE``; retries, failures and releases (values differ per
-        event) in one executemany. Events whose lease was taken over are reported in ``lost``.
+        event) in one ``UPDATE`` each, in the same transaction. Events whose lease was taken
+        over are reported in ``lost``.
         """
         result = SettleResult()
         if not outcomes:

@@ -29,11 +29,10 @@ from outbox import ops
 from outbox._logs import redact as redact_text
 from outbox._sql import console as console_sql
 from outbox.console import views
-from outbox.console.auth import SESSION_MAX_AGE, Credentials, Signer, parse_basic
-from outbox.console.redact import Redactor
-from outbox.events import EventStatus, utcnow
+from outbox.console.auth import SESSION_MAX_AGE, Credentials, Signer, Throttle, parse_basic
+from outbox.console.redact import TOO_DEEP, Redactor
+from outbox.events import EventFilter, EventStatus, utcnow
 from outbox.exceptions import OutboxError
-from outbox.providers.base import EventFilter
 
 __all__ = ["Console", "create_app"]
 
@@ -49,6 +48,11 @@ CSRF_COOKIE = "outbox_csrf"
 MAX_FORM_BYTES = 256 * 1024
 #: Known event types for the filter's suggestions are read again after this many seconds.
 TYPES_TTL = 60.0
+#: The type suggestions' query is cancelled after this many seconds (they are a decoration).
+SUGGESTIONS_TIMEOUT = 1.0
+#: Database connections the console uses at once, its own pool or the application's it is
+#: mounted on: a slow database makes requests wait (then 503), not take every connection.
+MAX_CONNECTIONS = 4
 _SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -70,6 +74,16 @@ class HTTPError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def _db_message(exc: sa.exc.DBAPIError) -> str:
+    """The first line of a database error, URL secrets hidden."""
+    first = str(exc.orig or exc).strip().splitlines()
+    return redact_text(first[0] if first else type(exc).__name__)
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "?"
 
 
 def _loopback_host(host: str) -> bool:
@@ -113,19 +127,24 @@ class Console:
         self.no_auth = no_auth
         self.read_only = read_only
         self.redactor = Redactor(redact)
-        self.signer = Signer(secret)
+        self.signer = Signer(secret, binding=self.credentials.fingerprint)
+        self.throttle = Throttle()
         self.page_size = page_size
         self.query_timeout = query_timeout
         if isinstance(database, str):
-            self.engine = sa.create_engine(database, pool_pre_ping=True)
+            self.engine = sa.create_engine(database, pool_pre_ping=True,
+                                           pool_size=MAX_CONNECTIONS, max_overflow=0)
             self._own_engine = True
         else:
             self.engine = database
             self._own_engine = False
         self._types: tuple[float, list[str]] | None = None
+        self._types_refresh = anyio.Lock()
+        self._connections = anyio.CapacityLimiter(MAX_CONNECTIONS)
         loader = jinja2.PackageLoader("outbox.console", "templates")
         self.templates = jinja2.Environment(loader=loader, autoescape=True,
-                                            undefined=jinja2.StrictUndefined)
+                                            undefined=jinja2.StrictUndefined,
+                                            finalize=views.visible)
         self.templates.filters.update(
             ts=views.timestamp, ago=views.ago, duration=views.duration, json=views.pretty_json,
             short_json=views.short_json,
@@ -140,26 +159,56 @@ class Console:
 
     # -- database
 
-    async def read(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``fn(connection, *args)`` in a worker thread, on a connection of its own."""
+    async def read(self, fn: Callable[..., T], *args: Any, budget: float | None = None,
+                   **kwargs: Any) -> T:
+        """``fn(connection, *args)`` in a worker thread, on a connection of its own, its
+        statements cancelled after ``budget`` seconds (default: ``query_timeout``)."""
         def run() -> T:
             with self.engine.connect() as conn:
-                console_sql.limit_time(conn, self.query_timeout)
+                console_sql.limit_time(conn, budget or self.query_timeout)
                 return fn(conn, *args, **kwargs)
 
-        return await anyio.to_thread.run_sync(run)
+        return await self._in_thread(run)
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(engine, *args)`` in a worker thread (functions that run their own
         transactions: the replays)."""
-        return await anyio.to_thread.run_sync(functools.partial(fn, self.engine, *args, **kwargs))
+        return await self._in_thread(functools.partial(fn, self.engine, *args, **kwargs))
+
+    async def _in_thread(self, run: Callable[[], T]) -> T:
+        """``run()`` in a worker thread once one of ``MAX_CONNECTIONS`` slots is free; a
+        request that waits longer than ``query_timeout`` for one gets 503."""
+        with anyio.move_on_after(self.query_timeout or 30.0) as waited:
+            await self._connections.acquire()
+        if waited.cancelled_caught:
+            raise HTTPError(503, "the console is busy: its database queries are slow; try "
+                                 "again shortly")
+        try:
+            return await anyio.to_thread.run_sync(run)
+        finally:
+            self._connections.release()
 
     async def known_types(self) -> list[str]:
+        """The type suggestions: a decoration, on a budget of its own. One refresh at a time
+        (concurrent pages take the cached list); a refresh that fails or runs past
+        ``SUGGESTIONS_TIMEOUT`` keeps the old list (or none) until the next ``TYPES_TTL`` —
+        the page is served either way."""
         cached = self._types
         if cached is not None and time.monotonic() - cached[0] < TYPES_TTL:
             return cached[1]
-        types = await self.read(console_sql.known_types)
-        self._types = (time.monotonic(), types)
+        stale = cached[1] if cached is not None else []
+        if self._types_refresh.locked():
+            return stale
+        async with self._types_refresh:
+            try:
+                types = await self.read(console_sql.known_types,
+                                        budget=min(SUGGESTIONS_TIMEOUT,
+                                                   self.query_timeout or SUGGESTIONS_TIMEOUT))
+            except sa.exc.DBAPIError as exc:
+                log.warning("console: type suggestions not refreshed (%s); using %d known "
+                            "type(s) for %.0f s", _db_message(exc), len(stale), TYPES_TTL)
+                types = stale
+            self._types = (time.monotonic(), types)
         return types
 
     # -- who is asking
@@ -174,16 +223,44 @@ class Console:
         if header:
             basic = parse_basic(header)
             if basic is not None and self.credentials.check_password(*basic):
+                self.throttle.succeeded(_client(request))
                 return basic[0]
             scheme, _, token = header.partition(" ")
             if scheme.lower() == "bearer" and self.credentials.check_token(token.strip()):
+                self.throttle.succeeded(_client(request))
                 return "token"
+            self.sign_in_failed(request, basic[0] if basic is not None else None)
         cookie = request.cookies.get(SESSION_COOKIE)
         if cookie:
             identity = self.signer.identity(cookie)
             if identity is not None:
                 return identity
         return "anonymous" if self.no_auth else None
+
+    def sign_in_failed(self, request: Request, username: str | None) -> None:
+        client = _client(request)
+        failures = self.throttle.failed(client)
+        log.warning("console: failed sign-in%s from %s (%d in the last %.0f s)",
+                    f" as {username!r}" if username else "", client, failures,
+                    self.throttle.window)
+
+    def masked_errors(self, conn: Connection, rows: Iterable[Any], *, error: str = "error",
+                      ids: str | None = None, seqs: str | None = None) -> dict[Any, str | None]:
+        """The ``error`` of each row with URL secrets and the event's hidden values masked,
+        keyed by the row's id (``ids``) or seq (``seqs``) attribute."""
+        rows = [r for r in rows if getattr(r, error)]
+        sources: dict[Any, tuple[Any, Any]] = {}
+        if self.redactor and rows:
+            if ids is not None:
+                sources = dict(console_sql.values_by_id(conn, [getattr(r, ids) for r in rows]))
+            elif seqs is not None:
+                sources = dict(console_sql.failed_values_by_seq(
+                    conn, [getattr(r, seqs) for r in rows if getattr(r, seqs) is not None]))
+        out = {}
+        for r in rows:
+            key = getattr(r, ids or seqs or error)
+            out[key] = self.redactor.error(getattr(r, error), *sources.get(key, (None, None)))
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,8 +281,7 @@ def _url(request: Request, path: str, query: Mapping[str, Any] | None = None) ->
 
 
 def _who(request: Request, identity: str) -> str:
-    client = request.client.host if request.client else "?"
-    return f"{identity} from {client}"
+    return f"{identity} from {_client(request)}"
 
 
 async def _form(request: Request) -> dict[str, str]:
@@ -285,10 +361,18 @@ def endpoint(console: Console, handler: Handler, *, public: bool = False,
     pages (a database error is one line, its URL's password hidden)."""
 
     async def run(request: Request) -> Response:
-        if console.no_auth and not _loopback_host(request.url.hostname or ""):
+        if console.no_auth and not (_loopback_host(request.url.hostname or "")
+                                    and _loopback_host(_client(request))):
             # Without sign-in only a browser on this machine may talk to us: a page that
-            # rebinds its own host name to 127.0.0.1 sends another Host header.
-            return Response("console without sign-in: use http://127.0.0.1", status_code=421)
+            # rebinds its own host name to 127.0.0.1 sends another Host header, and a remote
+            # client can send any Host header but not another peer address.
+            return Response("console without sign-in: use http://127.0.0.1 on this machine",
+                            status_code=421)
+        wait = console.throttle.wait(_client(request))
+        if wait and (request.headers.get("authorization")
+                     or (request.url.path.endswith("/login") and request.method == "POST")):
+            return Response("too many failed sign-ins: try again later", status_code=429,
+                            headers={"Retry-After": str(int(wait) + 1)})
         identity = await console.identify(request)
         page = Page(console, request, identity)
         try:
@@ -299,13 +383,19 @@ def endpoint(console: Console, handler: Handler, *, public: bool = False,
             return await handler(page)
         except HTTPError as exc:
             return page.render("error.html", status=exc.status, message=exc.message)
+        except sa.exc.TimeoutError:  # no connection from the pool in time
+            return page.render("error.html", status=503, message=(
+                "the database has no free connection for the console: try again shortly"))
+        except RecursionError:  # an event's JSON nested deeper than the driver decodes
+            return page.render("error.html", status=422, message=(
+                "an event on this page holds JSON nested deeper than can be read (written by "
+                "SQL outside outbox?); open the events one by one"))
         except sa.exc.DBAPIError as exc:
             if getattr(exc.orig, "sqlstate", None) == "57014":  # query_canceled: the timeout
                 return page.render("error.html", status=504, message=(
                     f"the query took longer than {console.query_timeout:g} s: narrow the "
                     "filter (a time range, a type, a user, an entity)"))
-            first = str(exc.orig or exc).strip().splitlines()
-            message = redact_text(first[0] if first else type(exc).__name__)
+            message = _db_message(exc)
             log.warning("console: database error on %s: %s", request.url.path, message)
             return page.render("error.html", status=503, message=f"database: {message}")
 
@@ -361,27 +451,39 @@ async def events_page(page: Page) -> Response:
         form = views.FilterForm({n: query.get(n, "") for n, _, _ in views.FILTER_FIELDS},
                                 EventFilter())
         return page.render("events.html", status=400, form=form, error=str(exc), rows=[],
-                           newer=None, older=None, types=await c.known_types())
+                           errors={}, newer=None, older=None, types=await c.known_types())
     before, after = _cursor(page, "before"), _cursor(page, "after")
     if before is not None and after is not None:
         raise HTTPError(400, "give before or after, not both")
-    result = await c.read(console_sql.trail_page, form.filter, before=before, after=after,
-                          limit=c.page_size)
-    return page.render("events.html", form=form, error=None, rows=result.rows,
+    def read(conn: Connection) -> tuple[console_sql.TrailPage, dict[Any, str | None]]:
+        result = console_sql.trail_page(conn, form.filter, before=before, after=after,
+                                        limit=c.page_size)
+        return result, c.masked_errors(conn, result.rows, ids="id")
+
+    result, errors = await c.read(read)
+    return page.render("events.html", form=form, error=None, rows=result.rows, errors=errors,
                        newer=result.newer, older=result.older, types=await c.known_types())
 
 
 async def event_page(page: Page) -> Response:
     c = page.console
     event_id = views.parse_uuid(page.request.path_params["event_id"])
-    event = None if event_id is None else await c.read(ops.get_event, event_id)
+    unreadable = False
+    try:
+        event = None if event_id is None else await c.read(ops.get_event, event_id)
+    except RecursionError:  # JSON nested deeper than the driver's decoder goes
+        event = await c.read(console_sql.event_without_json, event_id)
+        unreadable = True
     if event is None:
         raise HTTPError(404, "no such event")
     meta = event.meta or {}
     return page.render(
-        "event.html", event=event, payload=c.redactor("payload", event.payload),
-        metadata=c.redactor("metadata", meta), trace_id=views.trace_id(meta),
-        handled=views.handled(meta), message=page.request.query_params.get("done"),
+        "event.html", event=event,
+        payload=TOO_DEEP if unreadable else c.redactor("payload", event.payload),
+        metadata=TOO_DEEP if unreadable else c.redactor("metadata", meta),
+        trace_id=views.trace_id(meta),
+        handled=views.handled(meta), error=c.redactor.error(event.error, event.payload, meta),
+        message=views.DONE.get(page.request.query_params.get("done", "")),
     )
 
 
@@ -396,9 +498,9 @@ async def replay_event(page: Page) -> Response:
     if result.missing:
         raise HTTPError(404, "no such event")
     if result.skipped:
-        done = f"not replayed: the event is {result.skipped[event_id]}, not failed"
+        done = f"not-failed-{result.skipped[event_id]}"
     else:
-        done = "replayed: pending again, due now, retry count reset"
+        done = "replayed"
         log.warning("console: %s replayed event %s", _who(page.request, page.identity or ""),
                     event_id)
     return page.redirect(f"/events/{event_id}", done=done)
@@ -411,11 +513,15 @@ async def entity_page(page: Page) -> Response:
     schema = q.get("schema", "").strip() or None
     if not entity or not entity_id:
         raise HTTPError(400, "give entity and id")
+    if "\x00" in entity + entity_id + (schema or ""):
+        raise HTTPError(400, "entity, id and schema cannot contain NUL characters")
     before = q.get("before")
     try:
         before_seq = int(before) if before else None
     except ValueError:
-        raise HTTPError(400, f"invalid before {before!r}") from None
+        before_seq = -1
+    if before_seq is not None and not 0 < before_seq < 2**63:  # seq is a BIGINT
+        raise HTTPError(400, f"invalid before {before!r}: a seq from this page's links")
     entries, older = await c.read(console_sql.entity_timeline, entity, entity_id,
                                   schema_name=schema, before_seq=before_seq, limit=c.page_size)
     shown = [
@@ -431,35 +537,62 @@ async def failures_page(page: Page) -> Response:
     c = page.console
 
     def read(conn: Connection) -> dict[str, Any]:
-        return {"groups": console_sql.failure_groups(conn),
-                "blocked": console_sql.blocked_key_details(conn),
+        groups = console_sql.failure_groups(conn)
+        blocked = console_sql.blocked_key_details(conn)
+        return {"groups": groups, "blocked": blocked,
+                "group_errors": c.masked_errors(conn, groups, seqs="sample_seq"),
+                "blocked_errors": c.masked_errors(conn, blocked, error="holder_error",
+                                                  seqs="holder_seq"),
                 "failed": console_sql.failed_count(conn), "scan": console_sql.FAILURE_SCAN}
 
     return page.render("failures.html", **await c.read(read))
 
 
-def _group_fields(form: Mapping[str, str]) -> tuple[str, str | None]:
+#: A failure group is looked for among this many groups of the failures page's scan.
+GROUP_LOOKUP = 1000
+
+
+def _find_group(conn: Connection, form: Mapping[str, str]) -> console_sql.FailureGroup:
+    """The group a form names: by its key (what the failures page sends), or by type and
+    error text (scripts; the browser's CRLF line breaks read as the LF errors have)."""
+    key = form.get("group", "")
     type_ = form.get("type", "")
-    if not type_:
-        raise HTTPError(400, "no type given")
-    return type_, None if form.get("no_error") == "1" else form.get("error", "")
+    if not key and not type_:
+        raise HTTPError(400, "no failure group given")
+    groups = console_sql.failure_groups(conn, limit=GROUP_LOOKUP)
+    if not key:
+        error = None if form.get("no_error") == "1" else form.get("error", "")
+        wanted = {(type_, error), (type_, error.replace("\r\n", "\n") if error else error)}
+        found = [g for g in groups if (g.type, g.error) in wanted]
+    else:
+        found = [g for g in groups if g.key == key]
+    if not found:
+        raise HTTPError(404, "no such failure group among the failed events now: reload the "
+                             "failures page")
+    return found[0]
 
 
 async def replay_group(page: Page) -> Response:
     c = page.console
     form = await _form(page.request)
     page.check_csrf(form)
-    type_, error = _group_fields(form)
+
+    def preview(conn: Connection) -> tuple[console_sql.FailureGroup, int, str | None]:
+        group = _find_group(conn, form)
+        shown = c.masked_errors(conn, [group], seqs="sample_seq").get(group.sample_seq)
+        return group, console_sql.failure_group_count(conn, group.type, group.error), shown
+
+    group, count, shown = await c.read(preview)
+    type_, error = group.type, group.error
     if form.get("confirm") != "yes":
-        count = await c.read(console_sql.failure_group_count, type_, error)
         return page.render("replay_confirm.html", count=count, what="group", type=type_,
-                           error=error, hidden={"type": type_, "error": error or "",
-                                                "no_error": "1" if error is None else ""},
+                           error=shown, no_error=error is None,
+                           hidden={"type": type_, "group": group.key},
                            action=page.url("/failures/replay"))
     result = await c.call(console_sql.replay_failure_group, type_, error)
     log.warning("console: %s replayed %d failed %s event(s) with error %r",
                 _who(page.request, page.identity or ""), result.replayed, type_,
-                (error or "")[:200])
+                (c.redactor.error(error) or "")[:200])
     return page.render("replay_done.html", result=result, back=page.url("/failures"))
 
 
@@ -492,9 +625,14 @@ async def replay_matching(page: Page) -> Response:
 
 async def health_page(page: Page) -> Response:
     c = page.console
-    figures = await c.read(console_sql.health_figures)
+    def read(conn: Connection) -> tuple[console_sql.HealthFigures, dict[Any, str | None]]:
+        figures = console_sql.health_figures(conn)
+        return figures, c.masked_errors(conn, figures.dead_letters, ids="event_id")
+
+    figures, errors = await c.read(read)
     template = "health_live.html" if page.request.query_params.get("live") else "health.html"
-    return page.render(template, f=figures, lag=figures.backlog.lag_seconds(figures.now))
+    return page.render(template, f=figures, lag=figures.backlog.lag_seconds(figures.now),
+                       dead_letter_errors=errors)
 
 
 async def login_page(page: Page) -> Response:
@@ -514,12 +652,11 @@ async def login_page(page: Page) -> Response:
                                                               form.get("password", "")):
         identity = form["username"]
     if identity is None:
-        log.warning("console: failed sign-in%s from %s",
-                    f" as {form['username']!r}" if form.get("username") else "",
-                    page.request.client.host if page.request.client else "?")
+        c.sign_in_failed(page.request, form.get("username") or None)
         await anyio.sleep(0.5)  # slows guessing down
         return page.render("login.html", status=401, error="wrong credentials", next=target,
                            creds=c.credentials)
+    c.throttle.succeeded(_client(page.request))
     log.info("console: %s signed in", _who(page.request, identity))
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(SESSION_COOKIE, c.signer.session(identity), max_age=SESSION_MAX_AGE,
@@ -531,6 +668,9 @@ async def login_page(page: Page) -> Response:
 async def logout(page: Page) -> Response:
     form = await _form(page.request)
     page.check_csrf(form)
+    cookie = page.request.cookies.get(SESSION_COOKIE)
+    if cookie:
+        page.console.signer.revoke(cookie)  # the cookie stops working, also if it was copied
     response = page.redirect("/login")
     response.delete_cookie(SESSION_COOKIE, path=_root(page.request) or "/")
     return response

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -14,10 +15,11 @@ from markupsafe import Markup, escape
 
 from outbox._duration import parse_time
 from outbox._sql.console import ThroughputBucket
-from outbox.events import EventSource, EventStatus, Operation, utcnow
-from outbox.providers.base import EventFilter
+from outbox.console.redact import TOO_DEEP, too_deep
+from outbox.events import EventFilter, EventSource, EventStatus, Operation, utcnow
 
 __all__ = [
+    "DONE",
     "FILTER_FIELDS",
     "FilterForm",
     "ago",
@@ -25,6 +27,7 @@ __all__ = [
     "pretty_json",
     "timestamp",
     "trace_id",
+    "visible",
 ]
 
 #: Filter fields of the trail's form: (query name, label, choices or None).
@@ -43,6 +46,20 @@ FILTER_FIELDS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ("until", "until", None),
 )
 _LONGEST = 500
+
+#: The notices an action's redirect may show (``?done=<code>``): fixed texts, so a link cannot
+#: make the console say what its author wants.
+DONE: dict[str, str] = {
+    "replayed": "replayed: pending again, due now, retry count reset",
+    **{f"not-failed-{s.value}": f"not replayed: the event is {s.value}, not failed"
+       for s in EventStatus},
+}
+
+# Characters that reorder or hide what follows them (bidi overrides and isolates, marks,
+# zero-width characters) and C0/C1 controls other than tab and line breaks: shown as their code
+# (``\u202e``) so ``\u202eadmin`` cannot display as "nimda".
+_INVISIBLE = re.compile("[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f"
+                        "\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 
 
 @dataclass(frozen=True)
@@ -63,6 +80,8 @@ class FilterForm:
                 continue
             if len(text) > _LONGEST:
                 raise ValueError(f"{label}: longer than {_LONGEST} characters")
+            if "\x00" in text:  # no text column can hold one: PostgreSQL refuses the query
+                raise ValueError(f"{label}: cannot contain NUL characters")
             if choices is not None and text not in choices:
                 raise ValueError(f"{label}: must be one of {', '.join(choices)}")
             if name in ("since", "until"):
@@ -82,6 +101,14 @@ class FilterForm:
     def active(self) -> dict[str, str]:
         """The fields that are set (for links and hidden form fields)."""
         return {k: v for k, v in self.values.items() if v}
+
+
+def visible(value: Any) -> Any:
+    """Every value a template prints: invisible and reordering characters spelled out (markup
+    the console built itself is left as it is)."""
+    if isinstance(value, str) and not isinstance(value, Markup) and _INVISIBLE.search(value):
+        return _INVISIBLE.sub(lambda m: f"\\u{ord(m[0]):04x}", value)
+    return value
 
 
 def timestamp(value: dt.datetime | None) -> str:
@@ -112,10 +139,14 @@ def duration(seconds: float) -> str:
 
 
 def pretty_json(value: Any) -> str:
+    if too_deep(value):
+        return TOO_DEEP
     return json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True, default=str)
 
 
 def short_json(value: Any, width: int = 80) -> str:
+    if too_deep(value):
+        return TOO_DEEP
     text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
     return text if len(text) <= width else text[: width - 1] + "…"
 

@@ -39,6 +39,7 @@ from outbox._cli import (
 )
 from outbox._logs import add_logging_arguments, configure_logging, preserved_logging
 from outbox.exceptions import OutboxError
+from outbox.providers import _registry
 from outbox.providers.base import StartPosition, parse_start
 
 if TYPE_CHECKING:
@@ -48,7 +49,8 @@ __all__ = ["build_parser", "main"]
 
 log = logging.getLogger("outbox.consume")
 
-PROVIDERS = ("redis", "nats", "database")
+#: The providers that carry events to other processes (the registry's ``cross_process``).
+PROVIDERS = tuple(name for name, e in _registry.PROVIDERS.items() if e.cross_process)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,6 +191,7 @@ def run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         raise Failure("no handlers are subscribed: pass --app MODULE with @outbox.subscribe "
                       "handlers (consuming without any would acknowledge every event unhandled)")
     provider = build_provider(config)
+    log.info("provider %s", _registry.describe(config))
     group = args.group or getattr(provider, "consumer_group", None)
     if not group:
         raise Failure("--group is required")

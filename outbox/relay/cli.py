@@ -2,8 +2,9 @@
 
 ::
 
-    python -m outbox.relay [--database-url URL] [--config PATH] [--provider memory|redis|nats]
-        [--app MODULE ...] [--batch-size N] [--poll-interval S] [--lease S]
+    python -m outbox.relay [--database-url URL] [--config PATH]
+        [--provider memory|redis|nats|database] [--app MODULE ...] [--batch-size N]
+        [--poll-interval S] [--lease S]
         [--metrics-port PORT] [--metrics-host HOST] [--once] [--log-level LEVEL]
         [--pgbouncer [--listen-url URL]]
 
@@ -34,7 +35,9 @@ import anyio
 from outbox._cli import Failure, add_metrics_arguments, import_apps, leaves, print_error
 from outbox._cli import load_config as _load_config
 from outbox._logs import add_logging_arguments, configure_logging, preserved_logging
+from outbox._redact import url_text
 from outbox.exceptions import OutboxError
+from outbox.providers._registry import describe as describe_provider
 
 __all__ = ["build_parser", "main"]
 
@@ -150,10 +153,11 @@ async def _run(relay: Any, config: Any, once: bool, apps: Sequence[str] = ()) ->
                 log.warning("--app %s subscribed no handlers (@outbox.subscribe): events are "
                             "forwarded and completed without any", ", ".join(apps))
             log.info("relay %s on %s%s, provider %s, batch %d, lease %.0fs, %s", relay.owner,
-                     relay.url.render_as_string(hide_password=True),
-                     " (PgBouncer mode)" if relay.pgbouncer else "", config.provider,
+                     url_text(relay.url), " (PgBouncer mode)" if relay.pgbouncer else "",
+                     describe_provider(config),
                      relay.batch_size, relay.lease,
-                     "LISTEN/NOTIFY" if relay.notify else f"polling {relay.poll_interval}s")
+                     "once: drain and exit" if once else "LISTEN/NOTIFY" if relay.notify
+                     else f"polling {relay.poll_interval}s")
             if config.metrics.port is not None and not once:
                 from outbox.health import observe_relay
 
@@ -174,8 +178,10 @@ async def _run(relay: Any, config: Any, once: bool, apps: Sequence[str] = ()) ->
                 except Exception as exc:  # closing must not hide how the run ended
                     log.warning("closing the provider failed: %s", exc)
     s = relay.stats
-    log.info("relay stopped: %d completed, %d retried, %d failed, %d handed back", s.completed,
-             s.retried, s.failed, s.released)
+    # Hand-backs are counted per hand-back, not per event: an event held through an outage
+    # goes back to pending at each attempt, so "8" may be one event handed back 8 times.
+    log.info("relay stopped: %d completed, %d retried, %d failed, %d hand-back(s) of unstarted "
+             "events", s.completed, s.retried, s.failed, s.released)
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:

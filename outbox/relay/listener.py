@@ -15,6 +15,7 @@ from collections.abc import Callable
 import anyio
 from sqlalchemy.engine import URL
 
+from outbox._redact import url_text
 from outbox._sql.ddl import NOTIFY_CHANNEL
 from outbox.exceptions import MissingDependency
 
@@ -64,7 +65,7 @@ class PgListener:
         self.max_backoff = max_backoff
         self.notifications = 0
         self.connects = 0
-        self._redacted = url.render_as_string(hide_password=True)
+        self._redacted = url_text(url)
 
     async def run(self) -> None:
         import psycopg

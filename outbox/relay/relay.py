@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import URL, Engine
 
 from outbox._engines import create_engine, engine_args
+from outbox._redact import url_text
 from outbox._retry import RetryPolicy
 from outbox._sql.ddl import storage_outdated
 from outbox._sql.relay import COMPLETED, FAILED, Claim, Outcome, RelayStore
@@ -197,7 +198,7 @@ class Relay:
         self._set_ready(True)
 
     def _check_database(self) -> None:
-        redacted = self.url.render_as_string(hide_password=True)
+        redacted = url_text(self.url)
         try:
             with self.engine.connect() as conn:
                 if self.create_schema:

@@ -34,7 +34,7 @@ class RelayStats:
     completed: int = 0
     retried: int = 0  # events sent back to pending with retry_count + 1
     failed: int = 0  # events that exhausted their retries
-    released: int = 0  # events handed back unstarted or unfinished (not a retry)
+    released: int = 0  # hand-backs of unstarted or unfinished events (not a retry; per time)
     handler_errors: int = 0  # events with at least one failing handler
     forward_errors: int = 0  # events the provider refused (errors about that event)
     outages: int = 0  # provider outages (ProviderUnavailable) seen

@@ -117,3 +117,21 @@ def test_postgres_scheme_urls_work(pg_url: str) -> None:
         done = outbox_cli("stats", "--json", env={"OUTBOX_DATABASE_URL": url})
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout)["total"] == 0
+
+
+def test_relay_start_line_says_where_events_go(redis_prefix: str, tmp_path: Path) -> None:
+    """``--provider redis`` with no address set forwards to a local server: the start line says
+    so, instead of a bare "provider redis" that reads like the configured one."""
+    from tests import servers
+
+    if (servers.REDIS_HOST, servers.REDIS_PORT) != ("127.0.0.1", 6379):
+        pytest.skip("needs the Redis server at the default address")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
+    env["OUTBOX_REDIS_STREAM_NAME"] = f"{redis_prefix}:events"
+    done = subprocess.run([sys.executable, "-m", "outbox.relay", "--once", "--provider", "redis"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert ("provider redis redis://127.0.0.1:6379/0 (the default address: no redis.url or host "
+            "is configured)") in done.stderr
+    assert "once: drain and exit" in done.stderr  # --once does not LISTEN
+    assert "relay stopped: 0 completed, 0 retried, 0 failed, 0 hand-back(s)" in done.stderr

@@ -232,3 +232,23 @@ def test_the_lag_figure_changes_when_events_pile_up(page: Any, site: ConsoleProc
     assert wait_until(refreshed, timeout=15), "the health page did not refresh"
     lag = page.locator("#lag").inner_text()
     assert lag != before_lag and lag in ("120 s", "2 min"), lag
+
+
+def test_a_hidden_health_tab_does_not_refresh(page: Any, site: ConsoleProcess) -> None:
+    """A background tab costs the database nothing: no refresh while hidden, one at once when
+    shown again."""
+    page.goto(site.url + "/health")
+    live: list[str] = []
+    page.on("request", lambda r: live.append(r.url) if "live=1" in r.url else None)
+    page.evaluate("""() => {
+        Object.defineProperty(document, "hidden", {configurable: true, get: () => true});
+        document.dispatchEvent(new Event("visibilitychange"));
+    }""")
+    page.wait_for_timeout(11_000)  # two refresh intervals (5 s)
+    hidden = len(live)
+    page.evaluate("""() => {
+        Object.defineProperty(document, "hidden", {configurable: true, get: () => false});
+        document.dispatchEvent(new Event("visibilitychange"));
+    }""")
+    assert wait_until(lambda: len(live) > hidden, timeout=3), "no refresh when shown again"
+    assert hidden <= 1, f"{hidden} refreshes while hidden"  # one may have been under way

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -11,8 +12,7 @@ import outbox
 from outbox import ops
 from outbox._sql import console as ops_console
 from outbox._sql.console import Cursor
-from outbox.events import Event, utcnow
-from outbox.providers.base import EventFilter
+from outbox.events import Event, EventFilter, utcnow
 from tests.integration.ops_seed import INJECTIONS, add, count, event, statuses
 
 
@@ -238,12 +238,14 @@ def test_relays_seen(engine: sa.Engine) -> None:
 
 def test_known_types_and_estimated_total(engine: sa.Engine) -> None:
     add(engine, [event(t) for t in ("b.x", "a.x", "b.x", "c.y.z")])
+    add(engine, [event(t, status="completed") for t in ("d.done", "a.x")])
+    add(engine, [event("e.failed", status="failed")])
     with engine.connect() as conn:
-        assert ops_console.known_types(conn) == ["a.x", "b.x", "c.y.z"]
+        assert ops_console.known_types(conn) == ["a.x", "b.x", "c.y.z", "d.done", "e.failed"]
         assert ops_console.known_types(conn, limit=2) == ["a.x", "b.x"]
         if conn.dialect.name == "postgresql":
             conn.exec_driver_sql("ANALYZE events")
-        assert ops_console.estimated_total(conn) == 4
+        assert ops_console.estimated_total(conn) == 7
 
 
 @pytest.mark.anyio
@@ -303,3 +305,25 @@ def test_the_cli_reports_the_same_failures(engine: sa.Engine) -> None:
     text = out.getvalue()
     assert "2 failed event(s); 1 group(s)" in text and "1 blocked ordering key(s)" in text
     assert doc["failed"] == doc["grouped"] == 2
+
+
+def test_known_types_probe_the_history_and_read_the_backlog_once(pg_engine: sa.Engine) -> None:
+    """PostgreSQL: the per-type probes go to the history's type index; the backlog (no type
+    index) is read by one pass, not once per type."""
+    add(pg_engine, [event(f"t{i}.x", status="completed") for i in range(5)])
+    add(pg_engine, [event(f"t{i}.x") for i in range(3, 8)])
+    with pg_engine.connect() as conn:
+        assert ops_console.known_types(conn) == [f"t{i}.x" for i in range(8)]
+        plans = []
+        real = conn.execute
+
+        def explain(stmt: Any, *args: Any, **kw: Any) -> Any:
+            text = str(stmt.compile(conn, compile_kwargs={"literal_binds": True}))
+            plans.append("\n".join(r[0] for r in real(sa.text("EXPLAIN ANALYZE " + text))))
+            return real(stmt, *args, **kw)
+
+        conn.execute = explain  # type: ignore[method-assign]
+        ops_console.known_types(conn)
+    probes, live = plans
+    assert "events_live" not in probes and "events_done" in probes
+    assert live.count("events_live") == 1 and "loops=1" in live.split("events_live")[1][:200]

@@ -10,8 +10,7 @@ import sqlalchemy as sa
 
 from outbox import ops
 from outbox._sql.relay import RelayStore
-from outbox.events import Event, utcnow
-from outbox.providers.base import EventFilter
+from outbox.events import Event, EventFilter, utcnow
 from tests.integration.ops_seed import add, count, event, statuses
 
 DAY = dt.timedelta(days=1)

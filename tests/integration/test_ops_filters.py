@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 import outbox
 from outbox import ops
 from outbox._patterns import compile_pattern
-from outbox.events import Event, utcnow
-from outbox.providers.base import EventFilter
+from outbox.events import Event, EventFilter, utcnow
 from tests.integration.ops_seed import INJECTIONS, add, event
 
 TYPES = [

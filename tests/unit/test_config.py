@@ -396,3 +396,35 @@ def test_pgbouncer_mode_from_env_and_flags() -> None:
     assert (flagged.database.pgbouncer, flagged.database.listen_url) == (
         True, "postgresql://direct/app")
     assert load_config(build_parser().parse_args([]), {}).database.pgbouncer is False
+
+
+def test_one_table_of_providers() -> None:
+    """The ``provider`` choices, the consumer's choices and the factory read one table."""
+    from outbox.config import PROVIDERS
+    from outbox.consume.cli import PROVIDERS as CONSUMABLE
+    from outbox.providers._registry import PROVIDERS as TABLE
+
+    assert PROVIDERS == tuple(TABLE) == ("memory", "redis", "nats", "database")
+    assert CONSUMABLE == ("redis", "nats", "database")  # memory stays in its process
+    for entry in TABLE.values():
+        module, _, name = entry.target.partition(":")
+        assert hasattr(importlib.import_module(module), name), entry.target
+
+
+@pytest.mark.parametrize(("settings", "expected"), [
+    ({"provider": "redis"},
+     "redis redis://127.0.0.1:6379/0 (the default address: no redis.url or host is configured)"),
+    ({"provider": "redis", "redis": {"host": "cache.internal"}}, "redis redis://cache.internal:6379/0"),
+    ({"provider": "redis", "redis": {"url": "redis://app:s3cret@cache:6380/2?password=x"}},
+     "redis redis://app:***@cache:6380/2?password=***"),
+    ({"provider": "nats"},
+     "nats nats://127.0.0.1:4222 (the default address: no nats.url is configured)"),
+    ({"provider": "nats", "nats": {"url": "nats://TOKEN@bus:4222"}}, "nats nats://***@bus:4222"),
+    ({"provider": "database", "database": {"url": "postgresql://app:pw@db/shop?sslpassword=k"}},
+     "database postgresql://app:***@db/shop?sslpassword=***"),
+    ({"provider": "memory"}, "memory in this process only"),
+])
+def test_start_lines_say_where_events_go(settings: dict[str, Any], expected: str) -> None:
+    from outbox.providers._registry import describe
+
+    assert describe(Config.from_dict(settings)) == expected

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import anyio
 import pytest
 
@@ -97,3 +99,33 @@ async def test_monitor_records_check_outcomes_and_timeouts() -> None:
     assert not checks["bad"].ok and checks["bad"].detail == \
         "ConnectionRefusedError: connection refused"
     assert not checks["slow"].ok and "timed out" in checks["slow"].detail
+
+
+@pytest.mark.anyio
+async def test_monitor_logs_failures_with_their_reason_when_they_change(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A failing check is logged with why, once while it fails the same way (not every
+    interval), again when the reason changes, and recovery is said too."""
+    state = HealthState()
+    reason = ["connection refused"]
+
+    async def provider() -> None:
+        if reason:
+            raise ConnectionRefusedError(reason[0])
+
+    monitor = HealthMonitor(state, {"provider": provider})
+    with caplog.at_level(logging.INFO, logger="outbox.health"):
+        for _ in range(3):
+            await monitor.check_once()
+        reason[0] = "no route to host"
+        await monitor.check_once()
+        await monitor.check_once()
+        reason.clear()
+        await monitor.check_once()
+        await monitor.check_once()
+    assert [r.getMessage() for r in caplog.records] == [
+        "readiness checks failing: provider (ConnectionRefusedError: connection refused)",
+        "readiness checks failing: provider (ConnectionRefusedError: no route to host)",
+        "readiness checks passing again",
+    ]

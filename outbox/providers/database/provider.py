@@ -30,6 +30,7 @@ from sqlalchemy.engine import Engine
 
 from outbox._engines import create_engine, engine_args
 from outbox._patterns import compile_pattern
+from outbox._redact import url_text
 from outbox._sql import bus as sql
 from outbox._sql import events as event_sql
 from outbox._txretry import retrying
@@ -200,7 +201,7 @@ class DatabaseProvider:
         return cls(url, **options)
 
     def __repr__(self) -> str:
-        return f"<DatabaseProvider {self.engine.url.render_as_string(hide_password=True)}>"
+        return f"<DatabaseProvider {url_text(self.engine.url)}>"
 
     async def __aenter__(self) -> DatabaseProvider:
         return self

@@ -40,7 +40,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from outbox._patterns import SubscriptionIndex, compile_pattern
 from outbox.events import Event, EventStatus, get_instance_id, utcnow
 from outbox.exceptions import ProviderError, ProviderFull, ProviderUnavailable
-from outbox.providers._bus import validate_group
+from outbox.providers._bus import config_options, validate_group
 from outbox.providers.base import (
     Capabilities,
     EventFilter,
@@ -142,6 +142,13 @@ class MemoryProvider:
         self._cleaned = 0
         self._last_cleanup = time.monotonic()
         self._closed = False
+
+
+    @classmethod
+    def from_config(cls, config: Any) -> MemoryProvider:
+        """Build from an outbox :class:`~outbox.Config` (its ``memory`` section)."""
+        return cls(**config_options(config, "memory", {"max_events", "cleanup_interval",
+                                                       "max_age"}))
 
     def __repr__(self) -> str:
         return f"<MemoryProvider events={len(self._events)}/{self.max_events}>"
