@@ -12,6 +12,10 @@
       through its public API (``Queries.enqueue``, ``QueueManager.run(mode=drain)``), timed
       from process start to exit.
     Targets: relay ≥ 1.0x pgqueuer (goal 1.3x), relay ≥ 70 % of the raw loop.
+(s) The handler styles users write, same drain (CLI, N events with a 200-byte payload field,
+    batch 500), R rounds alternating, medians: ``def`` (the README's: worker threads),
+    ``async def``, ``def`` with ``threaded=False``, the raw loop and pgqueuer as in (a). Targets:
+    def ≥ 0.9x async, def ≥ 0.85x the raw loop, def ≥ 1.2x pgqueuer. Run it with ``--only s``.
 (b) The same drain with H completed history rows in the table (default 2,000,000): ≥ 90 % of (a).
 (c) Latency commit → handler at R events/s (default 200) from a writer process, p50 / p99, with
     NOTIFY on, and with NOTIFY off (poll_interval 1 s). Targets with NOTIFY: p50 ≤ 2 ms,
@@ -74,7 +78,9 @@ SEED = (
     "ordering_key) "
     f"SELECT {_SEED_ID}, 'database', 'public.t' || mod(i, 10) || '.create', %(status)s, "
     "jsonb_build_object('id', i, 'name', 'user ' || i, 'email', 'user' || i || '@example.com', "
-    "'active', true), 'bench', 'public', 't' || mod(i, 10), i::text, 'create', now(), "
+    "'active', true) || CASE WHEN %(pad)s > 0 THEN jsonb_build_object('bio', "
+    "repeat('x', %(pad)s)) ELSE '{}' END, 'bench', 'public', 't' || mod(i, 10), i::text, "
+    "'create', now(), "
     "CASE WHEN %(status)s::text = 'completed' THEN now() END, '{}'::jsonb, 0, now(), "
     "'public.t' || mod(i, 10) || ':' || i "
     "FROM generate_series(%(start)s::bigint, %(stop)s::bigint) AS i"
@@ -96,7 +102,7 @@ def scratch_database() -> Iterator[str]:
 
 
 def seed(url: str, n: int, *, status: str = "pending", truncate: bool = True,
-         start: int = 1) -> None:
+         start: int = 1, pad: int = 0) -> None:
     import psycopg
 
     with psycopg.connect(libpq(url), autocommit=True) as conn:
@@ -105,7 +111,8 @@ def seed(url: str, n: int, *, status: str = "pending", truncate: bool = True,
         step = 200_000
         for lo in range(start, start + n, step):
             hi = min(start + n - 1, lo + step - 1)
-            conn.execute(SEED, {"status": status, "start": lo, "stop": hi})  # type: ignore[arg-type]
+            conn.execute(SEED, {"status": status, "start": lo, "stop": hi,  # type: ignore[arg-type]
+                                "pad": pad})
         conn.execute("VACUUM ANALYZE events")
         # Start every measured run right after a checkpoint: otherwise whether (and when) one
         # falls inside a run decides how many full-page images it writes (up to ±25 %).
@@ -142,7 +149,7 @@ def _psycopg_sql(text: str) -> str:
     """RelayStore's SQL text with psycopg placeholders (same statement, no SQLAlchemy)."""
     import re
 
-    return re.sub(r":(\w+)", r"%(\1)s", text)
+    return re.sub(r"(?<!:):(\w+)", r"%(\1)s", text)
 
 
 def raw_loop(url: str, batch: int) -> float:
@@ -267,18 +274,27 @@ async def _pgqueuer_left(dsn: str) -> int:
         await conn.close()
 
 
-def relay_cli(url: str, batch: int, count: int = 1) -> float:
+#: CPU µs per event of the relay processes of each ``relay_cli`` call (user + system, start-up
+#: included), in call order
+CPU_PER_EVENT: list[float] = []
+
+
+def relay_cli(url: str, batch: int, count: int = 1, app: str = "noop_handlers") -> float:
     """``count`` ``python -m outbox.relay --once`` processes draining the table: events/s from
     their start to the last one's exit."""
     total = pending(url)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "outbox.relay", "--database-url", url, "--once", "--no-notify",
-           "--batch-size", str(batch), "--app", "noop_handlers", "--log-level", "WARNING"]
+           "--batch-size", str(batch), "--app", app, "--log-level", "WARNING"]
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=env) for _ in range(count)]
     codes = [p.wait() for p in procs]
     elapsed = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_PER_EVENT.append(((after.ru_utime + after.ru_stime) - (cpu.ru_utime + cpu.ru_stime))
+                         / max(1, total) * 1e6)
     if any(codes) or pending(url):
         raise SystemExit(f"relay exited with {codes}, {pending(url)} events left")
     return total / elapsed
@@ -314,6 +330,51 @@ def part_a(args: argparse.Namespace, out: dict[str, Any]) -> None:
         print(f"(a) relay / pgqueuer {med['relay'] / med['pgqueuer']:.2f} (target >= 1.0, goal "
               f"1.3); relay x2 / pgqueuer {med['relay_x2'] / med['pgqueuer']:.2f}", flush=True)
     out["a"] = {"events": n, "batch": batch, "rounds": runs, "median": med}
+
+
+#: (s) the handler styles, each a ``--app`` module in bench/
+STYLES = {"def": "sync_handlers", "async": "noop_handlers", "def_inline": "inline_handlers"}
+
+
+def part_s(args: argparse.Namespace, out: dict[str, Any]) -> None:
+    """(s) The handler a user writes: the README's ``def`` handler (worker threads, the
+    default), an ``async def`` one, a ``def`` one with ``threaded=False``; and the raw loop.
+    Events carry a 200-byte payload field; alternating order, medians."""
+    n, batch, pad = args.events, 500, 200
+    runs: dict[str, list[float]] = {name: [] for name in (*STYLES, "raw", "pgqueuer")}
+    cpu: dict[str, list[float]] = {name: [] for name in STYLES}
+    try:
+        import pgqueuer  # noqa: F401
+    except ImportError:
+        del runs["pgqueuer"]
+        print("(s) pgqueuer not installed (pip install -e '.[bench]'): skipped")
+    with scratch_database() as url:
+        names = list(runs)
+        for r in range(args.rounds):
+            for name in names if r % 2 == 0 else reversed(names):
+                if name == "pgqueuer":
+                    runs[name].append(float(pgqueuer_drain(url, n)))
+                else:
+                    seed(url, n, pad=pad)
+                    runs[name].append(raw_loop(url, batch) if name == "raw"
+                                      else relay_cli(url, batch, app=STYLES[name]))
+                    if name in cpu:
+                        cpu[name].append(CPU_PER_EVENT[-1])
+                print(f"(s) round {r + 1} {name:10} {runs[name][-1]:9,.0f} events/s"
+                      + (f", {cpu[name][-1]:.1f} CPU µs/event" if name in cpu else ""),
+                      flush=True)
+    med = {name: statistics.median(v) for name, v in runs.items()}
+    print(f"(s) {n:,} events (200-byte field), batch {batch}, median of {args.rounds}: "
+          + ", ".join(f"{k} {v:,.0f}/s" for k, v in med.items()), flush=True)
+    print(f"(s) def / async {med['def'] / med['async']:.2f} (target >= 0.9); def / raw loop "
+          f"{med['def'] / med['raw']:.2f} (target >= 0.85); def / def_inline "
+          f"{med['def'] / med['def_inline']:.2f}", flush=True)
+    if "pgqueuer" in med:
+        print(f"(s) def / pgqueuer (2 processes x batch 500) {med['def'] / med['pgqueuer']:.2f} "
+              "(target >= 1.2)", flush=True)
+    print("(s) relay process CPU per event (start-up included), median: " + ", ".join(
+        f"{k} {statistics.median(v):.1f} µs" for k, v in cpu.items()), flush=True)
+    out["s"] = {"events": n, "batch": batch, "rounds": runs, "median": med, "cpu_us": cpu}
 
 
 def part_b(args: argparse.Namespace, out: dict[str, Any]) -> None:
@@ -623,7 +684,8 @@ def compile_package() -> None:
     import compileall
 
     compileall.compile_dir(ROOT / "outbox", quiet=1)
-    compileall.compile_file(ROOT / "bench" / "noop_handlers.py", quiet=1)
+    for app in STYLES.values():
+        compileall.compile_file(ROOT / "bench" / f"{app}.py", quiet=1)
 
 
 def main() -> None:
@@ -631,7 +693,7 @@ def main() -> None:
         run_child(sys.argv[2:])
         return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="a,b,c,d,ef", help="parts: a,b,c,d,ef")
+    p.add_argument("--only", default="a,b,c,d,ef", help="parts: a,b,c,d,ef,s")
     p.add_argument("--events", type=int, default=100_000, help="(a)/(b) events to drain")
     p.add_argument("--rounds", type=int, default=3, help="(a) rounds")
     p.add_argument("--history", type=int, default=2_000_000, help="(b) completed rows")
@@ -644,7 +706,7 @@ def main() -> None:
     out: dict[str, Any] = {}
     compile_package()
     for name, fn in (("a", part_a), ("b", part_b), ("c", part_c), ("d", part_d),
-                     ("ef", part_ef)):
+                     ("ef", part_ef), ("s", part_s)):
         if name in parts:
             fn(args, out)
     if args.json:

@@ -35,6 +35,7 @@ from sqlalchemy.engine import Connection, Engine
 from outbox import _json
 from outbox._patterns import compile_pattern
 from outbox._sql import bus, operator
+from outbox._sql import events as event_sql
 from outbox._sql.events import has_xids
 from outbox.events import Event, EventFilter, EventStatus, UTCDateTime, utcnow
 from outbox.schema import consumers_table, dead_letters_table
@@ -176,7 +177,7 @@ def _keyset(cursor: Cursor, older: bool) -> sa.ColumnElement[bool]:
     return sa.and_(c.created_at >= at, sa.or_(c.created_at > at, c.seq > cursor.seq))
 
 
-def _pinned_index(f: EventFilter) -> tuple[sa.Column[Any], str] | None:
+def _pinned_index(f: EventFilter, dialect: str) -> tuple[sa.ColumnElement[Any], str] | None:
     """The equality filter whose ``(column, created_at)`` index should serve the page.
 
     With ``LIMIT`` the planner assumes matching rows are spread evenly over time, and may walk
@@ -189,8 +190,9 @@ def _pinned_index(f: EventFilter) -> tuple[sa.Column[Any], str] | None:
     """
     if f.type is not None and compile_pattern(f.type).is_literal:
         return c.type, f.type
-    if f.instance_id is not None:
-        return c.instance_id, f.instance_id
+    if f.instance_id is not None:  # the index holds a prefix of it (event_sql.indexed)
+        return (event_sql.indexed(dialect, "instance_id"),
+                event_sql.indexed_value(dialect, "instance_id", f.instance_id))
     if f.status is not None and str(f.status) != EventStatus.COMPLETED.value:
         return c.status, str(f.status)
     return None
@@ -208,7 +210,7 @@ def trail_page(conn: Connection, f: EventFilter | None = None, *, before: Cursor
     f = f or EventFilter()
     where = operator.filter_clauses(f, conn.dialect.name)
     order: list[sa.ColumnElement[Any]] = [c.created_at, c.seq]
-    pin = _pinned_index(f)
+    pin = _pinned_index(f, conn.dialect.name)
     if pin is not None:
         column, value = pin
         where += [column >= value, column <= value]
@@ -275,7 +277,9 @@ def entity_timeline(conn: Connection, entity: str, entity_id: str, *,
                     limit: int = 50) -> tuple[list[TimelineEntry], int | None]:
     """The events of one row newest first (index ``(entity, entity_id)``), and the ``seq`` to
     pass as ``before_seq`` for the older ones (``None`` when there are none)."""
-    where = [c.entity == entity, c.entity_id == entity_id]
+    dialect = conn.dialect.name
+    where = [event_sql.equals(dialect, "entity", entity),
+             event_sql.equals(dialect, "entity_id", entity_id)]
     if schema_name is not None:
         where.append(c.schema_name == schema_name)
     if before_seq is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "INDEX_PREFIX",
     "LIVE_STATUSES",
     "NOTIFY_CHANNEL",
     "PG_DONE_INDEXES",
@@ -23,6 +24,7 @@ __all__ = [
     "PG_LIVE_INDEXES",
     "PG_LIVE_TABLE",
     "PG_SECONDARY_INDEXES",
+    "PREFIX_INDEXED",
     "WAKE_LOCK_CLASS",
     "after_create",
     "drop_functions",
@@ -81,17 +83,29 @@ PG_LIVE_INDEXES: tuple[str, ...] = (
     f"CREATE INDEX ix_events_live_txid_seq ON {PG_LIVE_TABLE} (txid, seq) "
     "WHERE txid IS NOT NULL",
 )
+#: Text columns that any writer fills with any text and the history indexes. A btree entry holds
+#: at most ~2.7 kB, and a longer value would make the row's move into ``events_done`` fail, so
+#: their indexes cannot overflow: ``user_id``, ``session_id`` and ``entity_id``, looked up by
+#: equality only, have hash indexes (plain ``column = value`` SQL uses them); ``instance_id``,
+#: whose index also gives the order by time, a btree over ``left(instance_id, 200)``
+#: (:data:`PREFIX_INDEXED`; lookups compare the prefix, then the whole value:
+#: ``outbox._sql.events.equals``). ``type`` keeps a whole-value btree (its patterns are ranges).
+PREFIX_INDEXED: frozenset[str] = frozenset({"instance_id"})
+INDEX_PREFIX = 200
+
 #: ``events_done``: the audit indexes (by type, entity, user, session, instance, time) and commit
 #: order for the bus.
 PG_DONE_INDEXES: tuple[str, ...] = (
     f"ALTER TABLE {PG_DONE_TABLE} ADD CONSTRAINT pk_events_done PRIMARY KEY (id)",
     f"CREATE INDEX ix_events_type_created_at ON {PG_DONE_TABLE} (type, created_at)",
-    f"CREATE INDEX ix_events_entity_entity_id ON {PG_DONE_TABLE} (entity, entity_id) "
-    "WHERE entity IS NOT NULL OR entity_id IS NOT NULL",
-    f"CREATE INDEX ix_events_user_id ON {PG_DONE_TABLE} (user_id) WHERE user_id IS NOT NULL",
-    f"CREATE INDEX ix_events_session_id ON {PG_DONE_TABLE} (session_id) "
+    f"CREATE INDEX ix_events_entity_entity_id ON {PG_DONE_TABLE} USING hash (entity_id) "
+    "WHERE entity_id IS NOT NULL",
+    f"CREATE INDEX ix_events_user_id ON {PG_DONE_TABLE} USING hash (user_id) "
+    "WHERE user_id IS NOT NULL",
+    f"CREATE INDEX ix_events_session_id ON {PG_DONE_TABLE} USING hash (session_id) "
     "WHERE session_id IS NOT NULL",
-    f"CREATE INDEX ix_events_instance_id_created_at ON {PG_DONE_TABLE} (instance_id, created_at)",
+    f"CREATE INDEX ix_events_instance_id_created_at ON {PG_DONE_TABLE} "
+    f"(left(instance_id, {INDEX_PREFIX}), created_at)",
     f"CREATE INDEX ix_events_created_at ON {PG_DONE_TABLE} (created_at)",
     f"CREATE INDEX ix_events_txid_seq ON {PG_DONE_TABLE} (txid, seq) WHERE txid IS NOT NULL",
 )

@@ -18,6 +18,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from outbox._patterns import compile_pattern
+from outbox._sql import ddl
 from outbox.events import (
     _ATTR_TO_COLUMN,
     Event,
@@ -242,11 +243,37 @@ def get_event(conn: Connection, event_id: uuid.UUID) -> Event | None:
     return None if row is None else row_to_event(row)
 
 
+def indexed(dialect: str, name: str) -> sa.ColumnElement[Any]:
+    """What the history's index on column ``name`` holds: ``left(name, 200)`` on PostgreSQL for
+    :data:`~outbox._sql.ddl.PREFIX_INDEXED` columns, else the column."""
+    if dialect == "postgresql" and name in ddl.PREFIX_INDEXED:
+        return sa.func.left(c[name], ddl.INDEX_PREFIX)
+    return c[name]
+
+
+def indexed_value(dialect: str, name: str, value: str) -> str:
+    """``value`` as :func:`indexed` holds it (its first 200 characters where the index does)."""
+    if dialect == "postgresql" and name in ddl.PREFIX_INDEXED:
+        return value[: ddl.INDEX_PREFIX]
+    return value
+
+
+def equals(dialect: str, name: str, value: str) -> sa.ColumnElement[bool]:
+    """``column = value``, written so that the history's index on the column serves it (the
+    prefix the index holds, then the whole value)."""
+    if dialect == "postgresql" and name in ddl.PREFIX_INDEXED:
+        return sa.and_(indexed(dialect, name) == indexed_value(dialect, name, value),
+                       c[name] == value)
+    return c[name] == value
+
+
 def where_clauses(f: EventFilter, dialect: str) -> list[sa.ColumnElement[bool]]:
     """The conditions of ``f`` (without limit/offset/order) on ``dialect``'s ``events``, as bound
     conditions; type patterns exact on every dialect and served by the type index
-    (:func:`type_clause`). ``list`` and the CLI's ``events list``/``replay`` use them."""
-    where: list[sa.ColumnElement[bool]] = [c[name] == value for name, value in f.equality_items()]
+    (:func:`type_clause`); equalities served by the history's indexes (:func:`equals`).
+    ``list`` and the CLI's ``events list``/``replay`` use them."""
+    where: list[sa.ColumnElement[bool]] = [
+        equals(dialect, name, value) for name, value in f.equality_items()]
     if f.type is not None:
         clause = type_clause(dialect, f.type)
         if clause is not None:

@@ -38,6 +38,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from outbox import _json
 from outbox._sql import operator
 from outbox._txretry import retrying
 from outbox.events import COLUMNS, Event, EventStatus, JSONType, UTCDateTime
@@ -50,9 +51,31 @@ COMPLETED = EventStatus.COMPLETED.value
 FAILED = EventStatus.FAILED.value
 
 _TABLE = "events"
-_COLS = ", ".join(f"t.{c}" for c in COLUMNS)
-_BARE_COLS = ", ".join(COLUMNS)  # SQLite's RETURNING takes no table prefix
 _RESULT_COLUMNS = tuple(Event.__table__.c[c] for c in COLUMNS)
+_JSON_COLUMNS = frozenset({"payload", "metadata"})
+# Timestamps a writer sets: any value PostgreSQL accepts (``infinity``, year 20000) may be there.
+_WRITER_TIMES = frozenset({"created_at", "next_attempt_at", "completed_at"})
+#: Timestamps outside Python's range come back as NULL on PostgreSQL (psycopg cannot load them,
+#: and would fail the whole claim); ``created_at`` and ``next_attempt_at`` are never NULL
+#: otherwise, so the row is then known to be undeliverable (see ``_RowDecoder``).
+_PG_TIME_RANGE = "BETWEEN '0001-01-02' AND '9999-12-30'"  # a day inside, whatever the TimeZone
+
+
+def _returned(column: str, pg: bool, prefix: str = "t.") -> str:
+    """How a claim returns ``column``: JSON as text, decoded per row, so that one undecodable
+    value (nested deeper than any parser goes) fails its own row, not the claim."""
+    if not pg:
+        return f"{prefix}{column}"
+    if column in _JSON_COLUMNS:
+        return f"{prefix}{column}::text"
+    if column in _WRITER_TIMES:
+        return f"CASE WHEN {prefix}{column} {_PG_TIME_RANGE} THEN {prefix}{column} END"
+    return f"{prefix}{column}"
+
+
+_PG_COLS = ", ".join(_returned(c, True) for c in COLUMNS)
+_COLS = ", ".join(_returned(c, False) for c in COLUMNS)
+_BARE_COLS = ", ".join(COLUMNS)  # SQLite's RETURNING takes no table prefix
 
 # The head-of-key rule, shared by every dialect: no older unfinished event of the same key.
 _IS_HEAD = (
@@ -74,7 +97,7 @@ WHERE t.status = 'pending' AND t.id = ANY(ARRAY(
     LIMIT :limit
     FOR UPDATE OF e SKIP LOCKED
 ))
-RETURNING {_COLS}
+RETURNING {_PG_COLS}
 """  # noqa: S608
 
 # Walk the live partition's (seq, next_attempt_at) index in order and stop at LIMIT: the claim
@@ -129,7 +152,7 @@ WHERE id IN :ids AND status = 'pending'
 """
 
 _SELECT_BY_TOKEN = (
-    f"SELECT {_COLS} FROM events AS t "  # noqa: S608
+    "SELECT {cols} FROM events AS t "
     "WHERE t.id IN :ids AND t.lease_token = :token AND t.status = 'processing'"
 )
 
@@ -146,6 +169,38 @@ SET status = :status, retry_count = :retry_count, error = :error,
     next_attempt_at = :next_attempt_at, completed_at = :completed_at, metadata = :meta,
     lease_owner = :lease_owner, lease_token = NULL, lease_expires_at = NULL
 WHERE id = :id AND lease_token = :token AND status = 'processing'
+"""
+
+# A row the relay cannot turn into an event (see ``_RowDecoder``), failed at once in the claim's
+# transaction, or one whose outcome cannot be written (``RelayStore._settle_apart``): by ``seq``
+# (its id may be what is wrong), payload and metadata as they are, in the live rows' partition.
+_FAIL_UNDECODABLE = """
+UPDATE events
+SET status = 'failed', error = :error, retry_count = retry_count + 1, completed_at = :now,
+    lease_token = NULL, lease_expires_at = NULL
+WHERE seq = :seq AND lease_token = :token AND status = 'processing'
+"""
+
+# Hand-backs (outage, shutdown, the rest of a lane after a failure): nothing but the lease
+# changes, so one statement for all of them; also what gives back followers a claim cannot keep.
+_RELEASE = """
+UPDATE events
+SET status = 'pending', lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL
+WHERE id IN :ids AND lease_token = :token AND status = 'processing'
+"""
+
+# PostgreSQL: every retry and failure of a batch in one statement, values per row as arrays.
+_PG_SETTLE_MANY = """
+UPDATE events AS t
+SET status = v.status, retry_count = v.retry_count, error = v.error,
+    next_attempt_at = v.next_attempt_at, completed_at = v.completed_at,
+    metadata = CAST(v.meta AS jsonb), lease_owner = v.lease_owner,
+    lease_token = NULL, lease_expires_at = NULL
+FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS text[]), CAST(:retry_counts AS integer[]),
+            CAST(:errors AS text[]), CAST(:next_attempts AS timestamptz[]),
+            CAST(:completed AS timestamptz[]), CAST(:metas AS text[]), CAST(:owners AS text[]))
+     AS v(id, status, retry_count, error, next_attempt_at, completed_at, meta, lease_owner)
+WHERE t.id = v.id AND t.lease_token = :token AND t.status = 'processing'
 """
 
 _RENEW = """
@@ -188,10 +243,8 @@ _DB_NOW = {
 }
 
 
-def _stmt(
-    sql: str, *, returning: bool = False, expanding: Iterable[str] = (), pg: bool = False
-) -> sa.TextClause:
-    """A text statement with typed parameters (and typed result columns when it returns rows).
+def _stmt(sql: str, *, expanding: Iterable[str] = (), pg: bool = False) -> sa.TextClause:
+    """A text statement with typed parameters (rows it returns come as the driver gives them).
 
     ``expanding`` parameters take a list: ``IN :ids`` becomes one placeholder per item, except on
     PostgreSQL (``pg``), where it becomes ``= ANY(:ids)`` with one array parameter — the same
@@ -213,10 +266,7 @@ def _stmt(
         item_type: sa.types.TypeEngine[Any] = sa.Uuid() if name == "ids" else sa.Text()
         binds.append(sa.bindparam(name, expanding=True, type_=item_type))
     present = [b for b in binds if re.search(rf":{b.key}\b", sql)]
-    clause = sa.text(sql).bindparams(*present)
-    if returning:
-        return clause.columns(*_RESULT_COLUMNS)  # type: ignore[return-value]
-    return clause
+    return sa.text(sql).bindparams(*present)
 
 
 @dataclass(slots=True)
@@ -234,6 +284,8 @@ class Claim:
     query_seconds: float = 0.0
     #: True when the scan started at the lowest seq (``floor=0``)
     full: bool = False
+    #: claimed rows that could not be read as events, marked ``failed`` in the claim
+    undeliverable: list[Undeliverable] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -255,6 +307,8 @@ class SettleResult:
     completed: int = 0
     settled: int = 0
     lost: list[uuid.UUID] = field(default_factory=list)
+    #: events marked ``failed`` instead because their row could not take the outcome: the error
+    unsettleable: dict[uuid.UUID, str] = field(default_factory=dict)
 
 
 class RelayStore:
@@ -303,8 +357,10 @@ class RelayStore:
         self._offset = 0.0  # database clock minus local clock, seconds
         # PostgreSQL: psycopg already returns uuid, parsed jsonb and aware datetimes (UTC, see
         # _PG_PLAN), so the rows skip SQLAlchemy's result processing.
-        self._claim = _stmt(_PG_CLAIM if self._is_pg else _SQLITE_CLAIM,
-                            returning=not self._is_pg)
+        # Rows come back as the driver returns them and are decoded one by one (_RowDecoder).
+        self._claim = _stmt(_PG_CLAIM if self._is_pg else _SQLITE_CLAIM)
+        self._decoder = _RowDecoder(engine.dialect)
+        self._fail_undecodable = _stmt(_FAIL_UNDECODABLE)
         self._mysql_pick = _stmt(_MYSQL_PICK)
         self._key_runs = _stmt(_KEY_RUNS, expanding=("keys",), pg=self._is_pg).columns(
             sa.column("id", sa.Uuid()), sa.column("ordering_key", sa.Text()),
@@ -313,10 +369,13 @@ class RelayStore:
         )
         self._mark_claimed = _stmt(_MARK_CLAIMED, expanding=("ids",), pg=self._is_pg)
         self._select_by_token = _stmt(
-            _SELECT_BY_TOKEN, returning=True, expanding=("ids",), pg=self._is_pg
+            _SELECT_BY_TOKEN.format(cols=_PG_COLS if self._is_pg else _COLS),
+            expanding=("ids",), pg=self._is_pg,
         )
         self._complete = _stmt(_COMPLETE, expanding=("ids",), pg=self._is_pg)
         self._settle = _stmt(_SETTLE)
+        self._release = _stmt(_RELEASE, expanding=("ids",), pg=self._is_pg)
+        self._pg_settle_many = _stmt(_PG_SETTLE_MANY)
         self._renew = _stmt(_RENEW, expanding=("ids",), pg=self._is_pg)
         self._pg_recover = _stmt(_PG_RECOVER)
         self._expired = _stmt(_GENERIC_EXPIRED).columns(
@@ -356,7 +415,7 @@ class RelayStore:
         params = {"now": now, "expires": expires, "owner": self.owner, "token": token,
                   "limit": limit, "floor": floor}
 
-        def transaction() -> tuple[list[Event], list[Event], float]:
+        def transaction() -> tuple[list[Event], list[Event], list[Undeliverable], float]:
             with self._begin() as conn:
                 if self._claim_prefix:
                     conn.exec_driver_sql(self._claim_prefix)
@@ -369,20 +428,48 @@ class RelayStore:
                     ids = [r[0] for r in conn.execute(self._mysql_pick, params)]
                     query_seconds = time.perf_counter() - q0
                     rows = self._mark_and_load(conn, ids, params) if ids else []
-                events = [_to_event(r) for r in rows]
+                events, bad = self._decoder.decode(rows)
                 followers: list[Event] = []
-                room = limit - len(events)
+                room = limit - len(events) - len(bad)
                 keys = {e.ordering_key for e in events if e.ordering_key is not None}
                 if room > 0 and keys:
-                    followers = self._claim_followers(conn, keys, room, params)
-            return events, followers, query_seconds
+                    followers = self._claim_followers(conn, keys, room, params, bad)
+                if bad:
+                    events, followers = self._fail_rows(conn, bad, events, followers, params)
+            return events, followers, bad, query_seconds
 
-        events, followers, query_seconds = retrying(transaction, what="claim")
+        events, followers, bad, query_seconds = retrying(transaction, what="claim")
         events.extend(followers)
         events.sort(key=_seq)
         return Claim(token=token, events=events, expires_at=expires,
                      seconds=time.perf_counter() - started, followers=len(followers),
-                     query_seconds=query_seconds, full=floor == 0)
+                     query_seconds=query_seconds, full=floor == 0, undeliverable=bad)
+
+    def _fail_rows(
+        self, conn: Connection, bad: list[Undeliverable], events: list[Event],
+        followers: list[Event], params: dict[str, Any],
+    ) -> tuple[list[Event], list[Event]]:
+        """Mark the undecodable rows ``failed`` (in the claim's transaction) and give back the
+        claimed events that follow one of them in its key: a failed event holds its key."""
+        conn.execute(self._fail_undecodable, [
+            {"seq": b.seq, "error": b.error, "token": params["token"], "now": params["now"]}
+            for b in bad
+        ])
+        first_bad: dict[str, int] = {}
+        for b in bad:
+            if b.ordering_key is not None:
+                first_bad[b.ordering_key] = min(b.seq, first_bad.get(b.ordering_key, b.seq))
+        if not first_bad:
+            return events, followers
+
+        def held(e: Event) -> bool:
+            key = e.ordering_key
+            return key is not None and key in first_bad and e.seq > first_bad[key]
+
+        back = [e.id for e in (*events, *followers) if held(e)]
+        if back:
+            self._unclaim(conn, back, params["token"])
+        return ([e for e in events if not held(e)], [e for e in followers if not held(e)])
 
     def _mark_and_load(self, conn: Connection, ids: list[Any], params: dict[str, Any]) -> list[Any]:
         conn.execute(self._mark_claimed, {**params, "ids": ids})
@@ -391,7 +478,8 @@ class RelayStore:
         )
 
     def _claim_followers(
-        self, conn: Connection, keys: set[str], room: int, params: dict[str, Any]
+        self, conn: Connection, keys: set[str], room: int, params: dict[str, Any],
+        bad: list[Undeliverable],
     ) -> list[Event]:
         """Claim the pending, due events that directly follow our heads in their keys.
 
@@ -431,16 +519,12 @@ class RelayStore:
             if len(rows) != len(ids):
                 self._unclaim(conn, ids, token)
                 return []
-        return [_to_event(r) for r in rows]
+        events, undecodable = self._decoder.decode(rows)
+        bad.extend(undecodable)
+        return events
 
-    def _unclaim(self, conn: Connection, ids: list[Any], token: uuid.UUID) -> None:
-        conn.execute(
-            _stmt("UPDATE events SET status = 'pending', lease_owner = NULL, lease_token = NULL, "
-                  "lease_expires_at = NULL WHERE id IN :ids AND lease_token = :token "
-                  "AND status = 'processing'",
-                  expanding=("ids",), pg=self._is_pg),
-            {"ids": ids, "token": token},
-        )
+    def _unclaim(self, conn: Connection, ids: list[Any], token: uuid.UUID) -> int:
+        return int(conn.execute(self._release, {"ids": ids, "token": token}).rowcount)
 
     # -- settle -----------------------------------------------------------------------------
 
@@ -455,27 +539,79 @@ class RelayStore:
         if not outcomes:
             return result
         now = self.now()
-        done = [o.event.id for o in outcomes if o.status == COMPLETED]
-        others = [o for o in outcomes if o.status != COMPLETED]
-        params = [self._settle_params(o, token, now) for o in others]
+        try:
+            self._settle_together(token, outcomes, now, result)
+        except sa.exc.DBAPIError:
+            # Not a passing conflict (``retrying`` handles those): a row's own value may be what
+            # the statement cannot write (e.g. one too long for an index of the history).
+            self._settle_apart(token, outcomes, now, result)
+        if result.completed + result.settled + len(result.unsettleable) != len(outcomes):
+            result.lost = self._lost(token, [o.event.id for o in outcomes])
+        return result
 
-        def transaction() -> None:
+    def _settle_together(
+        self, token: uuid.UUID, outcomes: Sequence[Outcome], now: dt.datetime,
+        result: SettleResult,
+    ) -> None:
+        """Every outcome in one transaction (``result`` counts are set only once it commits):
+        one statement per kind — completions, hand-backs, and (PostgreSQL) retries and failures,
+        whose values differ per row; elsewhere those go one statement per row."""
+        done = [o.event.id for o in outcomes if o.status == COMPLETED]
+        back = [o.event.id for o in outcomes if _handed_back(o)]
+        params = [self._settle_params(o, token, now) for o in outcomes
+                  if o.status != COMPLETED and not _handed_back(o)]
+
+        def transaction() -> tuple[int, int]:
             with self._begin() as conn:
                 if self._settle_prefix:
                     conn.exec_driver_sql(self._settle_prefix)
+                completed = 0
                 if done:
-                    result.completed = conn.execute(
+                    completed = conn.execute(
                         self._complete, {"ids": done, "token": token, "now": now}
                     ).rowcount
-                changed = 0
-                for p in params:  # executemany hides per-row counts on some drivers
-                    changed += conn.execute(self._settle, p).rowcount
-                result.settled = changed
+                changed = self._unclaim(conn, back, token) if back else 0
+                if self._is_pg and params:
+                    many = _as_arrays(params, token)
+                    changed += conn.execute(self._pg_settle_many, many).rowcount
+                else:
+                    for p in params:  # executemany hides per-row counts on some drivers
+                        changed += conn.execute(self._settle, p).rowcount
+                return completed, changed
 
-        retrying(transaction, what="settle")
-        if result.completed != len(done) or result.settled != len(others):
-            result.lost = self._lost(token, [o.event.id for o in outcomes])
-        return result
+        completed, settled = retrying(transaction, what="settle")
+        result.completed += completed
+        result.settled += settled
+
+    def _settle_apart(
+        self, token: uuid.UUID, outcomes: Sequence[Outcome], now: dt.datetime,
+        result: SettleResult,
+    ) -> None:
+        """The batch's settle failed: settle each event on its own, so that the one whose row
+        cannot take its outcome is marked ``failed`` where it is (with the database's reason)
+        and the others are settled. If even that fails the database is in trouble, not a row:
+        the error propagates and the caller retries the batch (settled rows are fenced)."""
+        for o in outcomes:
+            try:
+                self._settle_together(token, [o], now, result)
+                continue
+            except sa.exc.DBAPIError:
+                pass
+            try:  # once more: a connection that broke just now is not the row's fault
+                self._settle_together(token, [o], now, result)
+                continue
+            except sa.exc.DBAPIError as exc:
+                reason = _reason(exc)
+            error = f"cannot be settled as {o.status}: {reason}"
+
+            def transaction(o: Outcome = o, error: str = error) -> int:
+                with self._begin() as conn:
+                    return int(conn.execute(self._fail_undecodable, {
+                        "seq": o.event.seq, "error": error, "token": token, "now": now,
+                    }).rowcount)
+
+            if retrying(transaction, what="settle"):
+                result.unsettleable[o.event.id] = error
 
     def _settle_params(self, o: Outcome, token: uuid.UUID, now: dt.datetime) -> dict[str, Any]:
         e = o.event
@@ -569,8 +705,107 @@ def _run_on_connect(sql: str, dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.commit()
 
 
-def _to_event(row: Any) -> Event:
-    return Event._from_row(row)
+@dataclass(slots=True)
+class Undeliverable:
+    """A claimed row that is no event the relay can deliver (see :class:`_RowDecoder`)."""
+
+    seq: int
+    ordering_key: str | None
+    error: str
+
+
+class _RowDecoder:
+    """Claimed rows → events, one row at a time, so that a row no writer of this package would
+    produce (inserted by hand, another service, a bad migration) fails alone: JSON nested deeper
+    than a parser goes, ``metadata`` that is no object, a timestamp outside Python's range, a
+    value the dialect's type cannot read. Its batch-mates are delivered.
+
+    PostgreSQL: psycopg returns every column typed except the JSON columns (text here, parsed
+    with :func:`outbox._json.loads`, as the engine's jsonb loader would); other dialects return
+    driver values that go through each column type's result processing.
+    """
+
+    def __init__(self, dialect: sa.Dialect) -> None:
+        def json_column(value: Any) -> Any:
+            return _json.loads(value) if isinstance(value, (str, bytes)) else value
+
+        pg = dialect.name == "postgresql"
+        procs: list[Any] = []
+        for col in _RESULT_COLUMNS:
+            if col.name in _JSON_COLUMNS:
+                procs.append(json_column)
+            elif pg:
+                procs.append(None)
+            else:
+                procs.append(col.type.dialect_impl(dialect).result_processor(dialect, None))
+        self._procs = tuple(procs)
+        self._decoded = tuple((i, p) for i, p in enumerate(procs) if p is not None)
+        self._seq = COLUMNS.index("seq")
+        self._key = COLUMNS.index("ordering_key")
+        self._meta = COLUMNS.index("metadata")
+        self._required = tuple(COLUMNS.index(c) for c in ("created_at", "next_attempt_at"))
+
+    def decode(self, rows: Sequence[Any]) -> tuple[list[Event], list[Undeliverable]]:
+        events: list[Event] = []
+        bad: list[Undeliverable] = []
+        for row in rows:
+            values = list(row)
+            column = ""
+            try:
+                for i, proc in self._decoded:
+                    column = COLUMNS[i]
+                    values[i] = proc(values[i])
+            except Exception as exc:  # whatever the value did: this row's failure, not the batch's
+                problem: str | None = f"{column} cannot be read: {_describe(exc)}"
+            else:
+                problem = self._problem(values)
+            if problem is None:
+                events.append(Event._from_row(values))
+                continue
+            bad.append(Undeliverable(seq=int(row[self._seq]), ordering_key=row[self._key],
+                                     error=f"undeliverable row: {problem}"))
+        return events, bad
+
+    def _problem(self, values: list[Any]) -> str | None:
+        for i in self._required:
+            if values[i] is None:  # NULL only when out of range (_PG_TIME_RANGE)
+                return f"{COLUMNS[i]} is outside the years 1-9999"
+        meta = values[self._meta]
+        if not isinstance(meta, dict):
+            return f"metadata is not a JSON object but {type(meta).__name__}"
+        return None
+
+
+def _handed_back(o: Outcome) -> bool:
+    """Back to ``pending`` with nothing but the lease changed (no retry, error or progress)."""
+    return (o.status == PENDING and o.retry_count is None and o.error is None
+            and o.next_attempt_at is None and o.meta is None)
+
+
+def _as_arrays(params: Sequence[dict[str, Any]], token: uuid.UUID) -> dict[str, Any]:
+    """Per-row settle parameters as the arrays of ``_PG_SETTLE_MANY``."""
+    return {
+        "token": token,
+        "ids": [p["id"] for p in params],
+        "statuses": [p["status"] for p in params],
+        "retry_counts": [p["retry_count"] for p in params],
+        "errors": [p["error"] for p in params],
+        "next_attempts": [p["next_attempt_at"] for p in params],
+        "completed": [p["completed_at"] for p in params],
+        "metas": [_json.dumps_safe(p["meta"]) for p in params],
+        "owners": [p["lease_owner"] for p in params],
+    }
+
+
+def _reason(exc: sa.exc.DBAPIError) -> str:
+    """The first line of the driver's message (no statement, no parameters)."""
+    text = str(exc.orig).strip() if exc.orig is not None else ""
+    return (text.splitlines()[0] if text else type(exc).__name__)[:500]
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 500 else text[:497] + "..."
 
 
 def _seq(event: Event) -> int:

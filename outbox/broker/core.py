@@ -47,7 +47,7 @@ from sqlalchemy.orm.attributes import instance_state
 
 from outbox._patterns import SubscriptionIndex, compile_pattern
 from outbox._retry import RetryPolicy
-from outbox.broker.dispatch import DispatchResult, joined_error, run_subscriptions
+from outbox.broker.dispatch import DispatchResult, joined_error, run_blocking, run_subscriptions
 from outbox.broker.subscriptions import (
     Handler,
     Subscription,
@@ -615,12 +615,29 @@ class Broker:
             done=done,
             retry_scopes=self._retry_scopes,
         )
+        self.dispatched(event, result, time.perf_counter() - started)
+        return result
+
+    def threaded_only(self, event_type: str) -> bool:
+        """True when handlers match ``event_type`` and every one is a sync handler that runs in
+        a worker thread: :meth:`dispatch_blocking` can then run them in a thread of the caller's
+        choosing (the relay runs a batch's such events in a few threads, not one per event)."""
+        subs = self._index.match(event_type)
+        return bool(subs) and all(sub.threaded for sub in subs)
+
+    def dispatch_blocking(self, event: Event, *, done: Collection[str] = ()) -> DispatchResult:
+        """:meth:`dispatch` with ``attempts=1``, blocking, in the calling thread — for events
+        whose handlers are :meth:`threaded_only`, called from a worker thread. The caller reports
+        the result with :meth:`dispatched` from the event loop."""
+        return run_blocking(self._index.match(_event_type(event)), event, done=done)
+
+    def dispatched(self, event: Event, result: DispatchResult, seconds: float) -> None:
+        """Count a dispatch and tell the observers (on the event loop)."""
         self._dispatched += 1
         if result.failed:
             self._dispatch_failures += 1
         if self._observers or _global_observers:
-            self._notify("on_dispatched", event, result, time.perf_counter() - started)
-        return result
+            self._notify("on_dispatched", event, result, seconds)
 
     # -- stats ---------------------------------------------------------------------------------
 

@@ -8,18 +8,21 @@ delay the others. A failing handler never stops the others.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
+import anyio.from_thread
 
 from outbox._retry import RetryPolicy
 from outbox.broker.subscriptions import Subscription, call_handler
 from outbox.events import Event
 from outbox.exceptions import BrokerClosed
 
-__all__ = ["DispatchResult", "joined_error", "run_subscriptions"]
+__all__ = ["DispatchResult", "joined_error", "run_blocking", "run_subscriptions"]
 
 log = logging.getLogger("outbox.broker")
 
@@ -122,6 +125,34 @@ async def run_subscriptions(
             last[name] = BrokerClosed(f"broker stopped before handler {name} succeeded")
     result.failed.update(last)
     return result
+
+
+def run_blocking(
+    subs: Sequence[Subscription], event: Event, *, done: Collection[str] = ()
+) -> DispatchResult:
+    """One attempt of each sync subscription of ``subs`` not named in ``done``, in the calling
+    thread: :func:`run_subscriptions` with ``attempts=1`` for a worker thread that runs many
+    events' handlers in one hop from the event loop (the relay, see ``outbox/relay/dispatch.py``).
+    A handler that returns an awaitable has it awaited on the event loop."""
+    result = DispatchResult(matched=len(subs))
+    for sub in subs:
+        if done and sub.name in done:
+            result.skipped.append(sub.name)
+            continue
+        try:
+            value = sub.handler(event)
+            if inspect.isawaitable(value):
+                anyio.from_thread.run(_await, value)
+        except Exception as exc:
+            _log_failure(sub, event, exc, 1, 1, logging.WARNING)
+            result.failed[sub.name] = exc
+        else:
+            result.succeeded.append(sub.name)
+    return result
+
+
+async def _await(value: Awaitable[Any]) -> None:
+    await value
 
 
 def _log_failure(

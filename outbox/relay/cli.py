@@ -141,7 +141,7 @@ async def _signals(relay: Any, *, task_status: Any = anyio.TASK_STATUS_IGNORED) 
                 relay.stop()
 
 
-async def _run(relay: Any, config: Any, once: bool) -> None:
+async def _run(relay: Any, config: Any, once: bool, apps: Sequence[str] = ()) -> None:
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(_signals, relay)  # before anything slow: SIGTERM always means stop
@@ -149,6 +149,9 @@ async def _run(relay: Any, config: Any, once: bool) -> None:
                 await relay.start()
             except OutboxError as exc:
                 raise Failure(str(exc)) from None
+            if apps and not relay.broker.subscriptions():
+                log.warning("--app %s subscribed no handlers (@outbox.subscribe): events are "
+                            "forwarded and completed without any", ", ".join(apps))
             log.info("relay %s on %s%s, provider %s, batch %d, lease %.0fs, %s", relay.owner,
                      url_text(relay.url), " (PgBouncer mode)" if relay.pgbouncer else "",
                      describe_provider(config),
@@ -198,10 +201,11 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 def _main(args: argparse.Namespace, env: Mapping[str, str]) -> None:
     config = load_config(args, env)
     configure_logging(config.log_level, args.log_format)
-    import_apps([*config.apps, *args.app])
+    apps = [*config.apps, *args.app]
+    import_apps(apps)
     relay = build_relay(config)
     try:
-        anyio.run(_run, relay, config, args.once)
+        anyio.run(_run, relay, config, args.once, apps)
     except BaseExceptionGroup as group:  # from a task group: report the cause, briefly
         failures = [e for e in leaves(group) if isinstance(e, Failure | OutboxError)]
         if failures:

@@ -10,6 +10,10 @@ When an event fails (a handler raised, or the provider refused that event) the l
 its lane are handed back (released, not a retry): they wait behind the failing event, which keeps
 the key's order across retries.
 
+Lanes whose handlers are all sync handlers meant for a worker thread (a plain ``def``, the
+default) run in a few worker threads that take lane after lane — one thread hop per thread and
+batch, not one per event (``Dispatcher._in_threads``); the other lanes run on the event loop.
+
 Partial success: the names of the handlers that already succeeded for an event are kept in
 ``metadata["outbox"]["handled"]`` when the event goes back to ``pending``, and those handlers are
 skipped on the next attempt. Only the handlers that failed (and the provider) see a repeat.
@@ -22,11 +26,15 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import functools
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
+import anyio.to_thread
 
 from outbox._logs import event_context
 from outbox._retry import RetryPolicy
@@ -38,6 +46,8 @@ from outbox.providers.base import Publisher
 
 __all__ = ["BatchResult", "Dispatcher", "handled_names", "lanes"]
 
+#: Seconds every handler thread of a batch must have been in one event before another joins.
+_GROW_AFTER = 0.02
 _META_KEY = "outbox"
 _HANDLED = "handled"
 _MAX_ERROR = 4000
@@ -47,6 +57,12 @@ class _Broker(Protocol):
     async def dispatch(
         self, event: Event, *, done: Sequence[str] = ..., attempts: int = ...
     ) -> Any: ...
+
+    def threaded_only(self, event_type: str) -> bool: ...
+
+    def dispatch_blocking(self, event: Event, *, done: Sequence[str] = ...) -> Any: ...
+
+    def dispatched(self, event: Event, result: Any, seconds: float) -> None: ...
 
 
 def handled_names(event: Event) -> tuple[str, ...]:
@@ -136,20 +152,146 @@ class Dispatcher:
         if self.broker is None:
             for i, lane in enumerate(all_lanes):
                 ready[i] = [(e, handled_names(e)) for e in lane]
-        elif self.concurrency == 1 or len(all_lanes) == 1:
+            await self._forward(ready, all_lanes, result)
+            return
+        broker = self.broker
+        threaded: list[int] = []
+        on_loop: list[int] = []
+        for i, lane in enumerate(all_lanes):
+            (threaded if all(broker.threaded_only(e.type) for e in lane) else on_loop).append(i)
+        if not threaded and (self.concurrency == 1 or len(all_lanes) == 1):
             for i, lane in enumerate(all_lanes):
                 await self._lane(lane, ready[i], result)
+        elif not threaded:
+            await self._on_loop(on_loop, all_lanes, ready, result)
         else:
-            index = iter(range(len(all_lanes)))
-
-            async def worker() -> None:
-                for i in index:
-                    await self._lane(all_lanes[i], ready[i], result)
-
             async with anyio.create_task_group() as tg:
-                for _ in range(min(self.concurrency, len(all_lanes))):
-                    tg.start_soon(worker)
+                if on_loop:
+                    tg.start_soon(self._on_loop, on_loop, all_lanes, ready, result)
+                await self._in_threads(threaded, all_lanes, ready, result)
         await self._forward(ready, all_lanes, result)
+
+    async def _on_loop(
+        self, indexes: Sequence[int], all_lanes: list[list[Event]],
+        ready: list[list[tuple[Event, tuple[str, ...]]]], result: BatchResult,
+    ) -> None:
+        """Lanes on the event loop, ``concurrency`` at a time."""
+        index = iter(indexes)
+
+        async def worker() -> None:
+            for i in index:
+                await self._lane(all_lanes[i], ready[i], result)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(min(self.concurrency, len(indexes))):
+                tg.start_soon(worker)
+
+    async def _in_threads(
+        self, indexes: Sequence[int], all_lanes: list[list[Event]],
+        ready: list[list[tuple[Event, tuple[str, ...]]]], result: BatchResult,
+    ) -> None:
+        """Lanes whose handlers are all sync and threaded: worker threads take lanes one after
+        the other and run them as :meth:`_lane` does — one thread hop per worker and batch, not
+        one per event; the event loop stays free (leases, wake-ups, the next claim).
+
+        One worker to start with (threads that only compete for the GIL are slower than one);
+        another joins, up to ``concurrency``, whenever every worker has been in one event's
+        handlers for ``_GROW_AFTER`` seconds — handlers that block (I/O, sleeps) then run
+        ``concurrency`` lanes at a time, as on the event loop.
+
+        Cancelled (shutdown timeout): the threads finish the handler they are in and take nothing
+        more; outcomes they reach after that are not recorded (the caller hands those events
+        back), as with a single abandoned handler thread."""
+        assert self.broker is not None
+        broker = self.broker
+        lock = threading.Lock()
+        stopped = False
+        pending = iter(indexes)
+        taken = 0
+        reports: list[tuple[Event, Any, float]] = []
+        since: list[float] = []  # per worker: when its current event started (0: finished)
+
+        def record(apply: Callable[..., None], *args: Any) -> bool:
+            with lock:
+                if stopped:
+                    return False
+                apply(*args)
+                return True
+
+        def worker(n: int) -> None:
+            nonlocal taken
+            while True:
+                with lock:
+                    i = None if stopped else next(pending, None)
+                    taken += 1
+                if i is None:
+                    since[n] = 0.0
+                    return
+                self._lane_blocking(broker, all_lanes[i], ready[i], result, record, reports,
+                                    since, n)
+
+        running = 0
+        limit = min(self.concurrency, len(indexes))
+
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def run_worker(n: int) -> None:
+                    nonlocal running
+                    try:
+                        await anyio.to_thread.run_sync(functools.partial(worker, n),
+                                                       abandon_on_cancel=True)
+                    finally:
+                        running -= 1
+                        if not running:  # it found no lane left: every lane is taken
+                            grow.cancel()
+
+                def spawn() -> None:
+                    nonlocal running
+                    running += 1
+                    since.append(time.perf_counter())
+                    tg.start_soon(run_worker, len(since) - 1)
+
+                with anyio.CancelScope() as grow:
+                    spawn()
+                    while len(since) < limit:
+                        await anyio.sleep(_GROW_AFTER)
+                        if taken >= len(indexes):
+                            break  # every lane is taken: no new worker would get one
+                        now = time.perf_counter()
+                        if all(now - t >= _GROW_AFTER for t in since if t):
+                            spawn()
+        finally:
+            with lock:
+                stopped = True
+                done = list(reports)
+            for event, res, seconds in done:
+                broker.dispatched(event, res, seconds)
+
+    def _lane_blocking(
+        self, broker: _Broker, lane: list[Event], ready: list[tuple[Event, tuple[str, ...]]],
+        result: BatchResult, record: Callable[..., bool],
+        reports: list[tuple[Event, Any, float]], since: list[float], n: int,
+    ) -> None:
+        """:meth:`_lane` in a worker thread; every change to ``result`` goes through ``record``
+        (under the batch's lock, refused once the batch was cancelled)."""
+        for position, event in enumerate(lane):
+            done = handled_names(event)
+            since[n] = started = time.perf_counter()
+            try:
+                with event_context(event), continue_trace(event) as span:
+                    res = broker.dispatch_blocking(event, done=done)
+                    if not res.ok:
+                        set_error(span, "handler failed: " + ", ".join(res.failed))
+            except Exception as exc:  # the broker itself failed: the whole event failed
+                record(self._broken, lane, position, f"dispatch: {_describe(exc)}", done, result)
+                return
+            seconds = time.perf_counter() - started
+            if not record(self._settled_in_lane, lane, position, res, done, ready, result,
+                          reports, seconds):
+                return
+            if not res.ok:
+                return
 
     async def _lane(
         self, lane: list[Event], ready: list[tuple[Event, tuple[str, ...]]], result: BatchResult
@@ -164,19 +306,36 @@ class Dispatcher:
                     if not res.ok:
                         set_error(span, "handler failed: " + ", ".join(res.failed))
             except Exception as exc:  # the broker itself failed: the whole event failed
-                self._fail(event, f"dispatch: {_describe(exc)}", done, result)
-                self._hold(lane[position + 1:], result)
+                self._broken(lane, position, f"dispatch: {_describe(exc)}", done, result)
                 return
-            names = (*done, *res.succeeded)
-            if res.ok:
-                result.handled += 1
-                ready.append((event, names))
-                continue
-            result.handler_errors += 1
-            error = "; ".join(f"{name}: {_describe(exc)}" for name, exc in res.failed.items())
-            self._fail(event, error or "handler failed", names, result)
-            self._hold(lane[position + 1:], result)
+            self._settled_in_lane(lane, position, res, done, ready, result)
+            if not res.ok:
+                return
+
+    def _settled_in_lane(
+        self, lane: list[Event], position: int, res: Any, done: tuple[str, ...],
+        ready: list[tuple[Event, tuple[str, ...]]], result: BatchResult,
+        reports: list[tuple[Event, Any, float]] | None = None, seconds: float = 0.0,
+    ) -> None:
+        """Record the handlers' result for ``lane[position]``: ready to forward, or failed and
+        the rest of its lane held back."""
+        event = lane[position]
+        if reports is not None:
+            reports.append((event, res, seconds))
+        names = (*done, *res.succeeded)
+        if res.ok:
+            result.handled += 1
+            ready.append((event, names))
             return
+        result.handler_errors += 1
+        error = "; ".join(f"{name}: {_describe(exc)}" for name, exc in res.failed.items())
+        self._broken(lane, position, error or "handler failed", names, result)
+
+    def _broken(self, lane: list[Event], position: int, error: str, names: Sequence[str],
+                result: BatchResult) -> None:
+        """``lane[position]`` failed: a retry (or final failure); the rest of its lane waits."""
+        self._fail(lane[position], error, names, result)
+        self._hold(lane[position + 1:], result)
 
     async def _forward(
         self,

@@ -193,6 +193,7 @@ class Relay:
         self.broker, self.provider, self.retry_policy = broker, provider, policy
         self.dispatcher = Dispatcher(broker, provider, retry_policy=policy, now=self.store.now,
                                      concurrency=self.concurrency)
+        _log_handlers(broker)
         self._started = True
         self._set_ready(True)
 
@@ -323,6 +324,8 @@ class Relay:
                         raise DatabaseUnavailable(self.stats.last_error or "database error")
                     await self._sleep(self.poll_interval)
                     continue
+                if not claim.events and claim.undeliverable:
+                    continue  # only rows it could not read (marked failed): there may be more
                 if not claim.events:
                     if not full and not self._lingering():
                         self._force_full = True  # reached the end from the floor: look behind
@@ -367,7 +370,11 @@ class Relay:
             self._arrivals.append((time.monotonic(), len(claim.events)))
             self._floor = max(self._floor if not full else 0, _next_floor(claim))
             self._held[claim.token] = (claim, {e.id for e in claim.events})
+        for bad in claim.undeliverable:
+            log.error("event seq=%d cannot be delivered and is marked failed: %s",
+                      bad.seq, bad.error)
         s = self.stats
+        s.failed += len(claim.undeliverable)
         s.claims += 1
         s.claimed += len(claim.events)
         s.followers_claimed += claim.followers
@@ -428,10 +435,14 @@ class Relay:
         self._held.pop(claim.token, None)
         s = self.stats
         lost = set(res.lost)
+        for event_id, error in res.unsettleable.items():
+            log.error("event %s is marked failed: %s", event_id, error)
         for o in outcomes:
             if o.event.id in lost:
                 continue
-            if o.status == COMPLETED:
+            if o.event.id in res.unsettleable:
+                s.failed += 1
+            elif o.status == COMPLETED:
                 s.completed += 1
             elif o.status == FAILED:
                 s.failed += 1
@@ -601,6 +612,18 @@ class Relay:
     async def blocked_keys(self, limit: int = 100) -> list[tuple[str, int, int]]:
         """Ordering keys held back by a failed event: (key, seq, failed events)."""
         return await _in_thread(self.store.blocked_keys, limit)
+
+
+def _log_handlers(broker: Any) -> None:
+    """Say which handlers run (pattern → name): a typo'd pattern shows here, not as events that
+    complete without the handler one meant."""
+    subs = broker.subscriptions() if hasattr(broker, "subscriptions") else []
+    if not subs:
+        log.info("no handlers subscribed: events go to the provider only")
+        return
+    log.info("handlers: %s", ", ".join(
+        f"{sub.pattern.text} -> {sub.name}{' (thread)' if sub.threaded else ''}"
+        for sub in subs))
 
 
 def _next_floor(claim: Claim) -> int:

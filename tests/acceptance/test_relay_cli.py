@@ -66,6 +66,18 @@ def test_embedded_default_once_runs_app_handlers(tmp_path: Path) -> None:
     assert statuses(url) == {"completed": 4}
 
 
+def test_says_which_handlers_it_runs_and_warns_about_an_app_without_any(tmp_path: Path) -> None:
+    (tmp_path / "shopapp.py").write_text(APP)
+    (tmp_path / "emptyapp.py").write_text("import outbox  # subscribes nothing\n")
+    res = relay("--once", "--app", "shopapp", "--log-level", "INFO", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "handlers: shop.> -> shopapp.remember (thread)" in res.stderr
+    assert "subscribed no handlers" not in res.stderr
+    res = relay("--once", "--app", "emptyapp", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "--app emptyapp subscribed no handlers" in res.stderr
+
+
 def test_embedded_default_creates_sqlite_schema(tmp_path: Path) -> None:
     res = relay("--once", cwd=tmp_path)
     assert res.returncode == 0, res.stderr

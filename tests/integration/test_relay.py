@@ -450,6 +450,17 @@ async def test_expired_lease_of_dead_relay_is_recovered_and_fenced(engine: sa.En
     assert counts(engine) == {"completed": 8}
 
 
+async def _second_relay_joins(engine: sa.Engine, relay: Relay, other: Relay, n: int) -> None:
+    """Run ``relay``; once it claimed, ``other`` too; stop both when ``n`` events completed."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(relay.run)
+        await eventually(lambda: relay.stats.claimed)
+        tg.start_soon(other.run)
+        await eventually(lambda: counts(engine) == {"completed": n})
+        relay.stop()
+        other.stop()
+
+
 @pytest.mark.anyio
 async def test_lease_renewed_while_a_slow_batch_runs(pg_engine: sa.Engine) -> None:
     ids = add_events(pg_engine, 3)
@@ -461,14 +472,37 @@ async def test_lease_renewed_while_a_slow_batch_runs(pg_engine: sa.Engine) -> No
 
     relay._broker.subscribe("test.>", slow, name="slow")
     other._broker.subscribe("test.>", slow, name="slow")
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(relay.run)
-        await eventually(lambda: relay.stats.claimed)
-        tg.start_soon(other.run)
-        await eventually(lambda: counts(pg_engine) == {"completed": 3})
-        relay.stop()
-        other.stop()
+    await _second_relay_joins(pg_engine, relay, other, 3)
     assert sorted(e.id for e in rec.seen + other_rec.seen) == sorted(ids)  # none twice
+    assert relay.stats.lease_lost == 0 and other.stats.recovered == 0
+
+
+@pytest.mark.anyio
+async def test_a_blocking_sync_handler_keeps_its_batch_mates_leases(pg_engine: sa.Engine) -> None:
+    """The README's handler style (a plain def, run in worker threads) blocking for twice the
+    lease on one event: the event loop renews the batch's leases meanwhile, another relay takes
+    over nothing, and no event is handled twice."""
+    import threading
+    import time
+
+    ids = add_events(pg_engine, 6, key=lambda i: f"k{i % 3}")
+    seen: list[uuid.UUID] = []
+    lock = threading.Lock()
+
+    def blocking(event: Event) -> None:
+        with lock:
+            seen.append(event.id)
+        if event.id == ids[0]:
+            time.sleep(0.8)  # the lease is 0.4 s
+
+    def relay_with_blocking_handler() -> Relay:
+        broker = Broker(MemoryProvider(), retry_policy=FAST)
+        broker.subscribe("test.>", blocking, name="blocking")  # its only handler: batch threads
+        return Relay(pg_engine, broker=broker, retry_policy=FAST, lease=0.4, poll_interval=0.05)
+
+    relay, other = relay_with_blocking_handler(), relay_with_blocking_handler()
+    await _second_relay_joins(pg_engine, relay, other, 6)
+    assert sorted(seen) == sorted(ids)  # none twice
     assert relay.stats.lease_lost == 0 and other.stats.recovered == 0
 
 

@@ -43,17 +43,21 @@ async def run(events: list[Event], broker: Broker | None, provider: object) -> B
 
 
 @pytest.mark.anyio
-async def test_failing_event_holds_back_rest_of_its_lane_only() -> None:
+@pytest.mark.parametrize("style", ["async", "sync"])  # sync: the batch's worker threads
+async def test_failing_event_holds_back_rest_of_its_lane_only(style: str) -> None:
     events = batch(["a", "b", "a", "b", "a"])
     broker = Broker(MemoryProvider())
     seen: list[int] = []
 
-    async def handler(e: Event) -> None:
+    def handler(e: Event) -> None:
         seen.append(e.seq)
         if e.seq == 3:
             raise RuntimeError("no")
 
-    broker.subscribe("test.>", handler, name="h")
+    async def async_handler(e: Event) -> None:
+        handler(e)
+
+    broker.subscribe("test.>", async_handler if style == "async" else handler, name="h")
     res = await run(events, broker, broker.provider)
     status = {o.event.seq: (o.status, o.retry_count) for o in res.outcomes.values()}
     assert status == {1: ("completed", None), 2: ("completed", None), 3: ("pending", 1),
@@ -162,3 +166,114 @@ async def test_lanes_run_concurrently() -> None:
     res = await run(events, broker, None)
     assert peak == 4 and all(o.status == "completed" for o in res.outcomes.values())
     assert len({uuid.UUID(str(k)) for k in res.outcomes}) == 4
+
+
+# -- sync handlers: a few worker threads per batch, not a thread per event -------------------
+
+
+@pytest.mark.anyio
+async def test_sync_handlers_run_in_a_few_threads_in_key_order_off_the_loop() -> None:
+    import threading
+
+    keys: list[str | None] = [f"k{i % 5}" if i % 3 else None for i in range(200)]
+    events = batch(keys)
+    broker = Broker(MemoryProvider())
+    seen: list[tuple[str | None, int]] = []
+    threads: set[int] = set()
+
+    def handler(e: Event) -> None:  # the README's style
+        threads.add(threading.get_ident())
+        seen.append((e.ordering_key, e.seq))
+
+    broker.subscribe("test.>", handler, name="h")
+    res = await run(events, broker, None)
+    assert all(o.status == "completed" for o in res.outcomes.values())
+    assert len(seen) == 200
+    assert threading.get_ident() not in threads  # never on the event loop
+    assert 1 <= len(threads) <= 4  # concurrency=4 workers for the whole batch
+    for key in {k for k in keys if k is not None}:
+        order = [seq for k, seq in seen if k == key]
+        assert order == sorted(order)
+    stats = await broker.stats()
+    assert stats.total_dispatched == 200  # counted (and observed) as dispatch() would
+
+
+@pytest.mark.anyio
+async def test_mixed_async_and_sync_handlers_keep_per_event_semantics() -> None:
+    events = batch(["a", "b", "a", None])
+    for e in events[1:3]:
+        e.type = "test.mixed.create"
+    broker = Broker(MemoryProvider())
+    calls: list[tuple[str, int]] = []
+
+    def sync(e: Event) -> None:
+        calls.append(("sync", e.seq))
+
+    async def asynchronous(e: Event) -> None:
+        calls.append(("async", e.seq))
+
+    broker.subscribe("test.>", sync, name="s")
+    broker.subscribe("test.mixed.>", asynchronous, name="a")
+    res = await run(events, broker, None)
+    assert all(o.status == "completed" for o in res.outcomes.values())
+    assert sorted(calls) == sorted([("sync", 1), ("sync", 2), ("sync", 3), ("sync", 4),
+                                    ("async", 2), ("async", 3)])
+
+
+@pytest.mark.anyio
+async def test_a_blocking_sync_handler_does_not_stall_the_loop_and_cancel_records_nothing_more(
+) -> None:
+    import threading
+
+    events = batch(["a", "a", "a"])
+    broker = Broker(MemoryProvider())
+    release = threading.Event()
+    started: list[int] = []
+
+    def slow(e: Event) -> None:
+        started.append(e.seq)
+        release.wait(5)
+
+    broker.subscribe("test.>", slow, name="slow")
+    d = Dispatcher(broker, None, retry_policy=POLICY, now=utcnow, concurrency=4)
+    result = BatchResult()
+    ticks = 0
+    async with anyio.create_task_group() as tg:
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await anyio.sleep(0.01)
+                ticks += 1
+
+        tg.start_soon(ticker)
+        with anyio.move_on_after(0.3):
+            await d.run(events, result)
+        tg.cancel_scope.cancel()
+    assert ticks >= 5  # the loop kept running while the handler blocked
+    release.set()
+    await anyio.sleep(0.1)  # the abandoned thread finishes its handler, takes nothing more
+    assert started == [1]
+    assert result.outcomes == {}  # nothing recorded after the cancellation
+
+
+@pytest.mark.anyio
+async def test_blocking_sync_handlers_get_more_threads_up_to_concurrency() -> None:
+    import threading
+    import time
+
+    events = batch(["a", "b", "c", "d", "a", "b", "c", "d"])
+    broker = Broker(MemoryProvider())
+    threads: set[int] = set()
+
+    def slow(e: Event) -> None:  # blocks, as a handler doing I/O does
+        threads.add(threading.get_ident())
+        time.sleep(0.2)
+
+    broker.subscribe("test.>", slow, name="slow")
+    started = time.perf_counter()
+    res = await run(events, broker, None)  # concurrency=4
+    elapsed = time.perf_counter() - started
+    assert all(o.status == "completed" for o in res.outcomes.values())
+    assert len(threads) == 4
+    assert elapsed < 1.2  # 4 lanes of 2 x 0.2 s side by side, not 8 x 0.2 s one after another
