@@ -107,9 +107,6 @@ class DatabaseProvider:
     takes in effect, the last of them with the event handed out alone).
     ``pgbouncer``/``listen_url``: PgBouncer mode for a URL (see :mod:`outbox._engines`): no
     prepared statements, LISTEN only on ``listen_url`` (a direct connection), else polling.
-    ``blocked_poll``: the longest pause between looks while committed events wait behind an
-    older transaction that is still running (its end sends no notification when it wrote no
-    event; the pause starts at 1 ms and doubles up to this).
     """
 
     name: ClassVar[str] = "database"
@@ -126,7 +123,6 @@ class DatabaseProvider:
         lease: float = 30.0,
         notify: bool = True,
         max_claims: int = 2,
-        blocked_poll: float = 0.05,
         max_deliveries: int = 10,
         pgbouncer: bool = False,
         listen_url: str | sa.URL | None = None,
@@ -151,7 +147,6 @@ class DatabaseProvider:
         self.notify = bool(notify)
         self.max_claims = max_claims
         self.max_deliveries = max_deliveries
-        self.blocked_poll = min(float(blocked_poll), self.poll_interval)
         self.dialect = self.engine.dialect.name
         self._readers: set[_GroupReader] = set()
         self._tails: set[_Tail] = set()
@@ -243,9 +238,6 @@ class DatabaseProvider:
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(conn, *args)`` on a connection (``fn`` manages its transactions)."""
         return await anyio.to_thread.run_sync(self._call_sync, fn, *args)
-
-    def _blocked_backoff(self, previous: float) -> float:
-        return min(self.blocked_poll, max(0.001, previous * 2))
 
     async def _cluster(self) -> str | None:
         if not self._cluster_known:
@@ -344,7 +336,8 @@ class DatabaseProvider:
                 "dialect": self.dialect,
                 "dead_lettered_here": self._parked,
                 "groups": {
-                    g.name: {"position": list(g.position), "claimed": list(g.claimed),
+                    g.name: {"position": list(g.position), "snapshot": g.cursor.snapshot,
+                             "batch": g.cursor.batch, "claimed": g.cursor.seq,
                              "claims": g.claims, "updated_at": g.updated_at.isoformat()}
                     for g in groups
                 },
@@ -397,7 +390,7 @@ class DatabaseProvider:
         if group is not None:  # consume() now: the group exists from this call on
             reader = self._group_reader(pattern, group, None, start)
             return GroupStream(self, reader)
-        tail = _Tail(self, pattern, self._tx_sync(sql.start_position, StartPosition.NOW))
+        tail = _Tail(self, pattern, self._tx_sync(sql.start_cursor, StartPosition.NOW))
         self._tails.add(tail)
         return TailStream(self, tail)
 
