@@ -306,7 +306,7 @@ def test_interleavings_deliver_every_committed_event_once_in_order(
         # every transaction's events in seq order (rows of a transaction share its txid)
         by_tx: dict[int, list[int]] = {}
         with cluster.bus.connect() as conn:
-            txids = dict(
+            txids: dict[Any, int] = dict(
                 conn.execute(
                     sa.select(Event.id, sa.column("txid")).select_from(Event.__table__)
                 ).all()
