@@ -461,15 +461,15 @@ def _run(args: argparse.Namespace, url: str, other: str, results: dict[str, Any]
         for writes, what in ((False, "an INSERT in another database + an id without events"),
                              (True, "a transaction that wrote an event")):
             holds = Holds(url, other, 2.0, args.hold_seconds, writes)
-            r = latency_provider(url, args.rate, args.hold_seconds + 4.0, True,
+            res = latency_provider(url, args.rate, args.hold_seconds + 4.0, True,
                                  args.poll_interval, holds)
-            results["hold_writes" if writes else "hold"] = r
-            during = r["during_holds"]
+            results["hold_writes" if writes else "hold"] = res
+            during = res["during_holds"]
             _show(f"during a {args.hold_seconds:.0f} s hold of {what}", args.rate, during)
             if writes:
-                print(f"  the held event: committed {r['held_event_commit_to_hold_start_s']:.1f}"
+                print(f"  the held event: committed {res['held_event_commit_to_hold_start_s']:.1f}"
                       f" s after the hold began, delivered "
-                      f"{r['held_event_after_its_commit_ms']:.1f} ms after its commit",
+                      f"{res['held_event_after_its_commit_ms']:.1f} ms after its commit",
                       flush=True)
         print("target during the first hold: p99 <= 50 ms", flush=True)
 
