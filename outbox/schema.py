@@ -69,6 +69,9 @@ consumer_claims_table = sa.Table(
     sa.Column("attempt", sa.Integer(), nullable=False, doc="times the range was handed out"),
     sa.Column("lease_expires_at", UTCDateTime(), nullable=False),
     sa.Column("claimed_at", UTCDateTime(), nullable=False),
+    # Looking for expired claims reads only those: the claims of a busy group that a long
+    # transaction elsewhere keeps from being cleaned up still have their leases ahead.
+    sa.Index("ix_outbox_consumer_claims_expiry", "group_name", "lease_expires_at"),
 )
 
 #: Events a consumer group gave up on (``Delivery.park``), with the error.

@@ -6,8 +6,9 @@ Create Date: 2026-12-07
 
 A consumer group's position becomes the ``pg_current_snapshot()`` it last read up to (plus the
 open batch it is claiming from: ``batch``, ``claimed``, ``batch_end``); a claim lists its events'
-ids (``event_ids``). PostgreSQL gets ``ix_events_bus_seq`` on ``events_done`` (a batch is read in
-``seq`` order). docs/database-provider.md explains the design.
+ids (``event_ids``; ``ix_outbox_consumer_claims_expiry`` finds expired claims). PostgreSQL gets
+``ix_events_bus_seq`` on ``events_done`` (a batch is read in ``seq`` order).
+docs/database-provider.md explains the design.
 
 Positions are converted without skipping or delivering anything again: everything a group had
 claimed, and everything its start excluded, is visible in the snapshot it gets; the rest of a
@@ -116,6 +117,8 @@ def upgrade() -> None:
         "outbox_consumer_claims",
         sa.Column("event_ids", sa.Text(), nullable=False, server_default=""),
     )
+    op.create_index("ix_outbox_consumer_claims_expiry", "outbox_consumer_claims",
+                    ["group_name", "lease_expires_at"])
     now = dt.datetime.now(dt.UTC)
     groups = bind.execute(
         sa.text(
@@ -276,6 +279,7 @@ def downgrade() -> None:
         )
     # Claims in flight are given up: the positions above are at or before their events.
     bind.execute(sa.text("DELETE FROM outbox_consumer_claims"))
+    op.drop_index("ix_outbox_consumer_claims_expiry", table_name="outbox_consumer_claims")
     op.drop_column("outbox_consumer_claims", "event_ids")
     for column in ("batch_end", "batch", "snapshot"):
         op.drop_column("outbox_consumers", column)
