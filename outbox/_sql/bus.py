@@ -188,7 +188,7 @@ class Cursor:
         """Approximately where the reader is, as ``(txid, seq)``: every transaction below
         ``txid`` is behind it (for lag figures)."""
         if self.snapshot is None:
-            return (0, self.seq if self.batch is not None or self.end is None else 0)
+            return (0, self.seq)
         return (int(self.snapshot.split(":")[0]) - 1, MAX_SEQ)
 
 

@@ -3,8 +3,9 @@
 Storage (``store``/``get``/``list``/``update_status``/``delete``/``stats``) is plain SQL on the
 events table. Transport: ``publish`` inserts the event (idempotent by id) and every process that
 reads the table — ``stream()`` or ``consume(group=...)`` — receives it; see
-``docs/database-provider.md`` for the transaction-id watermark that keeps late commits from being
-skipped, consumer groups, and what is supported on SQLite and MariaDB.
+``docs/database-provider.md`` for the batches between snapshots that keep late commits from being
+skipped (and long transactions from stalling the bus), consumer groups, and what is supported on
+SQLite and MariaDB.
 
 The provider runs SQL on a *synchronous* SQLAlchemy engine in worker threads (psycopg 3 on
 PostgreSQL); an ``AsyncEngine`` or URL is accepted and turned into a sync engine on the same
@@ -368,7 +369,7 @@ class DatabaseProvider:
     def _require_bus(self) -> None:
         if self.dialect not in ("postgresql", "sqlite"):
             raise ProviderError(
-                f"the database bus needs PostgreSQL (transaction-id watermark) or SQLite (one "
+                f"the database bus needs PostgreSQL (snapshots) or SQLite (one "
                 f"writer at a time); on {self.dialect} concurrent transactions commit out of "
                 "sequence order and nothing tells a reader which are still running, so consumers "
                 "could skip events. Use the redis or nats provider for consumers there "
