@@ -55,6 +55,7 @@ from _scratch import ADMIN, scratch_database  # noqa: E402
 
 import outbox  # noqa: E402
 from outbox._sql import events as event_sql  # noqa: E402
+from outbox._sql.ddl import NOTIFY_CHANNEL, WAKE_LOCK_CLASS, WAKE_LOCK_KEY_SQL  # noqa: E402
 from outbox.providers.base import StartPosition  # noqa: E402
 from outbox.providers.database import DatabaseProvider  # noqa: E402
 
@@ -198,6 +199,9 @@ def latency_bare_notify(url: str, rate: float, seconds: float) -> dict[str, floa
     async def listen(ready: anyio.Event, done: anyio.Event) -> None:
         conn = await psycopg.AsyncConnection.connect(**kwargs, autocommit=True)
         await conn.execute("LISTEN outbox_events")
+        # writers notify only while a listener holds the wake-up lock (outbox/_wakeup.py)
+        await conn.execute(f"SELECT pg_advisory_lock({WAKE_LOCK_CLASS}, "
+                           f"{WAKE_LOCK_KEY_SQL.format(channel=repr(NOTIFY_CHANNEL))})")
         ready.set()
         while not done.is_set():
             async for _note in conn.notifies(timeout=0.2):
