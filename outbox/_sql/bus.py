@@ -197,14 +197,18 @@ BEGINNING_CURSOR = Cursor()
 
 def unread(cur: Cursor, xids: bool) -> tuple[list[sa.ColumnElement[bool]],
                                               list[sa.ColumnElement[Any]]]:
-    """Where clauses and order of the rows a reader at ``cur`` has not read yet, give or take
-    the committed rows of its open batch's transactions (for lag figures; index-served)."""
+    """Where clauses and order of the rows a reader at ``cur`` has not read yet (for lag
+    figures; index-served): rows of transactions not visible in its snapshot — which counts the
+    part of an open batch already claimed too — or, without a snapshot, after its ``seq``."""
     if not xids:
         return [c.seq > cur.seq], [c.seq]
     if cur.snapshot is None:
         return [c.txid.is_not(None), c.seq > cur.seq], [c.seq]
-    xmin = int(cur.snapshot.split(":")[0])
-    return [c.txid >= sa.literal(xmin, sa.BigInteger())], [c.txid, c.seq]
+    newer = c.txid >= sa.literal(snapshot_xmax(cur.snapshot), sa.BigInteger())
+    xip = snapshot_xip(cur.snapshot)
+    if xip:  # transactions in progress at the snapshot: not read yet either
+        newer = sa.or_(newer, c.txid.in_([sa.literal(x, sa.BigInteger()) for x in xip]))
+    return [newer], [c.txid, c.seq]
 
 _SNAPSHOT_NOW = sa.select(SNAPSHOT)
 _MAX_SEQ = sa.select(sa.func.max(c.seq))
