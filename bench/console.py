@@ -108,12 +108,11 @@ FROM (
 ) AS g
 """
 GROUPS = """
-INSERT INTO outbox_consumers (group_name, position, position_txid, claimed, claimed_txid,
-    created_at, updated_at)
-SELECT 'billing', max(seq) - 5000, min(txid), max(seq) - 5000, min(txid), now(), now()
+INSERT INTO outbox_consumers (group_name, batch, claimed, batch_end, created_at, updated_at)
+SELECT 'billing', pg_current_snapshot()::text, max(seq) - 5000, max(seq), now(), now()
 FROM events
 UNION ALL
-SELECT 'analytics', 1000, min(txid), 1000, min(txid), now(), now() FROM events
+SELECT 'analytics', pg_current_snapshot()::text, 1000, max(seq), now(), now() FROM events
 """
 DEAD = """
 INSERT INTO outbox_dead_letters (group_name, event_id, error, attempt, parked_at)

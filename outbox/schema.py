@@ -29,31 +29,30 @@ __all__ = [
 metadata = OutboxBase.metadata
 
 #: Consumer groups of the database provider: one row per group (docs/database-provider.md).
-#: Positions are (txid, seq) pairs (txid 0 where the dialect has no transaction ids).
+#: A group reads the bus in batches between snapshots (PostgreSQL); SQLite uses ``claimed`` alone.
 consumers_table = sa.Table(
     "outbox_consumers",
     metadata,
     sa.Column("group_name", ShortText, primary_key=True),
-    sa.Column("position", sa.BigInteger(), nullable=False, server_default="0",
-              doc="seq of the group's low-water mark: every event up to it is settled"),
-    sa.Column("position_txid", sa.BigInteger(), nullable=False, server_default="0",
-              doc="txid of the low-water mark"),
+    sa.Column("snapshot", sa.Text(), nullable=True,
+              doc="pg_current_snapshot() every transaction visible in which is claimed or "
+                  "settled for the group (NULL: none yet)"),
+    sa.Column("batch", sa.Text(), nullable=True,
+              doc="the open batch: rows visible in this snapshot and not in `snapshot`"),
     sa.Column("claimed", sa.BigInteger(), nullable=False, server_default="0",
-              doc="seq of the claim frontier: every event up to it is claimed or settled"),
-    sa.Column("claimed_txid", sa.BigInteger(), nullable=False, server_default="0",
-              doc="txid of the claim frontier"),
-    sa.Column("start_snapshot", sa.Text(), nullable=True,
-              doc="pg_current_snapshot() of a group started at 'now': rows it saw committed "
-                  "are skipped"),
+              doc="seq up to which the open batch is claimed (SQLite: the whole bus)"),
+    sa.Column("batch_end", sa.BigInteger(), nullable=True,
+              doc="highest seq of the open batch (NULL: the batch is empty)"),
     sa.Column("start_time", UTCDateTime(), nullable=True,
-              doc="the time a group was started at: rows created since are delivered"),
+              doc="a group started at a time: its first batch holds the rows created since"),
     sa.Column("cluster_id", ShortText, nullable=True,
-              doc="PostgreSQL system identifier of the cluster whose txids the positions use"),
+              doc="PostgreSQL system identifier of the cluster whose snapshots the group holds"),
     sa.Column("created_at", UTCDateTime(), nullable=False),
     sa.Column("updated_at", UTCDateTime(), nullable=False),
 )
 
-#: Ranges of events a member of a group is working on, (lo, hi] in (txid, seq) order, leased.
+#: Events a member of a group is working on, leased: ``event_ids`` in bus order, ``hi`` the last
+#: one's position, ``lo`` the last one of the acknowledged prefix.
 consumer_claims_table = sa.Table(
     "outbox_consumer_claims",
     metadata,
@@ -61,13 +60,18 @@ consumer_claims_table = sa.Table(
     sa.Column("hi_txid", sa.BigInteger(), primary_key=True, autoincrement=False),
     sa.Column("hi_seq", sa.BigInteger(), primary_key=True, autoincrement=False),
     sa.Column("lo_txid", sa.BigInteger(), nullable=False,
-              doc="exclusive lower bound; advances as the head of the range is acknowledged"),
+              doc="the last event of the acknowledged prefix (the claim's start before any)"),
     sa.Column("lo_seq", sa.BigInteger(), nullable=False),
+    sa.Column("event_ids", sa.Text(), nullable=False, server_default="",
+              doc="the claimed events' ids, comma-separated, in bus order"),
     sa.Column("consumer", ShortText, nullable=False),
     sa.Column("token", sa.Uuid(), nullable=False, doc="fences a consumer that lost the lease"),
     sa.Column("attempt", sa.Integer(), nullable=False, doc="times the range was handed out"),
     sa.Column("lease_expires_at", UTCDateTime(), nullable=False),
     sa.Column("claimed_at", UTCDateTime(), nullable=False),
+    # Looking for expired claims reads only those: the claims of a busy group that a long
+    # transaction elsewhere keeps from being cleaned up still have their leases ahead.
+    sa.Index("ix_outbox_consumer_claims_expiry", "group_name", "lease_expires_at"),
 )
 
 #: Events a consumer group gave up on (``Delivery.park``), with the error.

@@ -1,15 +1,17 @@
-"""The database bus: consumer groups over ``events`` (positions, reads, claims, parking, rebase).
+"""The database bus: consumer groups over ``events`` (batches, claims, parking, rebase).
 
 Every function takes a :class:`~sqlalchemy.engine.Connection` inside a transaction the caller
 manages, runs a few statements with bound parameters and returns plain values. The database
 provider runs them in worker threads; ``docs/database-provider.md`` explains the design they
 implement. Storing and filtering events is :mod:`outbox._sql.events`.
 
-Positions in the bus are ``(txid, seq)`` pairs compared lexicographically. On PostgreSQL ``txid``
-is the inserting transaction's id (``events.txid``, a column default); only rows with
-``txid < pg_snapshot_xmin(pg_current_snapshot())`` — rows of transactions that have all finished —
-are ever read, so no row can later appear below a position already passed. SQLite has one writer at
-a time: ``seq`` order is commit order there, and ``txid`` is always 0 in positions.
+On PostgreSQL a reader (a group, or a stream) reads *batches between snapshots*: it keeps the
+``pg_current_snapshot()`` it last read up to (``snapshot``); the next batch is the rows whose
+transaction (``events.txid``) is visible in a new snapshot (``batch``) and was not in the old one,
+read in ``seq`` order. A transaction running at the old snapshot is not visible in it, so its rows
+come in the batch where it became visible: nothing is skipped, and a long transaction holds back
+nothing but its own rows. SQLite has one writer at a time: ``seq`` order is commit order there,
+and a reader keeps a ``seq`` alone.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import datetime as dt
 import functools
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from outbox._sql.common import insert_missing
@@ -47,9 +50,9 @@ from outbox.schema import (
 __all__ = [
     "MAX_SEQ",
     "REBASE_HINT",
-    "Batch",
     "ClaimRow",
     "ClusterChanged",
+    "Cursor",
     "GroupInfo",
     "Peek",
     "Position",
@@ -87,7 +90,8 @@ class _PgType(sa.types.UserDefinedType[Any]):
 
 
 #: Oldest transaction id still running (every id below it has committed or aborted). Both calls of
-#: ``pg_current_snapshot()`` in one statement see the statement's own snapshot.
+#: ``pg_current_snapshot()`` in one statement see the statement's own snapshot. (The bus does not
+#: read below it any more; benchmarks compare with a read that does.)
 WATERMARK = _xid8_as_bigint(sa.func.pg_snapshot_xmin(sa.func.pg_current_snapshot()))
 #: First transaction id not yet assigned.
 NEXT_XID = _xid8_as_bigint(sa.func.pg_snapshot_xmax(sa.func.pg_current_snapshot()))
@@ -100,66 +104,30 @@ def snapshot_xmax(snapshot: str) -> int:
     return int(snapshot.split(":")[1])
 
 
+def snapshot_xip(snapshot: str) -> list[int]:
+    """The transaction ids in progress of a snapshot in its text form."""
+    xip = snapshot.split(":")[2]
+    return [int(x) for x in xip.split(",")] if xip else []
+
+
 def _bp(name: str, type_: Any = None) -> sa.BindParameter[Any]:
     return sa.bindparam(name, type_=type_ if type_ is not None else sa.BigInteger())
 
 
-def _skip_clause(since: bool) -> sa.ColumnElement[bool]:
-    """Rows a group must skip because they were committed before it started.
-
-    A group created at ``NOW`` is positioned at the watermark of its creation snapshot
-    (``:snap``); rows between that watermark and the snapshot's ``xmax`` (``:snap_xmax``) belong
-    either to transactions still running then (deliver them: they commit after the group started)
-    or to transactions that had already committed (skip them): ``pg_visible_in_snapshot`` tells
-    the two apart. A group created at a time (``:since``) also delivers the rows committed before
-    it started whose ``created_at`` is at or after that time.
-    """
-    keep = [
-        c.txid >= _bp("snap_xmax"),
-        ~sa.func.pg_visible_in_snapshot(
-            sa.cast(sa.cast(c.txid, sa.Text), _PgType("xid8")),
-            sa.cast(_bp("snap", sa.Text()), _PgType("pg_snapshot")),
-        ),
-    ]
-    if since:
-        keep.append(c.created_at >= _bp("since", UTCDateTime()))
-    return sa.or_(*keep)
+def _xid8(expr: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+    return sa.cast(sa.cast(expr, sa.Text), _PgType("xid8"))
 
 
-def _skip_params(start: Start | None, after: Position) -> tuple[bool, bool, dict[str, Any]]:
-    """(skip?, since?, parameters) of :func:`_skip_clause` for a reader at ``after``."""
-    if start is None or start.snapshot is None:
-        return False, False, {}
-    xmax = snapshot_xmax(start.snapshot)
-    if after[0] >= xmax:  # past every row the start snapshot could have seen
-        return False, False, {}
-    params: dict[str, Any] = {"snap": start.snapshot, "snap_xmax": xmax}
-    if start.since is not None:
-        params["since"] = start.since
-    return True, start.since is not None, params
-
-
-def _after(txid: sa.ColumnElement[Any], seq: sa.ColumnElement[Any], xids: bool,
-           prefix: str = "a") -> sa.ColumnElement[bool]:
-    """``(txid, seq) > (:a_t, :a_s)`` (``seq > :a_s`` without transaction ids)."""
-    if xids:
-        return sa.tuple_(txid, seq) > sa.tuple_(_bp(f"{prefix}_t"), _bp(f"{prefix}_s"))
-    return seq > _bp(f"{prefix}_s")
-
-
-def _upto(txid: sa.ColumnElement[Any], seq: sa.ColumnElement[Any], xids: bool,
-          prefix: str = "h") -> sa.ColumnElement[bool]:
-    if xids:
-        return sa.tuple_(txid, seq) <= sa.tuple_(_bp(f"{prefix}_t"), _bp(f"{prefix}_s"))
-    return seq <= _bp(f"{prefix}_s")
+def _visible(txid: sa.ColumnElement[Any], snapshot: str) -> sa.ColumnElement[bool]:
+    """``pg_visible_in_snapshot(txid, :snapshot)``: the transaction had ended (committed or rolled
+    back) when the snapshot was taken."""
+    return sa.func.pg_visible_in_snapshot(
+        _xid8(txid), sa.cast(_bp(snapshot, sa.Text()), _PgType("pg_snapshot")),
+        type_=sa.Boolean())
 
 
 def _pos(prefix: str, pos: Position) -> dict[str, int]:
     return {f"{prefix}_t": pos[0], f"{prefix}_s": pos[1]}
-
-
-def _bus_order(xids: bool) -> list[sa.ColumnElement[Any]]:
-    return [c.txid, c.seq] if xids else [c.seq]
 
 
 def _now_expr(dialect: str) -> sa.ColumnElement[dt.datetime]:
@@ -188,6 +156,108 @@ def _time_params(conn: Connection, lease: float | None = None) -> dict[str, Any]
 
 
 # --------------------------------------------------------------------------------------------
+# cursors: where a reader is
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where a reader of the bus is.
+
+    PostgreSQL: every transaction visible in ``snapshot`` is behind the reader (``None``: none
+    yet). ``batch``, when set, is the open batch: the rows visible in it and not in ``snapshot``,
+    read in ``seq`` order up to ``seq`` so far; ``end`` is its highest ``seq`` (``None``: empty).
+    ``since`` (a group started at a time) keeps only rows created since then in the open batch.
+    SQLite: ``seq`` alone (everything up to it is behind the reader).
+    """
+
+    snapshot: str | None = None
+    batch: str | None = None
+    seq: int = 0
+    end: int | None = None
+    since: dt.datetime | None = None
+
+    @property
+    def frontier_xid(self) -> int:
+        """The highest transaction id the cursor depends on (0: none): it must be below the
+        cluster's next id, or the database was restored into another cluster."""
+        snap = self.batch or self.snapshot
+        return snapshot_xmax(snap) - 1 if snap else 0
+
+    @property
+    def position(self) -> Position:
+        """Approximately where the reader is, as ``(txid, seq)``: every transaction below
+        ``txid`` is behind it (for lag figures)."""
+        if self.snapshot is None:
+            return (0, self.seq)
+        return (int(self.snapshot.split(":")[0]) - 1, MAX_SEQ)
+
+
+BEGINNING_CURSOR = Cursor()
+
+
+def unread(cur: Cursor, xids: bool) -> tuple[list[sa.ColumnElement[bool]],
+                                              list[sa.ColumnElement[Any]]]:
+    """Where clauses and order of the rows a reader at ``cur`` has not read yet (for lag
+    figures; index-served): rows of transactions not visible in its snapshot — which counts the
+    part of an open batch already claimed too — or, without a snapshot, after its ``seq``."""
+    if not xids:
+        return [c.seq > cur.seq], [c.seq]
+    if cur.snapshot is None:
+        return [c.txid.is_not(None), c.seq > cur.seq], [c.seq]
+    newer = c.txid >= sa.literal(snapshot_xmax(cur.snapshot), sa.BigInteger())
+    xip = snapshot_xip(cur.snapshot)
+    if xip:  # transactions in progress at the snapshot: not read yet either
+        newer = sa.or_(newer, c.txid.in_([sa.literal(x, sa.BigInteger()) for x in xip]))
+    return [newer], [c.txid, c.seq]
+
+_SNAPSHOT_NOW = sa.select(SNAPSHOT)
+_MAX_SEQ = sa.select(sa.func.max(c.seq))
+_BUS_MAX_SEQ = sa.select(SNAPSHOT, sa.select(sa.func.max(c.seq)).where(c.txid.is_not(None))
+                         .scalar_subquery())
+
+
+def _since_seq(when: dt.datetime) -> sa.Select[Any]:
+    return sa.select(sa.func.min(c.seq)).where(c.created_at >= sa.literal(when, UTCDateTime()))
+
+
+def start_cursor(conn: Connection, start: StartPosition | dt.datetime) -> Cursor:
+    """Where a new group (or stream) starts.
+
+    ``NOW``: at the current snapshot: exactly the events that commit after this call.
+    ``BEGINNING``: before every event. A datetime T: the events visible now that were created at
+    or after T (one first batch), then every event that commits after this call. On SQLite a
+    datetime start is the first event created at or after it in ``seq`` order.
+    """
+    xids = has_xids(conn)
+    if isinstance(start, dt.datetime):
+        when = start if start.tzinfo is not None else start.replace(tzinfo=dt.UTC)
+        if xids:
+            snap, last = conn.execute(_BUS_MAX_SEQ).one()
+            first = conn.execute(_since_seq(when).where(c.txid.is_not(None))).scalar()
+            if first is None:
+                return Cursor(snapshot=str(snap))
+            return Cursor(batch=str(snap), seq=int(first) - 1, end=int(last), since=when)
+        first = conn.execute(_since_seq(when)).scalar()
+        if first is None:
+            return start_cursor(conn, StartPosition.NOW)
+        return Cursor(seq=int(first) - 1)
+    if StartPosition(start) is StartPosition.BEGINNING:
+        return BEGINNING_CURSOR
+    if xids:
+        return Cursor(snapshot=str(conn.execute(_SNAPSHOT_NOW).scalar_one()))
+    return Cursor(seq=int(conn.execute(_MAX_SEQ).scalar() or 0))
+
+
+def cursor_at_seq(conn: Connection, seq: int) -> Cursor:
+    """PostgreSQL: the rows visible now after ``seq``, then everything committed later (what
+    ``rebase`` sets a group to once every existing row has ``txid`` 0)."""
+    snap, last = conn.execute(_BUS_MAX_SEQ).one()
+    if last is None or int(last) <= seq:
+        return Cursor(snapshot=str(snap))
+    return Cursor(batch=str(snap), seq=seq, end=int(last))
+
+
+# --------------------------------------------------------------------------------------------
 # consumer groups
 
 
@@ -196,11 +266,14 @@ class GroupInfo:
     """One row of ``outbox_consumers`` plus its claims (for stats and the CLI)."""
 
     name: str
-    position: Position
-    claimed: Position
+    cursor: Cursor
     cluster_id: str | None
     claims: int
     updated_at: dt.datetime
+
+    @property
+    def position(self) -> Position:
+        return self.cursor.position
 
 
 def cluster_id(conn: Connection) -> str | None:
@@ -217,55 +290,9 @@ def cluster_id(conn: Connection) -> str | None:
     return None if value is None else str(value)
 
 
-@dataclass(frozen=True, slots=True)
-class Start:
-    """Where a reader starts: an exclusive lower bound, plus (PostgreSQL, "now") the snapshot
-    whose committed rows it skips."""
-
-    position: Position
-    snapshot: str | None = None
-    since: dt.datetime | None = None
-
-
-def start_position(conn: Connection, start: StartPosition | dt.datetime) -> Start:
-    """Where a new group (or stream) starts.
-
-    ``NOW``: at the watermark, skipping rows already committed then (see :func:`_skip_clause`):
-    exactly the events that commit after this call. ``BEGINNING``: before every event. A
-    datetime: events created at or after it, and every event that commits after this call. On
-    SQLite (no snapshots) a datetime start is the first event created at or after it in ``seq``
-    order, and later events are all delivered.
-    """
-    xids = has_xids(conn)
-    if isinstance(start, dt.datetime):
-        when = start if start.tzinfo is not None else start.replace(tzinfo=dt.UTC)
-        if xids:
-            # The watermark first: every row invisible to the later statement belongs to a
-            # transaction at or above it, so min(first row, watermark) skips nothing.
-            wm, snapshot = conn.execute(sa.select(WATERMARK, SNAPSHOT)).one()
-            row = conn.execute(
-                sa.select(c.txid, c.seq)
-                .where(c.created_at >= sa.literal(when, UTCDateTime()), c.txid.is_not(None))
-                .order_by(c.txid, c.seq)
-                .limit(1)
-            ).first()
-            now_pos = (int(wm) - 1, MAX_SEQ)
-            if row is not None:
-                now_pos = min((int(row[0]), int(row[1]) - 1), now_pos)
-            return Start(now_pos, str(snapshot), when)
-        first_seq = conn.execute(
-            sa.select(sa.func.min(c.seq)).where(c.created_at >= sa.literal(when, UTCDateTime()))
-        ).scalar()
-        if first_seq is None:
-            return start_position(conn, StartPosition.NOW)
-        return Start((0, int(first_seq) - 1))
-    if StartPosition(start) is StartPosition.BEGINNING:
-        return Start(BEGINNING)
-    if xids:
-        wm, snapshot = conn.execute(sa.select(WATERMARK, SNAPSHOT)).one()
-        return Start((int(wm) - 1, MAX_SEQ), str(snapshot))
-    last = conn.execute(sa.select(sa.func.max(c.seq))).scalar()
-    return Start((0, int(last or 0)))
+def _cursor_values(cur: Cursor) -> dict[str, Any]:
+    return {"snapshot": cur.snapshot, "batch": cur.batch, "claimed": cur.seq,
+            "batch_end": cur.end, "start_time": cur.since}
 
 
 def ensure_group(conn: Connection, group: str, start: StartPosition | dt.datetime,
@@ -274,15 +301,9 @@ def ensure_group(conn: Connection, group: str, start: StartPosition | dt.datetim
     exists = conn.execute(sa.select(groups.c.group_name).where(groups.c.group_name == group))
     if exists.first() is not None:
         return False
-    begin = start_position(conn, start)
-    pos = begin.position
     now = utcnow()
-    values = {
-        "group_name": group, "position": pos[1], "position_txid": pos[0], "claimed": pos[1],
-        "claimed_txid": pos[0], "start_snapshot": begin.snapshot, "start_time": begin.since,
-        "cluster_id": cluster,
-        "created_at": now, "updated_at": now,
-    }
+    values = {"group_name": group, **_cursor_values(start_cursor(conn, start)),
+              "cluster_id": cluster, "created_at": now, "updated_at": now}
     stmt = insert_missing(groups, values, conn.dialect.name)
     return bool(conn.execute(stmt.execution_options(preserve_rowcount=True)).rowcount)
 
@@ -295,6 +316,14 @@ def group_cluster(conn: Connection, group: str) -> tuple[bool, str | None]:
     return (False, None) if row is None else (True, row[0])
 
 
+_CURSOR_COLUMNS = (groups.c.snapshot, groups.c.batch, groups.c.claimed, groups.c.batch_end,
+                   groups.c.start_time)
+
+
+def _cursor(row: Any) -> Cursor:
+    return Cursor(row[0], row[1], int(row[2]), None if row[3] is None else int(row[3]), row[4])
+
+
 def list_groups(conn: Connection) -> list[GroupInfo]:
     counts = (
         sa.select(claims.c.group_name, sa.func.count().label("n"))
@@ -302,19 +331,13 @@ def list_groups(conn: Connection) -> list[GroupInfo]:
         .subquery("n")
     )
     rows = conn.execute(
-        sa.select(groups, sa.func.coalesce(counts.c.n, 0))
+        sa.select(*_CURSOR_COLUMNS, groups.c.group_name, groups.c.cluster_id,
+                  groups.c.updated_at, sa.func.coalesce(counts.c.n, 0))
         .select_from(groups.outerjoin(counts, counts.c.group_name == groups.c.group_name))
         .order_by(groups.c.group_name)
     )
-    out = []
-    for r in rows:
-        m = r._mapping
-        out.append(GroupInfo(
-            name=m["group_name"], position=(int(m["position_txid"]), int(m["position"])),
-            claimed=(int(m["claimed_txid"]), int(m["claimed"])), cluster_id=m["cluster_id"],
-            claims=int(r[-1]), updated_at=m["updated_at"],
-        ))
-    return out
+    return [GroupInfo(name=r[5], cursor=_cursor(r), cluster_id=r[6], claims=int(r[8]),
+                      updated_at=r[7]) for r in rows]
 
 
 def delete_group(conn: Connection, group: str) -> bool:
@@ -322,12 +345,12 @@ def delete_group(conn: Connection, group: str) -> bool:
     return bool(conn.execute(sa.delete(groups).where(groups.c.group_name == group)).rowcount)
 
 
-def check_xids(group: str, frontier: Position, next_xid: int | None) -> None:
+def check_xids(group: str, frontier_xid: int, next_xid: int | None) -> None:
     """Refuse a position "in the future": the transaction-id counter went backwards, which
     happens when the database was restored into another cluster (dump/restore)."""
-    if next_xid is not None and frontier[0] >= next_xid:
+    if next_xid is not None and frontier_xid >= next_xid:
         raise ClusterChanged(
-            f"consumer group {group!r} is positioned at transaction id {frontier[0]}, but this "
+            f"consumer group {group!r} is positioned at transaction id {frontier_xid}, but this "
             f"PostgreSQL cluster has only reached {next_xid}: the database was restored into "
             f"another cluster, so the group cannot tell which events it already had. "
             f"{REBASE_HINT}"
@@ -354,187 +377,213 @@ class Peek:
 
     exists: bool
     cluster_id: str | None = None
-    claimed: Position = BEGINNING
-    ready: bool = False  # unclaimed events below the watermark
-    blocked: bool = False  # committed events above the watermark: an older transaction runs
+    frontier_xid: int = 0
+    ready: bool = False  # events to claim: an open batch, or rows committed since its snapshot
     expired: bool = False  # a claim whose lease ran out
     next_xid: int | None = None
 
 
 def peek(conn: Connection, group: str) -> Peek:
-    xids = has_xids(conn)
     row = conn.execute(peek_statement(conn.dialect.name),
                        {"grp": group, **_time_params(conn)}).first()
     if row is None:
         return Peek(exists=False)
     m = row._mapping
-    return Peek(
-        exists=True, cluster_id=m["cluster_id"], claimed=(int(m["claimed_txid"]),
-                                                          int(m["claimed"])),
-        ready=bool(m["ready"]), expired=bool(m["expired"]),
-        blocked=bool(m["blocked"]) if xids else False,
-        next_xid=int(m["next_xid"]) if xids else None,
-    )
+    if not has_xids(conn):
+        return Peek(exists=True, cluster_id=m["cluster_id"], ready=bool(m["ready"]),
+                    expired=bool(m["expired"]))
+    cur = Cursor(m["snapshot"], m["batch"])
+    return Peek(exists=True, cluster_id=m["cluster_id"], frontier_xid=cur.frontier_xid,
+                ready=bool(m["ready"]), expired=bool(m["expired"]),
+                next_xid=int(m["next_xid"]))
 
 
-def _any_row(table: sa.FromClause, xids: bool,
-             *where: sa.ColumnElement[bool]) -> sa.ColumnElement[bool]:
-    """True when a row of ``table`` satisfies ``where``: the first one in bus order.
+def _first(e: sa.FromClause, *where: sa.ColumnElement[bool],
+           order: tuple[str, ...] = ("txid", "seq")) -> sa.ColumnElement[bool]:
+    """True when a row of ``e`` (an alias of ``events``) satisfies ``where``: the first one in
+    index order.
 
-    Not ``EXISTS``: its selectivity guess for a row comparison against outer columns or
-    parameters is a third of the table, so PostgreSQL would "find a row quickly" with a sequential
-    scan — a full scan when the group is at the end. Ordering by the index makes the index scan
-    the cheap plan whatever the estimate.
+    Not ``EXISTS``: its selectivity guess for a comparison against outer columns is a third of
+    the table, so PostgreSQL would "find a row quickly" with a sequential scan. Ordering by the
+    index makes the index scan the cheap plan whatever the estimate.
     """
-    order = [table.c.txid, table.c.seq] if xids else [table.c.seq]
     first = (
-        sa.select(sa.literal(1)).select_from(table).where(*where).order_by(*order).limit(1)
-        .scalar_subquery()
+        sa.select(sa.literal(1)).select_from(e).where(*where)
+        .order_by(*(e.c[name] for name in order)).limit(1).scalar_subquery()
     )
     return first.is_not(None)
 
 
 @functools.cache
 def peek_statement(dialect: str) -> sa.Select[Any]:
-    """What group ``:grp`` has to do, in one read-only statement (index probes only)."""
-    xids = dialect == "postgresql"
+    """What group ``:grp`` has to do, in one read-only statement (index probes only).
+
+    PostgreSQL: ready when a batch is open, or when a row is visible now whose transaction was
+    not visible in the group's snapshot — a transaction id at or above its ``xmax``, or one of
+    its in-progress ids: index probes of ``ix_events_txid_seq``, whatever the history and
+    whatever runs elsewhere on the server.
+    """
     g = groups.c
-    e2 = events.alias("e2")
-    ready = _any_row(
-        e2, xids,
-        *([e2.c.txid.is_not(None), e2.c.txid < WATERMARK] if xids else []),
-        _after_group(e2, xids),
-    )
+    e1, e2 = events.alias("e1"), events.alias("e2")
     expired = sa.exists().where(claims.c.group_name == g.group_name,
                                 claims.c.lease_expires_at < _now_expr(dialect))
-    cols: list[Any] = [g.cluster_id, g.claimed_txid, g.claimed, ready.label("ready"),
-                       expired.label("expired")]
-    if xids:
-        e3 = events.alias("e3")
-        cols += [_any_row(e3, xids, e3.c.txid >= WATERMARK).label("blocked"),
-                 NEXT_XID.label("next_xid")]
-    return sa.select(*cols).where(g.group_name == _bp("grp", sa.String()))
+    if dialect != "postgresql":
+        ready = _first(e1, e1.c.seq > g.claimed, order=("seq",))
+        return sa.select(g.cluster_id, ready.label("ready"), expired.label("expired")).where(
+            g.group_name == _bp("grp", sa.String()))
+    snap = sa.cast(g.snapshot, _PgType("pg_snapshot"))
+    xmax = _xid8_as_bigint(sa.func.pg_snapshot_xmax(snap))
+    x = sa.func.pg_snapshot_xip(snap).column_valued("x")
+    xip = sa.func.array(sa.select(_xid8_as_bigint(x)).scalar_subquery())
+    ready = sa.case(
+        (g.batch.is_not(None), sa.true()),
+        (g.snapshot.is_(None), _first(e1, e1.c.txid.is_not(None))),
+        else_=sa.or_(_first(e1, e1.c.txid >= xmax),
+                     _first(e2, e2.c.txid == sa.func.any(xip))),
+    )
+    return sa.select(g.cluster_id, g.snapshot, g.batch, ready.label("ready"),
+                     expired.label("expired"), NEXT_XID.label("next_xid")).where(
+        g.group_name == _bp("grp", sa.String()))
 
 
-def _after_group(table: sa.FromClause, xids: bool) -> sa.ColumnElement[bool]:
-    g = groups.c
-    if xids:
-        return sa.tuple_(table.c.txid, table.c.seq) > sa.tuple_(g.claimed_txid, g.claimed)
-    return table.c.seq > g.claimed
+@functools.cache
+def _open_statement(after: bool) -> sa.Select[Any]:
+    """PostgreSQL: the statement's snapshot (the new batch's end) and the lowest and highest
+    ``seq`` of the rows visible to it whose transaction was not visible in ``:lo`` (``after``;
+    else of every row on the bus). The rows of a transaction not visible in a snapshot are those
+    of an id at or above its ``xmax`` or in its in-progress list: two index ranges of
+    ``ix_events_txid_seq``, bounded by what committed since — not by the history, nor by how
+    long an old transaction runs."""
+    if not after:
+        agg = sa.select(sa.func.min(c.seq).label("lo"), sa.func.max(c.seq).label("hi")).where(
+            c.txid.is_not(None)).subquery("agg")
+        return sa.select(SNAPSHOT, agg.c.lo, agg.c.hi)
+    newer = sa.select(c.seq).where(c.txid >= _bp("lo_xmax"))
+    listed = sa.select(c.seq).where(
+        c.txid == sa.func.any(sa.bindparam("lo_xip", type_=postgresql.ARRAY(sa.BigInteger()))))
+    u = sa.union_all(newer, listed).subquery("u")
+    agg = sa.select(sa.func.min(u.c.seq).label("lo"),
+                    sa.func.max(u.c.seq).label("hi")).subquery("agg")
+    return sa.select(SNAPSHOT, agg.c.lo, agg.c.hi)
 
 
-@dataclass(slots=True)
-class Batch:
-    """Events read after a position, in bus order."""
-
-    events: list[tuple[Position, Event]]
-    #: The position every event of the batch is at or before, and up to which the reader has seen
-    #: everything that matches: the last event's position for a full batch, else the end of what
-    #: is readable now.
-    end: Position
-    #: True when committed events wait above the watermark (read again soon).
-    blocked: bool = False
-    #: Any row at all (matching or not) after the start position below the watermark.
-    scanned: bool = False
-    next_xid: int | None = None
+def _open_batch(conn: Connection, cur: Cursor) -> Cursor:
+    """Open the next batch after ``cur.snapshot``, up to the current snapshot."""
+    if cur.snapshot is None:
+        snap, lo, hi = conn.execute(_open_statement(False)).one()
+    else:
+        snap, lo, hi = conn.execute(_open_statement(True), {
+            "lo_xmax": snapshot_xmax(cur.snapshot), "lo_xip": snapshot_xip(cur.snapshot)}).one()
+    if lo is None:
+        return Cursor(snapshot=cur.snapshot, batch=str(snap))
+    return Cursor(snapshot=cur.snapshot, batch=str(snap), seq=int(lo) - 1, end=int(hi))
 
 
-def read_after(conn: Connection, after: Position, limit: int, pattern: str,
-               start: Start | None = None) -> Batch:
-    """Up to ``limit`` events matching ``pattern`` after ``after``, readable now, in bus order
-    (skipping what the reader's ``start`` excludes, see :func:`_skip_clause`)."""
-    params: dict[str, Any] = {**_pos("a", after), "lim": limit}
-    if has_xids(conn):
-        skip, since, extra = _skip_params(start, after)
-        rows = conn.execute(bus_read_statement(pattern, skip, since), {**params, **extra}).all()
-        head = rows[0]
-        wm, nx, blocked, scanned = int(head[0]), int(head[1]), bool(head[2]), bool(head[3])
-        found = [((int(r.txid), int(r.seq)), row_to_event(r[4:]))
-                 for r in rows if r.id is not None]
-        end = found[-1][0] if len(found) >= limit else max(after, (wm - 1, MAX_SEQ))
-        return Batch(found, end, blocked=blocked, scanned=scanned, next_xid=nx)
-    rows = conn.execute(_read_statement_seq(conn.dialect.name, pattern), params).all()
+@functools.lru_cache(maxsize=512)
+def batch_statement(pattern: str, after: bool, since: bool) -> sa.Select[Any]:
+    """PostgreSQL: up to ``:lim`` rows of the open batch after ``:cur`` (``seq`` order, to
+    ``:end``): visible in ``:hi``, not visible in ``:lo`` (``after``), created since ``:since``.
+    Read along the ``seq`` indexes (``ix_events_live_seq``, ``ix_events_bus_seq``)."""
+    stmt = sa.select(*_COLUMNS).where(
+        c.seq > _bp("cur"), c.seq <= _bp("end"), c.txid.is_not(None), _visible(c.txid, "hi"))
+    if after:
+        stmt = stmt.where(~_visible(c.txid, "lo"))
+    if since:
+        stmt = stmt.where(c.created_at >= _bp("since", UTCDateTime()))
+    clause = type_clause("postgresql", pattern)
+    if clause is not None:
+        stmt = stmt.where(clause)
+    return stmt.order_by(c.seq).limit(_bp("lim", sa.Integer()))
+
+
+def _read_batch(conn: Connection, cur: Cursor, pattern: str,
+                limit: int) -> list[tuple[Position, Event]]:
+    if cur.end is None or cur.seq >= cur.end:
+        return []
+    params: dict[str, Any] = {"cur": cur.seq, "end": cur.end, "hi": cur.batch, "lim": limit}
+    if cur.snapshot is not None:
+        params["lo"] = cur.snapshot
+    if cur.since is not None:
+        params["since"] = cur.since
+    stmt = batch_statement(pattern, cur.snapshot is not None, cur.since is not None)
+    return [((int(r.txid), int(r.seq)), row_to_event(r)) for r in conn.execute(stmt, params)]
+
+
+def read_next(conn: Connection, cur: Cursor, limit: int,
+              pattern: str) -> tuple[list[tuple[Position, Event]], Cursor]:
+    """Up to ``limit`` events matching ``pattern`` after ``cur``, in bus order, and the cursor
+    after them (past the rows that do not match, too).
+
+    PostgreSQL: the rest of the open batch, then (when it ran out) one new batch up to the
+    current snapshot. A finished batch's snapshot becomes the cursor's ``snapshot``. The events
+    returned all belong to one batch.
+    """
+    if not has_xids(conn):
+        return _read_next_seq(conn, cur, limit, pattern)
+    found: list[tuple[Position, Event]] = []
+    opened = False
+    while True:
+        if cur.batch is None:
+            if opened:
+                break
+            cur = _open_batch(conn, cur)
+            opened = True
+        want = limit - len(found)
+        rows = _read_batch(conn, cur, pattern, want)
+        found += rows
+        if len(rows) >= want:
+            return found, replace(cur, seq=rows[-1][0][1])
+        cur = Cursor(snapshot=cur.batch)  # the batch is read to its end
+        if found:  # a claim holds the events of one batch: their seq order is bus order
+            break
+    return found, cur
+
+
+def _read_next_seq(conn: Connection, cur: Cursor, limit: int,
+                   pattern: str) -> tuple[list[tuple[Position, Event]], Cursor]:
+    rows = conn.execute(_read_statement_seq(conn.dialect.name, pattern),
+                        {"a_s": cur.seq, "lim": limit}).all()
     found = [((0, int(r.seq)), row_to_event(r)) for r in rows]
     if len(found) >= limit:
-        return Batch(found, found[-1][0], scanned=True)
+        return found, Cursor(seq=found[-1][0][1])
     last = conn.execute(_MAX_SEQ).scalar()
-    end = max(after, (0, int(last or 0)))
-    return Batch(found, end, scanned=end > after)
-
-
-_MAX_SEQ = sa.select(sa.func.max(c.seq))
+    return found, Cursor(seq=max(cur.seq, int(last or 0)))
 
 
 @functools.lru_cache(maxsize=512)
 def _read_statement_seq(dialect: str, pattern: str) -> sa.Select[Any]:
     """Without transaction ids (SQLite): rows after ``:a_s`` in ``seq`` order."""
-    stmt = sa.select(*_COLUMNS).where(_after(c.txid, c.seq, False))
+    stmt = sa.select(*_COLUMNS).where(c.seq > _bp("a_s"))
     clause = type_clause(dialect, pattern)
     if clause is not None:
         stmt = stmt.where(clause)
     return stmt.order_by(c.seq).limit(_bp("lim", sa.Integer()))
 
 
-@functools.lru_cache(maxsize=512)
-def bus_read_statement(pattern: str = "*", skip: bool = False,
-                       since: bool = False) -> sa.Select[Any]:
-    """PostgreSQL: one statement reads the watermark and, below it, up to ``:lim`` rows after
-    ``(:a_t, :a_s)`` in ``(txid, seq)`` order (``ix_events_txid_seq``). Also says whether
-    committed rows wait above the watermark (``blocked``) and whether any row at all follows the
-    position below it (``scanned``). The watermark and the rows come from the same statement
-    snapshot. Built once per pattern: positions are parameters."""
-    x = sa.select(WATERMARK.label("wm"), NEXT_XID.label("nx")).subquery("x")
-    e2 = events.alias("e2")
-    e3 = events.alias("e3")
-    w = sa.select(
-        x.c.wm,
-        x.c.nx,
-        _any_row(e2, True, e2.c.txid >= x.c.wm).label("blocked"),
-        _any_row(e3, True, e3.c.txid.is_not(None), e3.c.txid < x.c.wm,
-                 _after(e3.c.txid, e3.c.seq, True)).label("scanned"),
-    ).cte("w")
-    inner = sa.select(*_COLUMNS).where(
-        c.txid.is_not(None), c.txid < w.c.wm, _after(c.txid, c.seq, True)
-    )
-    clause = type_clause("postgresql", pattern)
-    if clause is not None:
-        inner = inner.where(clause)
-    if skip:
-        inner = inner.where(_skip_clause(since))
-    e = inner.order_by(c.txid, c.seq).limit(_bp("lim", sa.Integer())).lateral("e")
-    return sa.select(w.c.wm, w.c.nx, w.c.blocked, w.c.scanned, *e.c).select_from(
-        w.outerjoin(e, sa.true())
-    )
-
-
-def read_range(conn: Connection, group: str, lo: Position, hi: Position, pattern: str,
-               start: Start | None = None) -> list[tuple[Position, Event]]:
-    """Events in ``(lo, hi]`` matching ``pattern`` that ``group`` has not handled or parked
-    (a taken-over claim: ids in the inbox or the dead letters are skipped)."""
+def read_claimed(conn: Connection, group: str, ids: list[uuid.UUID], after_seq: int,
+                 pattern: str) -> list[tuple[Position, Event]]:
+    """The events of a claim (``ids``) after its progress ``after_seq`` that ``group`` has not
+    handled or parked (a taken-over claim: ids in the inbox or the dead letters are skipped)."""
+    if not ids:
+        return []
     xids = has_xids(conn)
-    skip, since, extra = _skip_params(start, lo) if xids else (False, False, {})
-    stmt = _range_statement(conn.dialect.name, pattern, skip, since)
-    rows = conn.execute(stmt, {**_pos("a", lo), **_pos("h", hi), "grp": group, **extra}).all()
+    rows = conn.execute(_claimed_statement(conn.dialect.name, pattern),
+                        {"ids": ids, "a_s": after_seq, "grp": group}).all()
     return [((int(r.txid) if xids else 0, int(r.seq)), row_to_event(r)) for r in rows]
 
 
 @functools.lru_cache(maxsize=512)
-def _range_statement(dialect: str, pattern: str, skip: bool, since: bool) -> sa.Select[Any]:
-    xids = dialect == "postgresql"
+def _claimed_statement(dialect: str, pattern: str) -> sa.Select[Any]:
     grp = _bp("grp", sa.String())
     stmt = sa.select(*_COLUMNS).where(
-        _after(c.txid, c.seq, xids), _upto(c.txid, c.seq, xids),
+        c.id.in_(sa.bindparam("ids", expanding=True)), c.seq > _bp("a_s"),
         ~sa.exists().where(inbox.c.group_name == grp, inbox.c.event_id == c.id),
         ~sa.exists().where(dead.c.group_name == grp, dead.c.event_id == c.id),
     )
-    if xids:
-        stmt = stmt.where(c.txid.is_not(None))
-        if skip:
-            stmt = stmt.where(_skip_clause(since))
     clause = type_clause(dialect, pattern)
     if clause is not None:
         stmt = stmt.where(clause)
-    return stmt.order_by(*_bus_order(xids))
+    return stmt.order_by(c.seq)
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,16 +592,13 @@ def _range_statement(dialect: str, pattern: str, skip: bool, since: bool) -> sa.
 
 @dataclass(frozen=True, slots=True)
 class ClaimRow:
-    """A range ``(lo, hi]`` a member of a group holds under a lease."""
+    """Events a member of a group holds under a lease: ``hi`` is the last one's position, ``lo``
+    the last one of the acknowledged prefix (or the claim's start)."""
 
     lo: Position
     hi: Position
     token: uuid.UUID
     attempt: int
-
-
-_GROUP_START = (groups.c.claimed_txid, groups.c.claimed, groups.c.start_snapshot,
-                groups.c.start_time)
 
 
 @functools.cache
@@ -561,60 +607,24 @@ def _lock_statement(dialect: str) -> Any:
     where = g.group_name == _bp("grp", sa.String())
     if dialect == "sqlite":  # a write takes SQLite's single write lock first
         return (sa.update(groups).where(where).values(updated_at=_bp("now", UTCDateTime()))
-                .returning(*_GROUP_START))
-    return sa.select(*_GROUP_START).where(where).with_for_update()
+                .returning(*_CURSOR_COLUMNS))
+    return sa.select(*_CURSOR_COLUMNS).where(where).with_for_update()
 
 
-def lock_group(conn: Connection, group: str) -> tuple[Position, Start] | None:
-    """Lock the group row until commit (claimers of one group take turns); its claim frontier
-    and how it started."""
+def lock_group(conn: Connection, group: str) -> Cursor | None:
+    """Lock the group row until commit (claimers of one group take turns); its cursor."""
     row = conn.execute(_lock_statement(conn.dialect.name), {"grp": group, "now": utcnow()}).first()
-    if row is None:
-        return None
-    frontier = (int(row[0]), int(row[1]))
-    return frontier, Start(frontier, row[2], row[3])
+    return None if row is None else _cursor(row)
 
 
-_GROUP_START_SELECT = sa.select(*_GROUP_START).where(
-    groups.c.group_name == _bp("grp", sa.String()))
+_SET_GROUP = sa.update(groups).where(groups.c.group_name == _bp("grp", sa.String())).values(
+    snapshot=_bp("snapshot", sa.Text()), batch=_bp("batch", sa.Text()), claimed=_bp("claimed"),
+    batch_end=_bp("batch_end"), start_time=_bp("start_time", UTCDateTime()),
+    updated_at=_bp("upd", UTCDateTime()))
 
 
-def group_start(conn: Connection, group: str) -> Start | None:
-    row = conn.execute(_GROUP_START_SELECT, {"grp": group}).first()
-    return None if row is None else Start((int(row[0]), int(row[1])), row[2], row[3])
-
-
-_LOW_WATER = (
-    sa.select(claims.c.lo_txid, claims.c.lo_seq)
-    .where(claims.c.group_name == _bp("grp", sa.String()))
-    .order_by(claims.c.lo_txid, claims.c.lo_seq)
-    .limit(1)
-)
-
-
-def _low_water(conn: Connection, group: str, claimed: Position) -> Position:
-    row = conn.execute(_LOW_WATER, {"grp": group}).first()
-    return claimed if row is None else (int(row[0]), int(row[1]))
-
-
-@functools.cache
-def _set_group_statement(claimed: bool, position: bool) -> sa.Update:
-    values: dict[str, Any] = {"updated_at": _bp("upd", UTCDateTime())}
-    if claimed:
-        values.update(claimed_txid=_bp("c_t"), claimed=_bp("c_s"))
-    if position:
-        values.update(position_txid=_bp("p_t"), position=_bp("p_s"))
-    return sa.update(groups).where(groups.c.group_name == _bp("grp", sa.String())).values(values)
-
-
-def _set_group(conn: Connection, group: str, *, claimed: Position | None = None,
-               position: Position | None = None) -> None:
-    params: dict[str, Any] = {"grp": group, "upd": utcnow()}
-    if claimed is not None:
-        params.update(_pos("c", claimed))
-    if position is not None:
-        params.update(_pos("p", position))
-    conn.execute(_set_group_statement(claimed is not None, position is not None), params)
+def _set_group(conn: Connection, group: str, cur: Cursor) -> None:
+    conn.execute(_SET_GROUP, {"grp": group, "upd": utcnow(), **_cursor_values(cur)})
 
 
 @functools.cache
@@ -623,32 +633,34 @@ def _claim_insert(dialect: str) -> sa.Insert:
                                     claimed_at=_now_expr(dialect))
 
 
-def claim_next(conn: Connection, group: str, consumer: str, pattern: str, limit: int,
-               lease: float) -> tuple[ClaimRow | None, Batch | None]:
-    """Claim the next events of ``group`` after its frontier (locks the group row).
+def _ids_text(found: list[tuple[Position, Event]]) -> str:
+    return ",".join(str(event.id) for _pos, event in found)
 
-    Returns the claim and its batch, ``(None, batch)`` when nothing matched (the frontier still
+
+def claim_next(conn: Connection, group: str, consumer: str, pattern: str, limit: int,
+               lease: float) -> tuple[ClaimRow | None, list[tuple[Position, Event]] | None]:
+    """Claim the next events of ``group`` (locks the group row).
+
+    Returns the claim and its events, ``(None, [])`` when nothing matched (the cursor still
     moves past rows that do not match), or ``(None, None)`` when the group row is gone.
     """
-    locked = lock_group(conn, group)
-    if locked is None:
+    cur = lock_group(conn, group)
+    if cur is None:
         return None, None
-    frontier, start = locked
-    batch = read_after(conn, frontier, limit, pattern, start)
-    check_xids(group, frontier, batch.next_xid)
-    if not batch.events:
-        if batch.scanned and batch.end > frontier:
-            position = _low_water(conn, group, batch.end)
-            _set_group(conn, group, claimed=batch.end, position=position)
-        return None, batch
+    found, after = read_next(conn, cur, limit, pattern)
+    if after != cur:
+        _set_group(conn, group, after)
+    if not found:
+        return None, found
     token = uuid.uuid4()
+    lo = (found[0][0][0], found[0][0][1] - 1)
+    hi = found[-1][0]
     conn.execute(_claim_insert(conn.dialect.name), {
-        "group_name": group, "hi_txid": batch.end[0], "hi_seq": batch.end[1],
-        "lo_txid": frontier[0], "lo_seq": frontier[1], "consumer": consumer, "token": token,
+        "group_name": group, "hi_txid": hi[0], "hi_seq": hi[1], "lo_txid": lo[0],
+        "lo_seq": lo[1], "event_ids": _ids_text(found), "consumer": consumer, "token": token,
         "attempt": 1, **_time_params(conn, lease),
     })
-    _set_group(conn, group, claimed=batch.end)
-    return ClaimRow(frontier, batch.end, token, 1), batch
+    return ClaimRow(lo, hi, token, 1), found
 
 
 @functools.cache
@@ -657,7 +669,7 @@ def _take_statement(dialect: str) -> sa.Update:
     pick = (
         sa.select(k.group_name, k.hi_txid, k.hi_seq)
         .where(k.group_name == _bp("grp", sa.String()), k.lease_expires_at < _now_expr(dialect))
-        .order_by(k.lo_txid, k.lo_seq)
+        .order_by(k.claimed_at)
         .limit(1)
         .with_for_update(skip_locked=True)
     )
@@ -666,7 +678,7 @@ def _take_statement(dialect: str) -> sa.Update:
         .where(sa.tuple_(k.group_name, k.hi_txid, k.hi_seq).in_(pick))
         .values(consumer=_bp("me", sa.String()), token=_bp("new_tok", sa.Uuid()),
                 attempt=k.attempt + 1, lease_expires_at=_later_expr(dialect))
-        .returning(k.lo_txid, k.lo_seq, k.hi_txid, k.hi_seq, k.attempt)
+        .returning(k.lo_txid, k.lo_seq, k.hi_txid, k.hi_seq, k.attempt, k.event_ids)
     )
 
 
@@ -674,8 +686,8 @@ def take_expired(conn: Connection, group: str, consumer: str, pattern: str,
                  lease: float) -> tuple[ClaimRow, list[tuple[Position, Event]]] | None:
     """Take over the oldest claim of ``group`` whose lease ran out (a member died).
 
-    The range is handed out again with a new token (the old holder is fenced) and ``attempt``
-    + 1. A range with nothing left to deliver is finished on the spot.
+    Its events are handed out again with a new token (the old holder is fenced) and ``attempt``
+    + 1. A claim with nothing left to deliver is finished on the spot.
     """
     token = uuid.uuid4()
     row = conn.execute(_take_statement(conn.dialect.name), {
@@ -683,7 +695,8 @@ def take_expired(conn: Connection, group: str, consumer: str, pattern: str,
     if row is None:
         return None
     claim = ClaimRow((int(row[0]), int(row[1])), (int(row[2]), int(row[3])), token, int(row[4]))
-    found = read_range(conn, group, claim.lo, claim.hi, pattern, group_start(conn, group))
+    ids = [uuid.UUID(i) for i in row[5].split(",")] if row[5] else []
+    found = read_claimed(conn, group, ids, claim.lo[1], pattern)
     if not found:
         finish(conn, group, claim.hi, token)
     return claim, found
@@ -703,25 +716,21 @@ _FINISH = sa.delete(claims).where(*_claim_where())
 
 
 def finish(conn: Connection, group: str, hi: Position, token: uuid.UUID) -> bool:
-    """Drop a settled claim and move the group's low-water mark; False when fenced (lost)."""
-    if not conn.execute(_FINISH, _claim_params(group, hi, token)).rowcount:
-        return False
-    locked = lock_group(conn, group)
-    if locked is not None:
-        _set_group(conn, group, position=_low_water(conn, group, locked[0]))
-    return True
+    """Drop a settled claim; False when fenced (another member holds it now)."""
+    return bool(conn.execute(_FINISH, _claim_params(group, hi, token)).rowcount)
 
 
 def _lo_values() -> dict[str, Any]:
-    """``lo := max(lo, (:l_t, :l_s))``: progress only moves forward.
+    """``lo := max(lo, :l)`` (by ``seq``, the order of a claim's events): progress only moves
+    forward.
 
-    ``attempt`` counts the takes of the range since its progress last moved, so it is how often
+    ``attempt`` counts the takes of the claim since its progress last moved, so it is how often
     the first unsettled event was delivered (what ``max_deliveries`` limits): progress resets it
     to 1, the take in hand.
     """
     k = claims.c
     t, s = _bp("l_t"), _bp("l_s")
-    behind = sa.tuple_(k.lo_txid, k.lo_seq) < sa.tuple_(t, s)
+    behind = k.lo_seq < s
     return {
         "lo_txid": sa.case((behind, t), else_=k.lo_txid),
         "lo_seq": sa.case((behind, s), else_=k.lo_seq),
@@ -809,10 +818,11 @@ def restamp_batch(conn: Connection, below_seq: int, batch: int) -> int:
 
 
 def rebase_group(conn: Connection, group: str, position: Position, cluster: str | None) -> None:
+    """Set ``group`` to just after ``position`` (every row has ``txid`` 0 by now: ``seq``
+    alone orders them), then everything committed later."""
     conn.execute(sa.delete(claims).where(claims.c.group_name == group))
     conn.execute(sa.update(groups).where(groups.c.group_name == group).values(
-        position_txid=position[0], position=position[1], claimed_txid=position[0],
-        claimed=position[1], start_snapshot=None, start_time=None, cluster_id=cluster,
+        **_cursor_values(cursor_at_seq(conn, position[1])), cluster_id=cluster,
         updated_at=utcnow(),
     ))
 
@@ -830,11 +840,8 @@ def first_seq_since(conn: Connection, when: dt.datetime) -> int | None:
 
 
 def max_position_txid(conn: Connection) -> int:
-    g = groups.c
-    value = conn.execute(
-        sa.select(sa.func.max(sa.func.greatest(g.claimed_txid, g.position_txid)))
-    ).scalar()
-    return int(value or 0)
+    """The highest transaction id any group's cursor depends on."""
+    return max((g.cursor.frontier_xid for g in list_groups(conn)), default=0)
 
 
 def next_xid(conn: Connection) -> int:

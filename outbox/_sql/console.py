@@ -658,20 +658,14 @@ def _has_table(conn: Connection, table: sa.Table) -> bool:
 
 def consumer_lags(conn: Connection) -> list[ConsumerLag]:
     """Every consumer group of the database bus with its lag: the age of the first event after
-    its position, and how many follow (index ``ix_events_txid_seq``). Groups read every event
+    its position, and how many follow (``bus.unread``: index-served). Groups read every event
     on the bus, so the count includes events their pattern skips."""
     if not _has_table(conn, consumers_table):
         return []
     xids = has_xids(conn)
     out = []
     for info in bus.list_groups(conn):
-        txid, seq = info.position
-        if xids:
-            after = [c.txid.is_not(None), sa.tuple_(c.txid, c.seq) > sa.tuple_(
-                sa.literal(txid, sa.BigInteger()), sa.literal(seq, sa.BigInteger()))]
-            order = [c.txid, c.seq]
-        else:
-            after, order = [c.seq > seq], [c.seq]
+        after, order = bus.unread(info.cursor, xids)
         first = conn.execute(sa.select(c.created_at).where(*after).order_by(*order).limit(1))
         behind = conn.execute(_capped_count(after)).scalar_one()
         out.append(ConsumerLag(info, first.scalar(), int(behind)))

@@ -93,8 +93,8 @@ PG_LIVE_INDEXES: tuple[str, ...] = (
 PREFIX_INDEXED: frozenset[str] = frozenset({"instance_id"})
 INDEX_PREFIX = 200
 
-#: ``events_done``: the audit indexes (by type, entity, user, session, instance, time) and commit
-#: order for the bus.
+#: ``events_done``: the audit indexes (by type, entity, user, session, instance, time) and the
+#: bus's two: ``(txid, seq)`` finds the rows of given transactions, ``seq`` reads a batch in order.
 PG_DONE_INDEXES: tuple[str, ...] = (
     f"ALTER TABLE {PG_DONE_TABLE} ADD CONSTRAINT pk_events_done PRIMARY KEY (id)",
     f"CREATE INDEX ix_events_type_created_at ON {PG_DONE_TABLE} (type, created_at)",
@@ -108,6 +108,7 @@ PG_DONE_INDEXES: tuple[str, ...] = (
     f"(left(instance_id, {INDEX_PREFIX}), created_at)",
     f"CREATE INDEX ix_events_created_at ON {PG_DONE_TABLE} (created_at)",
     f"CREATE INDEX ix_events_txid_seq ON {PG_DONE_TABLE} (txid, seq) WHERE txid IS NOT NULL",
+    f"CREATE INDEX ix_events_bus_seq ON {PG_DONE_TABLE} (seq) WHERE txid IS NOT NULL",
 )
 #: PostgreSQL's secondary indexes of both partitions, ``(name, CREATE INDEX statement)`` — for
 #: bulk loads that drop them first and build them after (tests, benchmarks).

@@ -48,7 +48,7 @@ VERSIONS = Path(__file__).with_name("versions")
 VERSION_TABLE = "outbox_alembic_version"
 #: The newest revision in :data:`VERSIONS` (what :func:`head` reads from the files; a test keeps
 #: the two equal). Known without Alembic, so that a relay's start need not import it.
-HEAD = "outbox_0003"
+HEAD = "outbox_0004"
 
 # Alembic's own version table layout (alembic.ddl.impl.version_table_impl), so that the
 # repository's environment, which uses it as its version_table, and this module agree.

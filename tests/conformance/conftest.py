@@ -249,8 +249,8 @@ def _database_backend(name: str, engine: sa.Engine, *, store_is_silent: bool) ->
 
     async def unsettled(p: DatabaseProvider, group: str) -> int:
         info = {g.name: g for g in await p.groups()}[group]
-        # Claims in flight, and a position that is not yet where the claims reached.
-        return info.claims + (info.position != info.claimed)
+        # Claims in flight: a claimed event stays in its claim until it is settled.
+        return info.claims
 
     url = engine.url.render_as_string(hide_password=False)
     child = ("from outbox.providers.database import DatabaseProvider\n"

@@ -1,4 +1,4 @@
-"""DatabaseProvider: storage SQL, the bus (watermark, start at a time), take-overs, leases, the
+"""DatabaseProvider: storage SQL, the bus (snapshots, start at a time), take-overs, leases, the
 inbox. The behaviour every provider shares (groups, nack, park, closing): ``tests/conformance``.
 
 Runs on PostgreSQL and SQLite (``engine`` fixture) where the behaviour is the same; PostgreSQL-only
@@ -452,51 +452,53 @@ async def test_stream_with_and_without_group(provider_factory: Any) -> None:
     await p.close()
 
 
-# -- PostgreSQL: the watermark ---------------------------------------------------------------------
+# -- PostgreSQL: batches between snapshots ------------------------------------------------------
 
 
 def _insert_raw(conn: sa.Connection, event: Event) -> None:
     event_sql.insert_events(conn, [event], True)
 
 
-async def test_a_late_commit_is_not_skipped(pg_engine: sa.Engine, pg_factory: Any) -> None:
+async def test_a_late_commit_is_not_skipped_nor_waited_for(pg_engine: sa.Engine,
+                                                          pg_factory: Any) -> None:
     p = pg_factory()
     it = p.consume(group="g")
     early, late = ev(payload={"early": 1}), ev(payload={"late": 1})
     conn = pg_engine.connect()
     tx = conn.begin()
     _insert_raw(conn, early)  # lower seq and txid, still uncommitted
-    await p.publish(late)  # commits first
-    with pg_engine.connect() as probe, probe.begin():
-        peek = dbsql.peek(probe, "g")
-    assert peek.blocked and not peek.ready  # `late` waits behind the open transaction
-    assert await nothing_more(it)  # ...while the consumer keeps polling
+    await p.publish(late)  # commits first: delivered at once, not held behind `early`
+    first = await take(it, 1)
+    assert [d.event.id for d in first] == [late.id]
+    await first[0].ack()
+    assert await nothing_more(it)
     await anyio.to_thread.run_sync(tx.commit)
     conn.close()
-    got = await take(it, 2)
-    assert [d.event.id for d in got] == [early.id, late.id]
-    early_seq = got[0].event.seq
-    assert early_seq < got[1].event.seq
-    for d in got:
-        await d.ack()
+    got = await take(it, 1)  # the late commit comes in the next batch: not skipped
+    assert [d.event.id for d in got] == [early.id]
+    assert got[0].event.seq < first[0].event.seq
+    await got[0].ack()
     assert await nothing_more(it)
+    with pg_engine.connect() as probe, probe.begin():
+        assert not dbsql.peek(probe, "g").ready
     await it.aclose()
     await p.close()
 
 
-async def test_unrelated_long_transaction_delays_but_loses_nothing(
+async def test_unrelated_long_transaction_delays_nothing(
         pg_engine: sa.Engine, pg_factory: Any) -> None:
-    p = pg_factory(notify=False)
+    p = pg_factory(notify=False, poll_interval=0.05)
     it = p.consume(group="g")
     other = pg_engine.connect()
     tx = other.begin()
     other.execute(sa.select(event_sql.CURRENT_XID))  # holds a transaction id, writes no event
     e = ev()
     await p.publish(e)
-    assert await nothing_more(it)
+    with anyio.fail_after(5):
+        assert [d.event.id for d in await take(it, 1)] == [e.id]
     await anyio.to_thread.run_sync(tx.rollback)
     other.close()
-    assert [d.event.id for d in await take(it, 1)] == [e.id]
+    assert await nothing_more(it)
     await it.aclose()
     await p.close()
 
@@ -529,7 +531,7 @@ async def test_other_cluster_is_refused_and_rebase_recovers(pg_engine: sa.Engine
     # what a restore into another cluster looks like: foreign cluster id, txids from the future
     with pg_engine.begin() as conn:
         conn.execute(sa.update(consumers_table).values(
-            cluster_id="42", claimed_txid=10**12, position_txid=10**12))
+            cluster_id="42", snapshot=f"{10**12}:{10**12}:"))
     it = p.consume(group="g")
     with pytest.raises(ClusterChanged, match="rebase"):
         await take(it, 1)
@@ -569,7 +571,7 @@ async def test_rebase_keep_positions_refuses_a_restarted_counter(pg_engine: sa.E
         lambda: rebase(pg_engine, keep_positions=True))
     assert report.groups == ["g"] and report.restamped == 0
     with pg_engine.begin() as conn:
-        conn.execute(sa.update(consumers_table).values(claimed_txid=10**12))
+        conn.execute(sa.update(consumers_table).values(snapshot=f"{10**12}:{10**12}:"))
     with pytest.raises(ClusterChanged, match="--from"):
         await anyio.to_thread.run_sync(lambda: rebase(pg_engine, keep_positions=True))
     await p.close()

@@ -183,23 +183,29 @@ def test_every_filter_field_is_covered() -> None:
     assert fields - used == set()
 
 
-def test_bus_reads_use_the_txid_index(big: sa.Engine) -> None:
+def test_bus_reads_use_indexes(big: sa.Engine) -> None:
     with big.connect() as conn:
-        wm = conn.execute(sa.select(dbsql.WATERMARK)).scalar_one()
+        snap = conn.execute(sa.select(dbsql.SNAPSHOT)).scalar_one()
         last = conn.execute(sa.select(sa.func.max(Event.__table__.c.txid))).scalar_one()
-    assert last < wm  # (the generator wrote every row in one transaction)
-    # a group 5,000 events behind, with and without a pattern
-    behind = {"a_t": int(last), "a_s": ROWS - 5000, "lim": 100}
-    txid_indexes = {"ix_events_txid_seq", "ix_events_live_txid_seq"}
+    assert last < dbsql.snapshot_xmax(snap)  # (the generator wrote every row in one transaction)
+    seq_indexes = {"ix_events_bus_seq", "ix_events_live_seq"}
+    # a group 5,000 events into a batch, with and without a pattern: along the seq indexes
+    behind = {"cur": ROWS - 5000, "end": ROWS, "hi": snap, "lo": f"{last}:{last}:", "lim": 100}
     for pattern in ("*", "app.>"):
-        scans = _scans(big, dbsql.bus_read_statement(pattern), behind)
-        assert scans and all(s[1] in txid_indexes for s in scans), scans
-    # the rows of a group at the very beginning come from the index in bus order too
-    scans = _scans(big, dbsql.bus_read_statement(), {"a_t": 0, "a_s": 0, "lim": 100})
-    assert ("Index Scan", "ix_events_txid_seq", PG_DONE_TABLE) in scans, scans
+        scans = _scans(big, dbsql.batch_statement(pattern, True, False), behind)
+        assert scans and all(s[1] in seq_indexes for s in scans), scans
+    # a group at the very beginning reads the history in seq order from the index too
+    scans = _scans(big, dbsql.batch_statement("*", False, False),
+                   {"cur": 0, "end": ROWS, "hi": snap, "lim": 100})
+    assert ("Index Scan", "ix_events_bus_seq", PG_DONE_TABLE) in scans, scans
+    # opening a batch: index probes of the transactions committed since the last snapshot
+    txid_indexes = {"ix_events_txid_seq", "ix_events_live_txid_seq"}
+    scans = _scans(big, dbsql._open_statement(True),
+                   {"lo_xmax": dbsql.snapshot_xmax(snap), "lo_xip": [int(last) + 5]})
+    assert scans and all(s[1] in txid_indexes for s in scans if s[2]), scans
     # what a waiting consumer polls: index probes only
     with big.begin() as conn:
-        conn.execute(sa.update(dbsql.groups).values(claimed_txid=int(last), claimed=ROWS - 10))
+        conn.execute(sa.update(dbsql.groups).values(snapshot=snap, batch=None))
     scans = _scans(big, dbsql.peek_statement("postgresql"), {"grp": "g"})
     assert not [s for s in scans if s[0] == "Seq Scan" and s[2] in (PG_LIVE_TABLE, PG_DONE_TABLE)
                 ], scans

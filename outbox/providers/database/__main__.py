@@ -1,6 +1,6 @@
 """``python -m outbox.providers.database``: consumer groups of the database bus.
 
-- ``groups`` — every group with its position, claim frontier and claims in flight;
+- ``groups`` — every group with its position, snapshot and claims in flight;
 - ``delete-group NAME`` — forget a group (its next consumer creates it anew at ``--from``);
 - ``rebase --from TIME|beginning|now`` / ``rebase --keep-positions`` — re-anchor every group
   after the database moved to another PostgreSQL cluster (docs/database-provider.md, 'Restore').
@@ -55,13 +55,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 found = sql.list_groups(conn)
             if args.json:
                 print(json.dumps([{"group": g.name, "position": g.position,
-                                   "claimed": g.claimed, "claims": g.claims,
+                                   "snapshot": g.cursor.snapshot, "batch": g.cursor.batch,
+                                   "claimed": g.cursor.seq, "claims": g.claims,
                                    "cluster_id": g.cluster_id,
                                    "updated_at": g.updated_at.isoformat()} for g in found]))
             else:
                 for g in found:
                     print(f"{g.name}\tposition={g.position[0]}:{g.position[1]}\t"
-                          f"claimed={g.claimed[0]}:{g.claimed[1]}\tclaims={g.claims}\t"
+                          f"snapshot={g.cursor.snapshot or '-'}\tclaims={g.claims}\t"
                           f"updated={g.updated_at.isoformat()}")
             return 0
         if args.command == "delete-group":

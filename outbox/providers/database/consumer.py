@@ -221,7 +221,6 @@ class _Due:
 class _Fetched:
     claim: sql.ClaimRow | None
     events: list[tuple[Position, Event]]
-    blocked: bool
     missing: bool = False
     parked: int = 0  # events parked because they were taken more than max_deliveries times
 
@@ -246,7 +245,6 @@ class _GroupReader:
         self.closed = False
         self.backoff = Backoff(initial=0.05, maximum=5.0)
         self.outage = OutageLog(log, f"database bus (group {group!r})")
-        self.blocked_wait = 0.0
 
     # -- handing out ---------------------------------------------------------------------------
 
@@ -295,16 +293,8 @@ class _GroupReader:
                     if not fetched.events:
                         continue  # the range is done: look for more at once
                 if fetched.claim is not None and fetched.events:
-                    self.blocked_wait = 0.0
                     await self.p._busy()
                     continue
-                if fetched.blocked:
-                    # Committed events wait behind an older transaction that is still running;
-                    # its commit sends no NOTIFY when it wrote no event, so look again soon.
-                    self.blocked_wait = self.p._blocked_backoff(self.blocked_wait)
-                    wait = self.blocked_wait
-                else:
-                    self.blocked_wait = 0.0
             if self.delayed:
                 wait = min(wait, self.delayed[0].due - time.monotonic())
             await self.p._rest(self.signal, seen, wait)
@@ -323,9 +313,9 @@ class _GroupReader:
         with conn.begin():
             peek = sql.peek(conn, self.group)
         if not peek.exists:
-            return _Fetched(None, [], False, missing=True)
+            return _Fetched(None, [], missing=True)
         sql.check_cluster(self.group, peek.cluster_id, self.p._cluster_cached)
-        sql.check_xids(self.group, peek.claimed, peek.next_xid)
+        sql.check_xids(self.group, peek.frontier_xid, peek.next_xid)
         if peek.expired:
             parked = 0
             with conn.begin():
@@ -341,15 +331,15 @@ class _GroupReader:
                     log.info("took over events (%s, %s] of group %r from a member whose lease "
                              "expired (delivery %d)", claim.lo, claim.hi, self.group,
                              claim.attempt)
-                return _Fetched(claim, found, peek.blocked, parked=parked)
+                return _Fetched(claim, found, parked=parked)
         if not peek.ready:
-            return _Fetched(None, [], peek.blocked)
+            return _Fetched(None, [])
         with conn.begin():
-            claim_row, batch = sql.claim_next(conn, self.group, self.consumer, self.pattern,
-                                              self.p.batch_size, self.p.lease)
-        if batch is None:
-            return _Fetched(None, [], False, missing=True)
-        return _Fetched(claim_row, batch.events, batch.blocked or peek.blocked)
+            claim_row, claimed = sql.claim_next(conn, self.group, self.consumer, self.pattern,
+                                                self.p.batch_size, self.p.lease)
+        if claimed is None:
+            return _Fetched(None, [], missing=True)
+        return _Fetched(claim_row, claimed)
 
     def _park_head(self, conn: Connection, claim: sql.ClaimRow,
                    found: list[tuple[Position, Event]]
@@ -482,17 +472,15 @@ class _GroupReader:
 class _Tail:
     """``stream(pattern)`` without a group: a cursor in memory, starting at "now"."""
 
-    def __init__(self, provider: DatabaseProvider, pattern: str, start: sql.Start) -> None:
+    def __init__(self, provider: DatabaseProvider, pattern: str, start: sql.Cursor) -> None:
         self.p = provider
         self.pattern = pattern
-        self.pos = start.position
-        self.start = start
+        self.cursor = start
         self.buffer: deque[Event] = deque()
         self.signal = Signal()
         self.closed = False
         self.backoff = Backoff(initial=0.05, maximum=5.0)
         self.outage = OutageLog(log, "database bus (stream)")
-        self.blocked_wait = 0.0
 
     async def next(self) -> Event:
         while True:
@@ -503,26 +491,19 @@ class _Tail:
             seen = self.signal.generation
             try:
                 with anyio.CancelScope(shield=True):  # what was read is not dropped
-                    batch = await self.p._tx(sql.read_after, self.pos, self.p.batch_size,
-                                             self.pattern, self.start)
-                    self.pos = max(self.pos, batch.end)
-                    self.buffer.extend(event for _pos, event in batch.events)
+                    found, self.cursor = await self.p._tx(sql.read_next, self.cursor,
+                                                          self.p.batch_size, self.pattern)
+                    self.buffer.extend(event for _pos, event in found)
             except ProviderUnavailable as exc:
                 self.outage.down(exc)
                 await anyio.sleep(self.backoff.next())
                 continue
             self.outage.up()
             self.backoff.reset()
-            if batch.events:
-                self.blocked_wait = 0.0
+            if found:
                 await self.p._busy()
                 continue
-            wait = self.p.poll_interval
-            if batch.blocked:
-                self.blocked_wait = self.p._blocked_backoff(self.blocked_wait)
-                wait = self.blocked_wait
-            await self.p._rest(self.signal, seen, wait)
+            await self.p._rest(self.signal, seen, self.p.poll_interval)
 
     async def close(self) -> None:
         self.closed = True
-

@@ -3,8 +3,9 @@
 Storage (``store``/``get``/``list``/``update_status``/``delete``/``stats``) is plain SQL on the
 events table. Transport: ``publish`` inserts the event (idempotent by id) and every process that
 reads the table — ``stream()`` or ``consume(group=...)`` — receives it; see
-``docs/database-provider.md`` for the transaction-id watermark that keeps late commits from being
-skipped, consumer groups, and what is supported on SQLite and MariaDB.
+``docs/database-provider.md`` for the batches between snapshots that keep late commits from being
+skipped (and long transactions from stalling the bus), consumer groups, and what is supported on
+SQLite and MariaDB.
 
 The provider runs SQL on a *synchronous* SQLAlchemy engine in worker threads (psycopg 3 on
 PostgreSQL); an ``AsyncEngine`` or URL is accepted and turned into a sync engine on the same
@@ -108,9 +109,6 @@ class DatabaseProvider:
     takes in effect, the last of them with the event handed out alone).
     ``pgbouncer``/``listen_url``: PgBouncer mode for a URL (see :mod:`outbox._engines`): no
     prepared statements, LISTEN only on ``listen_url`` (a direct connection), else polling.
-    ``blocked_poll``: the longest pause between looks while committed events wait behind an
-    older transaction that is still running (its end sends no notification when it wrote no
-    event; the pause starts at 1 ms and doubles up to this).
     """
 
     name: ClassVar[str] = "database"
@@ -127,7 +125,6 @@ class DatabaseProvider:
         lease: float = 30.0,
         notify: bool = True,
         max_claims: int = 2,
-        blocked_poll: float = 0.05,
         max_deliveries: int = 10,
         pgbouncer: bool = False,
         listen_url: str | sa.URL | None = None,
@@ -152,7 +149,6 @@ class DatabaseProvider:
         self.notify = bool(notify)
         self.max_claims = max_claims
         self.max_deliveries = max_deliveries
-        self.blocked_poll = min(float(blocked_poll), self.poll_interval)
         self.dialect = self.engine.dialect.name
         self._readers: set[_GroupReader] = set()
         self._tails: set[_Tail] = set()
@@ -244,9 +240,6 @@ class DatabaseProvider:
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(conn, *args)`` on a connection (``fn`` manages its transactions)."""
         return await anyio.to_thread.run_sync(self._call_sync, fn, *args)
-
-    def _blocked_backoff(self, previous: float) -> float:
-        return min(self.blocked_poll, max(0.001, previous * 2))
 
     async def _cluster(self) -> str | None:
         if not self._cluster_known:
@@ -345,7 +338,8 @@ class DatabaseProvider:
                 "dialect": self.dialect,
                 "dead_lettered_here": self._parked,
                 "groups": {
-                    g.name: {"position": list(g.position), "claimed": list(g.claimed),
+                    g.name: {"position": list(g.position), "snapshot": g.cursor.snapshot,
+                             "batch": g.cursor.batch, "claimed": g.cursor.seq,
                              "claims": g.claims, "updated_at": g.updated_at.isoformat()}
                     for g in groups
                 },
@@ -376,7 +370,7 @@ class DatabaseProvider:
     def _require_bus(self) -> None:
         if self.dialect not in ("postgresql", "sqlite"):
             raise ProviderError(
-                f"the database bus needs PostgreSQL (transaction-id watermark) or SQLite (one "
+                f"the database bus needs PostgreSQL (snapshots) or SQLite (one "
                 f"writer at a time); on {self.dialect} concurrent transactions commit out of "
                 "sequence order and nothing tells a reader which are still running, so consumers "
                 "could skip events. Use the redis or nats provider for consumers there "
@@ -398,7 +392,7 @@ class DatabaseProvider:
         if group is not None:  # consume() now: the group exists from this call on
             reader = self._group_reader(pattern, group, None, start)
             return GroupStream(self, reader)
-        tail = _Tail(self, pattern, self._tx_sync(sql.start_position, StartPosition.NOW))
+        tail = _Tail(self, pattern, self._tx_sync(sql.start_cursor, StartPosition.NOW))
         self._tails.add(tail)
         return TailStream(self, tail)
 
