@@ -137,6 +137,9 @@ class RedisConfig(_Section):
     claim_idle: float = _at_least(30.0, 0, above=True)
     max_deliveries: int = _at_least(10, 1)
     duplicate_window: float = _at_least(120.0, 0, above=True)
+    # Streams the events are spread over by ordering key; > 1: each read by one member of a
+    # group at a time, so a key's events keep their order across the group (_shards.py).
+    shards: int = field(default=1, metadata={"min": 1, "max": 1024})
 
     def connection_url(self) -> str:
         """``url``, or one built from host/port/db/tls (credentials are passed separately)."""
