@@ -173,6 +173,10 @@ class NATSConfig(_Section):
     max_deliveries: int = _at_least(10, 1)
     request_timeout: float = _at_least(10.0, 0, above=True)
     reconnect_wait: float = _at_least(1.0, 0, above=True)
+    # Subject partitions by ordering key, each handing out one message at a time across a group
+    # (per-key order across its members); copies of the streams on a JetStream cluster.
+    partitions: int = field(default=1, metadata={"min": 1, "max": 1024})
+    replicas: int = field(default=1, metadata={"min": 1, "max": 5})
 
 
 @dataclass(frozen=True, repr=False)

@@ -49,7 +49,7 @@ class JetStreamPublisher:
         try:
             for index, event in enumerate(events):
                 try:
-                    subject = subject_of(conn.subject_prefix, event)
+                    subject = subject_of(conn.subject_prefix, event, conn.partitions)
                     document = wire.encode(event)
                     if len(document) > nc.max_payload:
                         raise ProviderError(f"event {event.id}: document of {len(document)} "
