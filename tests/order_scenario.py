@@ -124,3 +124,14 @@ async def run(
                 await task
             await provider.close()
     return out
+
+
+async def check(make_provider: Callable[[], Any], kill: Callable[[Any], Awaitable[None]]) -> None:
+    """:func:`run` with a relay of its own, then :meth:`Outcome.check`."""
+    relay = make_provider()
+    try:
+        outcome = await run(make_provider, relay, kill)
+    finally:
+        await relay.close()
+    assert outcome.crashes == 5
+    outcome.check()

@@ -37,7 +37,7 @@ from outbox._patterns import Pattern
 from outbox.exceptions import ProviderError
 from outbox.providers._bus import GroupReader, assigned_shards
 from outbox.providers.base import StartPosition
-from outbox.providers.redis._connection import ERRORS, is_outage, text
+from outbox.providers.redis._connection import ERRORS, text
 from outbox.providers.redis._consumer import RedisDelivery, RedisGroupReader, ensure_group
 
 if TYPE_CHECKING:
@@ -176,9 +176,7 @@ class ShardedGroupReader(GroupReader[RedisDelivery]):
         return False
 
     def _refusal(self, exc: BaseException) -> ProviderError | None:
-        if is_outage(exc):
-            return None
-        return ProviderError(f"redis consumer for group {self.group!r} failed: {exc}")
+        return self.parts[0]._refusal(exc)
 
     async def _keep_alive(self) -> None:
         # Leases, not idle times, guard a shard's entries: renewing them is the heartbeat.
