@@ -87,9 +87,11 @@ async def one_round(url: str, shards: int, events: int, members: int) -> tuple[f
         consume_rate = events / (time.perf_counter() - started)
         return publish_rate, consume_rate
     finally:
-        for task in tasks:
+        for reader in readers:  # members stop at their next fetch
+            await reader.aclose()
+        _done, stuck = await asyncio.wait(tasks, timeout=5) if tasks else (set(), set())
+        for task in stuck:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         for p in [*group, relay]:
             await p.close()
         client = aioredis.Redis.from_url(url)
