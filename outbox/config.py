@@ -137,6 +137,9 @@ class RedisConfig(_Section):
     claim_idle: float = _at_least(30.0, 0, above=True)
     max_deliveries: int = _at_least(10, 1)
     duplicate_window: float = _at_least(120.0, 0, above=True)
+    # Streams the events are spread over by ordering key; > 1: each read by one member of a
+    # group at a time, so a key's events keep their order across the group (_shards.py).
+    shards: int = field(default=1, metadata={"min": 1, "max": 1024})
 
     def connection_url(self) -> str:
         """``url``, or one built from host/port/db/tls (credentials are passed separately)."""
@@ -170,6 +173,10 @@ class NATSConfig(_Section):
     max_deliveries: int = _at_least(10, 1)
     request_timeout: float = _at_least(10.0, 0, above=True)
     reconnect_wait: float = _at_least(1.0, 0, above=True)
+    # Subject partitions by ordering key, each handing out one message at a time across a group
+    # (per-key order across its members); copies of the streams on a JetStream cluster.
+    partitions: int = field(default=1, metadata={"min": 1, "max": 1024})
+    replicas: int = field(default=1, metadata={"min": 1, "max": 5})
 
 
 @dataclass(frozen=True, repr=False)

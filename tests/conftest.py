@@ -211,6 +211,15 @@ def private_nats() -> Iterator[servers.PrivateNats]:
 
 
 @pytest.fixture
+def private_nats_cluster() -> Iterator[servers.PrivateNatsCluster]:
+    """Three routed nats-servers with JetStream (a cluster of the test's own)."""
+    cluster = servers.PrivateNatsCluster()
+    cluster.start()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
 def private_pgbouncer() -> Iterator[servers.PrivatePgBouncer]:
     """pgbouncer in transaction pooling in front of the shared PostgreSQL (its own process)."""
     servers.require("PostgreSQL", servers.PG_HOST, servers.PG_PORT)

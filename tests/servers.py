@@ -16,7 +16,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
@@ -310,3 +310,33 @@ pidfile = {self.dir}/pgbouncer.pid
                 self.proc.wait(10)
             self.proc = None
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass
+class PrivateNatsCluster:
+    """Three nats-servers with JetStream, routed into one cluster on free loopback ports.
+    ``servers[i].stop()``/``start()`` kill (SIGKILL) and restart one, keeping its store."""
+
+    size: int = 3
+    servers: list[PrivateNats] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        ports = [free_port() for _ in range(self.size)]
+        routes = ",".join(f"nats://127.0.0.1:{p}" for p in ports)
+        self.servers = [
+            PrivateNats(args=("--server_name", f"n{i}", "--cluster_name", "outbox-test",
+                              "--cluster", f"nats://127.0.0.1:{port}", "--routes", routes))
+            for i, port in enumerate(ports)
+        ]
+
+    @property
+    def url(self) -> str:
+        return ",".join(server.url for server in self.servers)
+
+    def start(self) -> None:
+        for server in self.servers:
+            server.start()
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()

@@ -2,7 +2,8 @@
 
 Kept out of ``redis/`` and ``nats/`` so they behave the same: group-name rules, the one-pattern-
 per-group rule inside a process, reconnect backoff, outage logging, URL redaction, the life cycle
-of a group member (:class:`GroupReader`) and the dead-letter rule for exhausted deliveries.
+of a group member (:class:`GroupReader`), the dead-letter rule for exhausted deliveries, and the
+rules of sharded groups (:func:`shard_of`, :func:`assigned_shards`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import random
 import re
 import time
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -32,11 +34,13 @@ __all__ = [
     "GroupRegistry",
     "OutageLog",
     "SettleOnce",
+    "assigned_shards",
     "config_options",
     "config_section",
     "decode_or_none",
     "exhausted",
     "redact_url",
+    "shard_of",
     "validate_group",
 ]
 
@@ -171,6 +175,23 @@ def exhausted(attempt: int, max_deliveries: int, last_error: str | None) -> str 
         return None
     error = f"delivered {attempt - 1} times without success (max_deliveries={max_deliveries})"
     return f"{error}; last error: {last_error}" if last_error else error
+
+
+def shard_of(event: Event, shards: int) -> int:
+    """The shard (0 .. ``shards`` - 1) of ``event``: a hash (CRC-32) of its ``ordering_key``, so
+    every event of a key goes to one shard; events without a key are spread by their id."""
+    if shards <= 1:
+        return 0
+    key = event.ordering_key if event.ordering_key is not None else str(event.id)
+    return zlib.crc32(key.encode()) % shards
+
+
+def assigned_shards(members: Collection[str], me: str, shards: int) -> set[int]:
+    """The shards ``me`` should read when ``members`` (``me`` among them) share ``shards``:
+    shard ``i`` goes to the ``i % len(members)``-th member by name, so every member computes the
+    same assignment from the same member list."""
+    ordered = sorted(set(members) | {me})
+    return {i for i in range(shards) if ordered[i % len(ordered)] == me}
 
 
 D = TypeVar("D", bound=BusDelivery)

@@ -43,19 +43,26 @@ from outbox.providers.base import Provider
 from outbox.providers.memory import MemoryProvider
 
 #: Providers the suite runs against: each needs a ``backend_<name>`` fixture.
-PROVIDERS = ["memory", "redis", "nats", "database", "sqlite"]
+PROVIDERS = ["memory", "redis", "redis_sharded", "nats", "database", "sqlite"]
 
 #: What each provider under test claims: ``store`` (an ``EventStore``), its ``capabilities``
 #: (``persistent``, ``cross_instance``, ``bounded_redelivery``), ``malformed`` (its backend can
-#: write a malformed message), ``silent_store`` (``store`` keeps an event off the bus). A test
+#: write a malformed message), ``silent_store`` (``store`` keeps an event off the bus),
+#: ``total_order`` (one publisher's events reach a group in its order, any member may take any
+#: event; sharded Redis keeps the order per ordering key and deals shards out by lease). A test
 #: marked ``@pytest.mark.needs(...)`` is collected only for the providers that claim all it
 #: needs (the others are deselected, not skipped); inside, the test asserts the provider agrees.
 CLAIMS: dict[str, frozenset[str]] = {
-    "memory": frozenset({"store", "bounded_redelivery", "silent_store"}),
-    "redis": frozenset({"persistent", "cross_instance", "bounded_redelivery", "malformed"}),
-    "nats": frozenset({"persistent", "cross_instance", "bounded_redelivery", "malformed"}),
-    "database": frozenset({"store", "persistent", "cross_instance", "silent_store"}),
-    "sqlite": frozenset({"store", "persistent", "cross_instance"}),
+    "memory": frozenset({"store", "bounded_redelivery", "silent_store", "total_order"}),
+    "redis": frozenset({"persistent", "cross_instance", "bounded_redelivery", "malformed",
+                        "total_order"}),
+    "redis_sharded": frozenset({"persistent", "cross_instance", "bounded_redelivery",
+                                "malformed"}),
+    "nats": frozenset({"persistent", "cross_instance", "bounded_redelivery", "malformed",
+                       "total_order"}),
+    "database": frozenset({"store", "persistent", "cross_instance", "silent_store",
+                           "total_order"}),
+    "sqlite": frozenset({"store", "persistent", "cross_instance", "total_order"}),
 }
 
 
@@ -111,6 +118,8 @@ class Backend:
     child: str | None = None
     #: ``store`` keeps an event off the bus (on SQLite every row is on the bus).
     store_is_silent: bool = True
+    #: One publisher's events arrive in its order per ordering key only (sharded streams).
+    order_per_key_only: bool = False
 
 
 def _document_id(document: str | bytes | None) -> str | None:
@@ -146,6 +155,16 @@ def backend_memory() -> Backend:
 
 @pytest.fixture
 def backend_redis(redis_url: str, redis_prefix: str) -> Backend:
+    return _redis_backend("redis", redis_url, redis_prefix, shards=1)
+
+
+@pytest.fixture
+def backend_redis_sharded(redis_url: str, redis_prefix: str) -> Backend:
+    """Redis with ``shards`` = 3: each shard read by one member of a group at a time."""
+    return _redis_backend("redis_sharded", redis_url, redis_prefix, shards=3)
+
+
+def _redis_backend(name: str, redis_url: str, redis_prefix: str, *, shards: int) -> Backend:
     from outbox.providers.redis import RedisProvider
 
     stream = f"{redis_prefix}:events"
@@ -155,7 +174,7 @@ def backend_redis(redis_url: str, redis_prefix: str) -> Backend:
                    prefetch: int = 32) -> AsyncIterator[Provider]:
         provider = RedisProvider(redis_url, stream_name=stream, block=0.2,
                                  claim_idle=claim_timeout, max_deliveries=max_deliveries,
-                                 prefetch=prefetch)
+                                 prefetch=prefetch, shards=shards)
         try:
             yield provider
         finally:
@@ -172,18 +191,20 @@ def backend_redis(redis_url: str, redis_prefix: str) -> Backend:
         return out
 
     async def unsettled(p: RedisProvider, group: str) -> int:
-        return int((await p._client.xpending(p.stream_name, group))["pending"])
+        return sum([int((await p._client.xpending(s, group))["pending"]) for s in p.streams])
 
     async def inject_malformed(p: RedisProvider) -> list[str]:
-        await p._client.xadd(p.stream_name, {"id": "x", "type": "t", "event": b"\xff not json"})
-        await p._client.xadd(p.stream_name, {"type": "t", "source": "s"})  # no event field
-        await p._client.xadd(p.stream_name, {"event": json.dumps({"specversion": "0.3"})})
+        stream = p.streams[-1]
+        await p._client.xadd(stream, {"id": "x", "type": "t", "event": b"\xff not json"})
+        await p._client.xadd(stream, {"type": "t", "source": "s"})  # no event field
+        await p._client.xadd(stream, {"event": json.dumps({"specversion": "0.3"})})
         return ["not JSON", "no 'event' field", "specversion"]
 
     child = ("from outbox.providers.redis import RedisProvider\n"
              f"provider = RedisProvider({redis_url!r}, stream_name={stream!r}, claim_idle=1.0, "
-             "block=0.2)\n")
-    return Backend("redis", make, dead_letters, unsettled, inject_malformed, child)
+             f"block=0.2, shards={shards})\n")
+    return Backend(name, make, dead_letters, unsettled, inject_malformed, child,
+                   order_per_key_only=shards > 1)
 
 
 @pytest.fixture

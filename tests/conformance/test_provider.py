@@ -298,6 +298,7 @@ async def test_list_order_is_stable_for_equal_created_at(provider: Provider) -> 
 # -- publish and stream --------------------------------------------------------------------------
 
 
+@pytest.mark.needs("total_order")
 async def test_publish_delivers_to_matching_streams(provider: Provider) -> None:
     async with reading(provider, "test.*", "test.probe") as tests, \
             reading(provider, "other.*", "other.probe") as others:
@@ -352,6 +353,7 @@ async def test_publish_is_idempotent_by_id(provider: Provider) -> None:
         assert reader.ids() == [event.id, marker.id]
 
 
+@pytest.mark.needs("total_order")
 async def test_publish_many_reports_per_event_in_order(provider: Provider) -> None:
     async with reading(provider, "test.*", "test.probe") as reader:
         a, b = make("test.a"), make("test.b")

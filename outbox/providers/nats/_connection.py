@@ -5,10 +5,11 @@ disconnected, publishing raises :class:`ProviderUnavailable` at once (nothing pi
 the client's buffer) and consumers wait; disconnects and reconnects are logged once each. The
 first connection fails fast (``connect_timeout``), as the relay's readiness check wants.
 
-The event stream ``stream_name`` (subjects ``{subject_prefix}.>``, file storage, ``max_age`` and
-``duplicate_window``) is created when missing and updated when its subjects, ``max_age`` or
-``duplicate_window`` differ from the configuration (the relay and consumers both do this), so
-several outboxes can share one server with different prefixes. The dead-letter stream
+The event stream ``stream_name`` (subjects ``{subject_prefix}.>``, file storage, ``max_age``,
+``duplicate_window``, ``replicas`` copies on a cluster) is created when missing and updated when
+its subjects, ``max_age``, ``duplicate_window`` or replica count differ from the configuration
+(the relay and consumers both do this), so several outboxes can share one server with different
+prefixes. The dead-letter stream
 ``{stream_name}_DEAD`` is created on first use.
 """
 
@@ -76,7 +77,8 @@ class Connection:
     def __init__(self, url: str, *, auth: dict[str, str | None], tls: ssl.SSLContext | None,
                  stream_name: str, subject_prefix: str, max_age: float,
                  duplicate_window: float, connect_timeout: float, request_timeout: float,
-                 reconnect_wait: float, publish_window: int) -> None:
+                 reconnect_wait: float, publish_window: int, partitions: int = 1,
+                 replicas: int = 1) -> None:
         self.url = url
         self.display = ",".join(redact_url(u.strip()) for u in url.split(","))
         self.auth = auth
@@ -91,6 +93,8 @@ class Connection:
         self.request_timeout = request_timeout
         self.reconnect_wait = reconnect_wait
         self.publish_window = publish_window
+        self.partitions = partitions
+        self.replicas = replicas
         self.nc: Any = None
         self.js: Any = None
         self.stream_ready = False
@@ -177,6 +181,7 @@ class Connection:
             retention=js_api.RetentionPolicy.LIMITS,
             max_age=self.max_age,
             duplicate_window=self.duplicate_window,
+            num_replicas=self.replicas,
         )
         try:
             info = await js.stream_info(self.stream_name)
@@ -187,10 +192,12 @@ class Connection:
             have = info.config
             if (list(have.subjects or []) != wanted.subjects
                     or abs((have.max_age or 0) - self.max_age) > 0.001
-                    or abs((have.duplicate_window or 0) - self.duplicate_window) > 0.001):
+                    or abs((have.duplicate_window or 0) - self.duplicate_window) > 0.001
+                    or (have.num_replicas or 1) != self.replicas):
                 have.subjects = wanted.subjects
                 have.max_age = self.max_age
                 have.duplicate_window = self.duplicate_window
+                have.num_replicas = self.replicas
                 try:
                     await js.update_stream(have)
                 except js_errors.APIError as exc:
@@ -205,7 +212,7 @@ class Connection:
         config = js_api.StreamConfig(
             name=self.dead_stream, subjects=[f"{self.dead_prefix}.>"],
             storage=js_api.StorageType.FILE, retention=js_api.RetentionPolicy.LIMITS,
-            duplicate_window=self.duplicate_window,
+            duplicate_window=self.duplicate_window, num_replicas=self.replicas,
         )
         try:
             await self.js.stream_info(self.dead_stream)

@@ -17,6 +17,7 @@ then terminated with ``term()``. They never block the consumer.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import logging
@@ -44,17 +45,24 @@ from outbox.providers.nats._subjects import filter_subject
 if TYPE_CHECKING:
     from outbox.providers.nats._provider import NATSProvider
 
-__all__ = ["NATSDelivery", "NATSGroupReader", "dead_letter", "ensure_consumer"]
+__all__ = ["NATSDelivery", "NATSGroupReader", "PartitionedGroupReader", "dead_letter",
+           "ensure_consumer", "partition_durable"]
 
 log = logging.getLogger("outbox.providers.nats")
 
 
 async def ensure_consumer(p: NATSProvider, group: str, pattern: Pattern,
-                          start: StartPosition | dt.datetime) -> None:
-    """Create the durable of ``group`` at ``start``, or bring its ``ack_wait``/``max_deliver``
-    up to the configuration; a durable that filters another pattern is refused."""
+                          start: StartPosition | dt.datetime, *,
+                          partition: int | None = None) -> None:
+    """Create the durable of ``group`` (``partition``: the group's durable of that partition,
+    one message in flight) at ``start``, or bring its ``ack_wait``/``max_deliver`` up to the
+    configuration; a durable that filters another pattern is refused."""
     js = p._conn.js
-    wanted_filter = filter_subject(p.subject_prefix, pattern.text)
+    wanted_filter = filter_subject(p.subject_prefix, pattern.text, partitions=p.partitions,
+                                   partition=partition)
+    max_ack_pending = p.max_ack_pending
+    if partition is not None:
+        group, max_ack_pending = partition_durable(group, partition), 1
     try:
         info = await js.consumer_info(p.stream_name, group)
     except js_errors.NotFoundError:
@@ -77,7 +85,7 @@ async def ensure_consumer(p: NATSProvider, group: str, pattern: Pattern,
         ack_wait=p.claim_idle,
         max_deliver=p.max_deliveries + 1,
         filter_subject=wanted_filter,
-        max_ack_pending=p.max_ack_pending,
+        max_ack_pending=max_ack_pending,
         replay_policy=js_api.ReplayPolicy.INSTANT,
     )
     if info is not None:  # update ack_wait / max_deliver, keep where it was
@@ -102,6 +110,11 @@ async def ensure_consumer(p: NATSProvider, group: str, pattern: Pattern,
     else:
         log.info("%s JetStream durable %r filtering %s", "updated" if info else "created",
                  group, wanted_filter)
+
+
+def partition_durable(group: str, partition: int) -> str:
+    """The durable of ``group`` for one partition (``nats.partitions`` > 1)."""
+    return f"{group}_p{partition}"
 
 
 async def dead_letter(conn: Connection, *, group: str, data: bytes, error: str, deliveries: int,
@@ -289,3 +302,86 @@ class NATSGroupReader(GroupReader[NATSDelivery]):
             self.errors[key] = error
             while len(self.errors) > 10000:
                 self.errors.popitem(last=False)
+
+
+class PartitionedGroupReader(NATSGroupReader):
+    """A member of a group over ``nats.partitions`` partitions: per-key order across the group.
+
+    The relay puts an event on ``{prefix}.{partition}.{source}.{type}``, the partition a hash of
+    its ordering key. The group has one durable per partition (``{group}_p{i}``) with
+    ``max_ack_pending`` 1: JetStream hands a partition's next message to any member only once
+    the previous one was acknowledged or terminated (or its ``ack_wait`` ran out: the member
+    died), so the group as a whole handles a key's events one at a time, in stream order. Each
+    member keeps a pull request open on every partition (one task each) and handles what comes.
+    A nacked message holds its partition back until it was handled again or parked.
+    """
+
+    def __init__(self, provider: NATSProvider, pattern: Pattern, group: str, consumer: str,
+                 start: StartPosition | dt.datetime) -> None:
+        super().__init__(provider, pattern, group, consumer, start)
+        self.arrived: asyncio.Queue[Msg] = asyncio.Queue()
+        self.pullers: list[asyncio.Task[None]] = []
+        self.subs: list[Any] = []
+
+    async def _join(self) -> None:
+        await self._stop_pulling()
+        _nc, js = await self.p._conn.get()
+        for i in range(self.p.partitions):  # all first: none misses messages meanwhile
+            await ensure_consumer(self.p, self.group, self.pattern, self.start_position,
+                                  partition=i)
+        for i in range(self.p.partitions):
+            self.subs.append(await js.pull_subscribe_bind(
+                durable=partition_durable(self.group, i), stream=self.p.stream_name))
+        loop = asyncio.get_running_loop()
+        self.pullers = [loop.create_task(self._pull(sub)) for sub in self.subs]
+        self.sub = self.subs[0]
+
+    async def _pull(self, sub: Any) -> None:
+        """Keep one pull request open on a partition; what arrives goes to ``arrived``."""
+        while True:
+            try:
+                batch = await sub.fetch(1, timeout=self.p.block)
+            except TimeoutError:  # nats-py raises its own or asyncio's
+                continue
+            except js_errors.NotFoundError:  # the durable or stream vanished: join again
+                self.sub = None
+                return
+            except ERRORS as exc:  # an outage: _fill notices the connection and waits
+                log.debug("pull of group %r failed: %s", self.group, exc)
+                await asyncio.sleep(self.p._conn.reconnect_wait)
+                continue
+            for msg in batch:
+                self.arrived.put_nowait(msg)
+
+    async def _fill(self) -> None:
+        if self.sub is None:
+            await self._join()
+        try:
+            msg = await asyncio.wait_for(self.arrived.get(), timeout=self.p.block)
+        except TimeoutError:
+            if not self.p._conn.nc.is_connected:
+                raise unavailable("client is reconnecting", "fetch") from None
+            return
+        await self._accept(msg)
+        while not self.arrived.empty():
+            await self._accept(self.arrived.get_nowait())
+
+    async def _stop_pulling(self) -> None:
+        for task in self.pullers:
+            task.cancel()
+        for task in self.pullers:
+            with contextlib.suppress(BaseException):
+                await task
+        self.pullers = []
+        for sub in self.subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self.subs = []
+
+    async def _give_back(self) -> None:
+        await self._stop_pulling()
+        while not self.arrived.empty():  # fetched, never buffered: back to the group
+            with contextlib.suppress(Exception):
+                await self.arrived.get_nowait().nak()
+        self.sub = None
+        await super()._give_back()

@@ -4,6 +4,10 @@ It publishes (``_publisher.py``: ``Nats-Msg-Id`` dedupe, batches in flight) and 
 (``_consumer.py``: a durable pull consumer per group, explicit ack, a dead-letter stream;
 ``_tail.py``: ``stream()``) on one connection that rides out outages (``_connection.py``). It
 keeps no queryable copy of the events: it is no :class:`~outbox.providers.base.EventStore`.
+
+``partitions`` > 1 puts a partition (a hash of the ordering key) into the subject and gives each
+group a durable per partition with one message in flight (``PartitionedGroupReader``): per-key
+order across the members of a group. ``replicas`` is the stream's replica count on a cluster.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from outbox.providers.nats._connection import (
     ssl_context,
     unavailable,
 )
-from outbox.providers.nats._consumer import NATSGroupReader
+from outbox.providers.nats._consumer import NATSGroupReader, PartitionedGroupReader
 from outbox.providers.nats._publisher import JetStreamPublisher
 from outbox.providers.nats._subjects import TOKEN, check_subject_part, subject_of
 from outbox.providers.nats._tail import tail
@@ -73,6 +77,8 @@ class NATSProvider:
         block: float = 1.0,
         prefetch: int = 32,
         publish_window: int = 2000,
+        partitions: int = 1,
+        replicas: int = 1,
     ) -> None:
         if not stream_name or not TOKEN.fullmatch(stream_name):
             raise ValueError(f"nats.stream_name {stream_name!r} must be one subject token "
@@ -89,7 +95,13 @@ class NATSProvider:
             raise ValueError("nats.claim_idle must be > 0 seconds")
         if max_deliveries < 1:
             raise ValueError("nats.max_deliveries must be >= 1")
+        if not 1 <= partitions <= 1024:
+            raise ValueError("nats.partitions must be between 1 and 1024")
+        if not 1 <= replicas <= 5:
+            raise ValueError("nats.replicas must be between 1 and 5 (JetStream's limit)")
         validate_group(durable)
+        self.partitions = int(partitions)
+        self.replicas = int(replicas)
         self.url = url or DEFAULT_URL
         self.stream_name = stream_name
         self.subject_prefix = subject_prefix
@@ -111,7 +123,8 @@ class NATSProvider:
             stream_name=stream_name, subject_prefix=subject_prefix, max_age=self.max_age,
             duplicate_window=self.duplicate_window, connect_timeout=self.connect_timeout,
             request_timeout=self.request_timeout, reconnect_wait=self.reconnect_wait,
-            publish_window=self.publish_window,
+            publish_window=self.publish_window, partitions=self.partitions,
+            replicas=self.replicas,
         )
         self._display = self._conn.display
         self.dead_stream = self._conn.dead_stream
@@ -130,6 +143,7 @@ class NATSProvider:
             "user", "password", "token", "tls", "ca_file", "cert_file", "key_file",
             "connect_timeout", "request_timeout", "reconnect_wait", "claim_idle",
             "max_deliveries", "max_ack_pending", "block", "prefetch", "publish_window",
+            "partitions", "replicas",
         })
         return cls(options.pop("url", None), **options)
 
@@ -149,7 +163,7 @@ class NATSProvider:
 
     def subject(self, event: Event) -> str:
         """``{subject_prefix}.{source}.{type}`` (ProviderError when not a valid subject)."""
-        return subject_of(self.subject_prefix, event)
+        return subject_of(self.subject_prefix, event, self.partitions)
 
     async def publish(self, event: Event) -> None:
         """Publish ``event`` and wait for JetStream's ack (a duplicate id is acked, not stored)."""
@@ -222,11 +236,16 @@ class NATSProvider:
         group is another durable and sees every message. ``consumer`` only names this member in
         logs. ``start`` applies when the durable is created (``NOW``: new messages only,
         ``BEGINNING``, or an aware datetime). A durable keeps the filter subject it was created
-        with: consuming it with another pattern is refused.
+        with: consuming it with another pattern is refused. With ``partitions`` > 1 the group is
+        one durable per partition, each handing out one message at a time (per-key order across
+        the members).
         """
         self._check_open()
         validate_group(group)
         compiled = compile_pattern(pattern)
+        if self.partitions > 1:
+            return PartitionedGroupReader(self, compiled, group, consumer or get_instance_id(),
+                                          start)
         return NATSGroupReader(self, compiled, group, consumer or get_instance_id(), start)
 
     def stream(self, pattern: str = "*") -> AsyncIterator[Event]:

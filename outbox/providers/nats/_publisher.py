@@ -49,7 +49,7 @@ class JetStreamPublisher:
         try:
             for index, event in enumerate(events):
                 try:
-                    subject = subject_of(conn.subject_prefix, event)
+                    subject = subject_of(conn.subject_prefix, event, conn.partitions)
                     document = wire.encode(event)
                     if len(document) > nc.max_payload:
                         raise ProviderError(f"event {event.id}: document of {len(document)} "
@@ -78,8 +78,10 @@ class JetStreamPublisher:
             for _, future in futures:
                 if not future.done():
                     future.cancel()
-        for index, future in futures:
-            error = future.exception()
+        # Every future's outcome is read before an outage is raised: an exception left unread
+        # is logged by asyncio as "never retrieved" (one per message when a server went away).
+        errors = [future.exception() for _, future in futures]
+        for (index, future), error in zip(futures, errors, strict=True):
             if error is None:
                 if future.result().duplicate:
                     self.duplicates += 1

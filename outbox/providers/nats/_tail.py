@@ -23,7 +23,8 @@ async def tail(provider: NATSProvider, pattern: Pattern) -> AsyncIterator[Event]
     """Messages published from now on whose type matches ``pattern``; malformed messages are
     logged and skipped."""
     _nc, js = await provider._conn.get_or_unavailable("stream")
-    subject = filter_subject(provider.subject_prefix, pattern.text)
+    subject = filter_subject(provider.subject_prefix, pattern.text,
+                             partitions=provider.partitions)
     config = js_api.ConsumerConfig(
         ack_policy=js_api.AckPolicy.NONE, deliver_policy=js_api.DeliverPolicy.NEW,
         filter_subject=subject, inactive_threshold=60.0, mem_storage=True,

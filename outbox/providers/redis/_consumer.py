@@ -47,6 +47,7 @@ from outbox.providers.redis._connection import (
 
 if TYPE_CHECKING:
     from outbox.providers.redis._provider import RedisProvider
+    from outbox.providers.redis._shards import ShardOf
 
 __all__ = ["GroupScripts", "RedisDelivery", "RedisGroupReader", "dead_letter", "ensure_group"]
 
@@ -204,11 +205,15 @@ class RedisGroupReader(GroupReader[RedisDelivery]):
     _order = itertools.count()
 
     def __init__(self, provider: RedisProvider, pattern: Pattern, group: str, consumer: str,
-                 start: StartPosition | dt.datetime) -> None:
+                 start: StartPosition | dt.datetime, *, shard: ShardOf | None = None) -> None:
         super().__init__(provider, pattern, group, consumer, start, stream=provider.stream_name,
                          what=f"redis {provider._display}", logger=log)
         self.client = provider._client
-        self.stream = provider.stream_name
+        self.stream = provider.stream_name if shard is None else shard.stream
+        #: The shard this reads for a sharded member (whose buffer it fills), else ``None``.
+        self.shard = shard
+        if shard is not None:
+            self.buffer = shard.buffer
         #: Entry ids this consumer holds (buffered, handed out, or waiting for redelivery).
         self.owned: set[str] = set()
         self.delayed: list[_Due] = []
@@ -218,6 +223,27 @@ class RedisGroupReader(GroupReader[RedisDelivery]):
         self.own_pending_from = "-"
         self.autoclaim_cursor = "0-0"
         self.next_autoclaim = 0.0
+        #: Claim every pending entry of the group, idle or not (a shard just taken over).
+        self.claim_all = False
+        if shard is not None:
+            # The shard's lease says who reads it: no idle reclaim, and pending entries are
+            # taken over (in stream order) by :meth:`take_over` only.
+            self.own_pending_done = True
+            self.next_autoclaim = float("inf")
+
+    def take_over(self) -> None:
+        """This member now holds the shard's lease: claim everything pending in it first (the
+        previous owner settled or lost it), in stream order, before reading new entries."""
+        self.claim_all = True
+        self.autoclaim_cursor = "0-0"
+        self.next_autoclaim = 0.0
+
+    def forget(self) -> None:
+        """The shard went to another member: drop what is held (its owner claims it)."""
+        self.owned.clear()
+        self.delayed.clear()
+        self.claim_all = False
+        self.next_autoclaim = float("inf")
 
     # -- GroupReader hooks ---------------------------------------------------------------------
 
@@ -259,6 +285,16 @@ class RedisGroupReader(GroupReader[RedisDelivery]):
     # -- the fetch loop ----------------------------------------------------------------------
 
     async def _fill(self) -> None:
+        if await self.prepare():
+            return
+        block = self.wait_time(time.monotonic())
+        reply = await self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"},
+                                             count=self.p.prefetch, block=max(1, int(block * 1000)))
+        await self.take(reply)
+
+    async def prepare(self) -> bool:
+        """Everything but reading new entries: acks owed, due retries, own pending entries,
+        reclaims. True when deliveries were buffered."""
         await self._join()
         if self.to_ack:
             await self.client.xack(self.stream, self.group, *self.to_ack)
@@ -267,21 +303,26 @@ class RedisGroupReader(GroupReader[RedisDelivery]):
         if self.delayed and self.delayed[0].due <= now:
             await self._redeliver_due(now)
             if self.buffer:
-                return
+                return True
         if not self.own_pending_done:
             await self._take_own_pending()
             if self.buffer:
-                return
+                return True
         if now >= self.next_autoclaim:
             await self._autoclaim()
             if self.buffer:
-                return
+                return True
+        return False
+
+    def wait_time(self, now: float) -> float:
+        """How long a read of new entries may block (until the next retry or reclaim is due)."""
         block = self.p.block
         if self.delayed:
             block = min(block, max(0.001, self.delayed[0].due - now))
-        block = min(block, max(0.001, self.next_autoclaim - now))
-        reply = await self.client.xreadgroup(self.group, self.consumer, {self.stream: ">"},
-                                             count=self.p.prefetch, block=max(1, int(block * 1000)))
+        return min(block, max(0.001, self.next_autoclaim - now))
+
+    async def take(self, reply: Any) -> None:
+        """Accept the entries of an ``XREADGROUP … >`` reply (first deliveries)."""
         for _stream, entries in reply or ():
             for entry_id, fields in entries:
                 await self._accept(text(entry_id), fields, 1, None)
@@ -319,7 +360,7 @@ class RedisGroupReader(GroupReader[RedisDelivery]):
                 self.owned.discard(entry)
 
     async def _autoclaim(self) -> None:
-        idle_ms = str(int(self.p.claim_idle * 1000))
+        idle_ms = "0" if self.claim_all else str(int(self.p.claim_idle * 1000))
         cursor, claimed, deleted = await self.p._scripts.autoclaim(
             keys=[self.stream],
             args=[self.group, self.consumer, idle_ms, self.autoclaim_cursor, self.p.prefetch],
@@ -327,6 +368,9 @@ class RedisGroupReader(GroupReader[RedisDelivery]):
         self.autoclaim_cursor = text(cursor)
         if self.autoclaim_cursor == "0-0":
             self.next_autoclaim = time.monotonic() + min(self.p.claim_idle / 2, 5.0)
+            if self.shard is not None:  # taken over: from now on only new entries
+                self.claim_all = False
+                self.next_autoclaim = float("inf")
         if deleted:
             log.error("%d entries pending in group %r were trimmed from %r (MAXLEN %d) before "
                       "they were acknowledged: raise redis.max_len", len(deleted), self.group,
@@ -335,8 +379,9 @@ class RedisGroupReader(GroupReader[RedisDelivery]):
             entry = text(entry_id)
             if entry in self.owned:  # ours already (its heartbeat was late): keep the one we hold
                 continue
-            log.info("reclaimed entry %s of group %r (idle > %.1f s, delivery %d)", entry,
-                     self.group, self.p.claim_idle, int(count))
+            if self.shard is None:
+                log.info("reclaimed entry %s of group %r (idle > %.1f s, delivery %d)", entry,
+                         self.group, self.p.claim_idle, int(count))
             await self._accept(entry, pairs(flat), int(count), None)
 
     async def _accept(self, entry_id: str, fields: Mapping[bytes, bytes], attempt: int,

@@ -7,7 +7,12 @@ queryable copy of the events: it is no :class:`~outbox.providers.base.EventStore
 
 Limits: ``max_len`` trims the stream approximately: an entry that a group has not read before it
 is trimmed is lost to that group (logged when ``XAUTOCLAIM`` notices). Size ``max_len`` for the
-backlog your slowest group may build up. Standalone Redis only (no Cluster).
+backlog your slowest group may build up (per shard stream). Standalone Redis only (no Cluster).
+
+``shards`` > 1 spreads events over that many streams ``{stream_name}:{i}`` by a hash of their
+ordering key, and each shard is read by one member of a group at a time (``_shards.py``): a
+key's events are handed out in order by the group as a whole, not only inside one process.
+``shards = 1`` (the default) is one stream, ``stream_name``, shared by the members of a group.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from outbox.providers.redis._connection import (
 )
 from outbox.providers.redis._consumer import GroupScripts, RedisGroupReader
 from outbox.providers.redis._publisher import StreamPublisher
+from outbox.providers.redis._shards import ShardedGroupReader, ShardScripts
 from outbox.providers.redis._tail import tail
 
 __all__ = ["RedisProvider"]
@@ -76,6 +82,7 @@ class RedisProvider:
         block: float = 1.0,
         prefetch: int = 32,
         publish_chunk: int = 200,
+        shards: int = 1,
         client: Any = None,
     ) -> None:
         if not stream_name:
@@ -91,8 +98,14 @@ class RedisProvider:
         if socket_timeout <= block:
             raise ValueError("redis.socket_timeout must be longer than the consumer's block "
                              f"time ({block} s)")
+        if not 1 <= shards <= 1024:
+            raise ValueError("redis.shards must be between 1 and 1024")
         validate_group(consumer_group)
         self.stream_name = stream_name
+        self.shards = int(shards)
+        #: The streams events go to: ``stream_name``, or one per shard.
+        self.streams = ([stream_name] if shards == 1
+                        else [f"{stream_name}:{{{i}}}" for i in range(shards)])
         self.dead_stream = f"{stream_name}:dead"
         self.consumer_group = consumer_group
         self.max_len = max_len or 0
@@ -111,14 +124,15 @@ class RedisProvider:
                                  connect_timeout=connect_timeout)
         self._client: Any = client
         self._display = redact_url(self._url) if self._url else f"redis://{host}:{port or 6379}"
-        self._publisher = StreamPublisher(client, stream_name, max_len=self.max_len,
+        self._publisher = StreamPublisher(client, self.streams, max_len=self.max_len,
                                           duplicate_window=self.duplicate_window,
                                           chunk=self.publish_chunk)
         self._scripts = GroupScripts(client)
+        self._shard_scripts = ShardScripts(client)
         self._closed = False
         self._consumed = 0
         self._dead_lettered = 0
-        self._readers: set[RedisGroupReader] = set()
+        self._readers: set[RedisGroupReader | ShardedGroupReader] = set()
 
     @classmethod
     def from_config(cls, config: Any) -> RedisProvider:
@@ -127,7 +141,7 @@ class RedisProvider:
             "url", "host", "port", "db", "username", "password", "stream_name", "consumer_group",
             "max_len", "tls", "ca_file", "cert_file", "key_file", "socket_timeout",
             "connect_timeout", "claim_idle", "max_deliveries", "duplicate_window", "block",
-            "prefetch", "publish_chunk",
+            "prefetch", "publish_chunk", "shards",
         })
         return cls(options.pop("url", None), **options)
 
@@ -165,21 +179,25 @@ class RedisProvider:
         self._check_open()
         try:
             async with self._client.pipeline(transaction=False) as pipe:
-                pipe.xlen(self.stream_name)
+                for stream in self.streams:
+                    pipe.xlen(stream)
                 pipe.xlen(self.dead_stream)
-                length, dead = await pipe.execute()
-            try:
-                groups = await self._client.xinfo_groups(self.stream_name)
-            except redis_errors.ResponseError:  # no stream yet
-                groups = []
+                *lengths, dead = await pipe.execute()
+            length = sum(lengths)
+            groups = []
+            for stream in self.streams:
+                with contextlib.suppress(redis_errors.ResponseError):  # no stream yet
+                    groups.extend(await self._client.xinfo_groups(stream))
         except ERRORS as exc:
             raise unavailable(exc, "stats") from exc
-        group_info = {
-            text(g["name"]): {"pending": int(g.get("pending") or 0),
-                              "lag": g.get("lag"),
-                              "consumers": int(g.get("consumers") or 0)}
-            for g in groups
-        }
+        group_info: dict[str, dict[str, Any]] = {}
+        for g in groups:  # summed over the shards
+            info = group_info.setdefault(text(g["name"]),
+                                         {"pending": 0, "lag": 0, "consumers": 0})
+            info["pending"] += int(g.get("pending") or 0)
+            info["lag"] = None if info["lag"] is None or g.get("lag") is None \
+                else info["lag"] + int(g["lag"])
+            info["consumers"] = max(info["consumers"], int(g.get("consumers") or 0))
         return ProviderStats(
             provider=self.name,
             total_events=int(length),
@@ -190,6 +208,7 @@ class RedisProvider:
             active_subscribers=len(self._readers),
             extra={
                 "stream": self.stream_name, "stream_length": int(length),
+                "shards": self.shards,
                 "dead_letters": int(dead), "groups": group_info,
                 "duplicates_dropped": self._publisher.duplicates,
                 "dead_lettered_here": self._dead_lettered,
@@ -216,8 +235,9 @@ class RedisProvider:
         group: str,
         consumer: str | None = None,
         start: StartPosition | dt.datetime = StartPosition.NOW,
-    ) -> RedisGroupReader:
-        """Deliveries for consumer group ``group`` (see ``_consumer.py``).
+    ) -> RedisGroupReader | ShardedGroupReader:
+        """Deliveries for consumer group ``group`` (see ``_consumer.py``; with ``shards`` > 1,
+        ``_shards.py``: this member reads the shards it holds the lease of).
 
         ``consumer`` names this member of the group (default: the instance id). A stable name
         lets a restarted consumer take its own unfinished entries back at once; otherwise they
@@ -228,6 +248,8 @@ class RedisProvider:
         self._check_open()
         validate_group(group)
         compiled = compile_pattern(pattern)
+        if self.shards > 1:
+            return ShardedGroupReader(self, compiled, group, consumer or get_instance_id(), start)
         return RedisGroupReader(self, compiled, group, consumer or get_instance_id(), start)
 
     def stream(self, pattern: str = "*") -> AsyncIterator[Event]:

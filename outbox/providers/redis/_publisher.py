@@ -5,6 +5,9 @@ One Lua call per chunk of events: for each event, a dedupe key ``{stream}:id:{ev
 ``XADD {stream} MAXLEN ~ max_len * id … type … source … event …`` (``event`` is the CloudEvents
 document, :mod:`outbox.wire`) and the key set. A relay that retries after a timeout therefore adds
 no second entry. Chunks are pipelined.
+
+With ``redis.shards`` > 1 there is one stream per shard and an event goes to the shard of its
+ordering key (:func:`~outbox.providers._bus.shard_of`); its dedupe key is the shard stream's.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from redis import exceptions as redis_errors
 from outbox import wire
 from outbox.events import Event
 from outbox.exceptions import MalformedMessage
+from outbox.providers._bus import shard_of
 from outbox.providers.redis._connection import (
     ERRORS,
     chunks,
@@ -57,12 +61,12 @@ return out
 
 
 class StreamPublisher:
-    """Appends events to ``stream`` once per id (see the module docstring)."""
+    """Appends events to ``streams`` (one per shard) once per id (see the module docstring)."""
 
-    def __init__(self, client: Any, stream: str, *, max_len: int, duplicate_window: float,
-                 chunk: int) -> None:
+    def __init__(self, client: Any, streams: Sequence[str], *, max_len: int,
+                 duplicate_window: float, chunk: int) -> None:
         self.client = client
-        self.stream = stream
+        self.streams = list(streams)
         self.max_len = max_len
         self.duplicate_window = duplicate_window
         self.chunk = chunk
@@ -70,15 +74,16 @@ class StreamPublisher:
         self.published = 0
         self.duplicates = 0
 
-    def dedupe_key(self, event_id: str) -> str:
-        return f"{self.stream}:id:{event_id}"
+    @staticmethod
+    def dedupe_key(stream: str, event_id: str) -> str:
+        return f"{stream}:id:{event_id}"
 
     async def publish_many(self, events: Sequence[Event]) -> list[BaseException | None]:
         """Results in input order: an event that cannot be encoded gets its error in its slot;
         any Redis failure raises :class:`ProviderUnavailable` for the whole call (the
         caller retries and the dedupe keys drop what had arrived)."""
         results: list[BaseException | None] = [None] * len(events)
-        rows: list[tuple[int, str, bytes, bytes, bytes]] = []
+        shard_rows: list[list[tuple[int, str, bytes, bytes, bytes]]] = [[] for _ in self.streams]
         for index, event in enumerate(events):
             try:
                 document = wire.encode(event)
@@ -86,19 +91,21 @@ class StreamPublisher:
                 results[index] = exc
                 continue
             state = event.__dict__
-            rows.append((index, str(state["id"]), state["type"].encode(),
-                         state["source"].encode(), document))
-        if not rows:
+            shard_rows[shard_of(event, len(self.streams))].append(
+                (index, str(state["id"]), state["type"].encode(), state["source"].encode(),
+                 document))
+        if not any(shard_rows):
             return results
         ttl_ms = str(int(self.duplicate_window * 1000))
         maxlen = str(self.max_len)
-        batches = chunks(rows, self.chunk)
+        batches = [(stream, batch) for stream, shard in zip(self.streams, shard_rows, strict=True)
+                   for batch in chunks(shard, self.chunk)]
         stale_retry = script_retry = True
         while True:
             try:
                 async with self.client.pipeline(transaction=False) as pipe:
-                    for batch in batches:
-                        keys = [self.stream] + [self.dedupe_key(r[1]) for r in batch]
+                    for stream, batch in batches:
+                        keys = [stream] + [self.dedupe_key(stream, r[1]) for r in batch]
                         args: list[Any] = [maxlen, ttl_ms]
                         for row in batch:
                             args.extend(row[1:])

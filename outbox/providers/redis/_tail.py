@@ -24,13 +24,13 @@ log = logging.getLogger("outbox.providers.redis")
 async def tail(provider: RedisProvider, pattern: Pattern) -> AsyncIterator[Event]:
     """Entries appended from now on whose type matches ``pattern``; malformed entries are logged
     and skipped; outages are waited out with backoff (logged once)."""
-    last = "$"
+    last = dict.fromkeys(provider.streams, "$")
     backoff = Backoff()
     outage = OutageLog(log, f"redis {provider._display}")
     while not provider._closed:
         try:
-            reply = await provider._client.xread({provider.stream_name: last},
-                                                 block=int(provider.block * 1000), count=100)
+            reply = await provider._client.xread(dict(last), block=int(provider.block * 1000),
+                                                 count=100)
         except ERRORS as exc:
             if not is_outage(exc):
                 raise ProviderError(f"redis xread failed: {exc}") from exc
@@ -39,9 +39,9 @@ async def tail(provider: RedisProvider, pattern: Pattern) -> AsyncIterator[Event
             continue
         outage.up()
         backoff.reset()
-        for _stream, entries in reply or ():
+        for stream, entries in reply or ():
             for entry_id, fields in entries:
-                last = text(entry_id)
-                event = decode_or_none(fields.get(b"event"), f"entry {last}")
+                last[text(stream)] = text(entry_id)
+                event = decode_or_none(fields.get(b"event"), f"entry {text(entry_id)}")
                 if event is not None and pattern.matches(event.type):
                     yield event
