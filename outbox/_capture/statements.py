@@ -76,13 +76,17 @@ def _after_execute(
 ) -> None:
     if not isinstance(clauseelement, UpdateBase):
         return
+    uow = unit_of_work_statement(options)
+    if uow and (isinstance(clauseelement, Insert) or (
+            isinstance(clauseelement, Update)
+            and not getattr(getattr(result, "context", None), "executemany", False))):
+        return  # the unit of work's own INSERTs, one-row UPDATEs: nothing to learn here
     batch = flushing_batch(conn)
     if batch is None or not batch.captures(conn):
         return
     table = clauseelement.table
     if not isinstance(table, sa.Table):
         return
-    uow = unit_of_work_statement(options)
     if isinstance(clauseelement, Update):
         if uow:
             _keep_bound_values(batch, table, result)
