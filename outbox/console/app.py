@@ -577,14 +577,18 @@ async def replay_group(page: Page) -> Response:
     form = await _form(page.request)
     page.check_csrf(form)
 
-    def preview(conn: Connection) -> tuple[console_sql.FailureGroup, int, str | None]:
+    confirmed = form.get("confirm") == "yes"
+
+    def find(conn: Connection) -> tuple[console_sql.FailureGroup, int, str | None]:
         group = _find_group(conn, form)
+        if confirmed:  # the preview's count and text are not shown again
+            return group, 0, None
         shown = c.masked_errors(conn, [group], seqs="sample_seq").get(group.sample_seq)
         return group, console_sql.failure_group_count(conn, group.type, group.error), shown
 
-    group, count, shown = await c.read(preview)
+    group, count, shown = await c.read(find)
     type_, error = group.type, group.error
-    if form.get("confirm") != "yes":
+    if not confirmed:
         return page.render("replay_confirm.html", count=count, what="group", type=type_,
                            error=shown, no_error=error is None,
                            hidden={"type": type_, "group": group.key},
