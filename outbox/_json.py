@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["NotSerialisable", "dumps", "dumps_safe", "loads", "to_jsonable"]
+__all__ = ["NotSerialisable", "dumps", "dumps_safe", "loads", "loads_column", "to_jsonable"]
 
 _orjson: Any
 try:  # the postgres extra brings it: parsing and writing JSON several times faster
@@ -136,3 +136,9 @@ def loads(text: str | bytes) -> Any:
         except _orjson.JSONDecodeError:
             pass
     return json.loads(text)
+
+
+def loads_column(value: Any) -> Any:
+    """A JSON column read as text (a driver that decoded it already passes its value through):
+    rows decoded one by one, so that one unreadable value fails alone."""
+    return loads(value) if isinstance(value, str | bytes) else value

@@ -264,10 +264,8 @@ UNREADABLE = "(JSON nested deeper than can be read: not shown)"
 
 
 def _decoded(text: Any) -> Any:
-    if not isinstance(text, str | bytes):
-        return text  # a driver that decoded it already
     try:
-        return _json.loads(text)
+        return _json.loads_column(text)
     except (RecursionError, ValueError):
         return UNREADABLE
 

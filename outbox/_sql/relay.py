@@ -726,14 +726,11 @@ class _RowDecoder:
     """
 
     def __init__(self, dialect: sa.Dialect) -> None:
-        def json_column(value: Any) -> Any:
-            return _json.loads(value) if isinstance(value, (str, bytes)) else value
-
         pg = dialect.name == "postgresql"
         procs: list[Any] = []
         for col in _RESULT_COLUMNS:
             if col.name in _JSON_COLUMNS:
-                procs.append(json_column)
+                procs.append(_json.loads_column)
             elif pg:
                 procs.append(None)
             else:

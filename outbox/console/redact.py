@@ -127,30 +127,36 @@ def _matches(key: Any, part: str) -> bool:
 
 def _mask(node: Any, parts: tuple[str, ...]) -> Any:
     """Mask every value ``parts`` reaches in ``node`` (in place; the root returned)."""
-    if not parts:
-        return MASK
-    # Work items: (container, key in it, remaining parts). No recursion: ``**`` walks the tree.
     holder = [node]
+    for parent, key in list(_places(holder, parts)):
+        parent[key] = MASK
+    return holder[0]
+
+
+def _find(node: Any, parts: tuple[str, ...]) -> Iterator[Any]:
+    """The values ``parts`` reaches in ``node`` (read only)."""
+    return (parent[key] for parent, key in _places([node], parts))
+
+
+def _places(holder: list[Any], parts: tuple[str, ...]) -> Iterator[tuple[Any, Any]]:
+    """``(container, key)`` of every value ``parts`` reaches from ``holder[0]``. No recursion:
+    ``**`` walks the whole tree with a work list."""
     work: list[tuple[Any, Any, tuple[str, ...]]] = [(holder, 0, parts)]
     while work:
         parent, key, rest = work.pop()
-        value = parent[key]
         if not rest:
-            parent[key] = MASK
+            yield parent, key
             continue
+        value = parent[key]
         head, tail = rest[0], rest[1:]
         if head == _DEEP:
             work.append((parent, key, tail))  # zero levels
-            for child_key in _children(value):
-                work.append((value, child_key, rest))  # one more level, still ``**``
+            work.extend((value, k, rest) for k in _children(value))  # one more, still ``**``
             continue
-        for child_key in _children(value):
-            if isinstance(value, dict):
-                if _matches(child_key, head):
-                    work.append((value, child_key, tail))
-            elif head == _ANY or (head.isdigit() and int(head) == child_key):
-                work.append((value, child_key, tail))
-    return holder[0]
+        for k in _children(value):
+            if (_matches(k, head) if isinstance(value, dict)
+                    else head == _ANY or (head.isdigit() and int(head) == k)):
+                work.append((value, k, tail))
 
 
 def _children(value: Any) -> Iterator[Any]:
@@ -158,25 +164,6 @@ def _children(value: Any) -> Iterator[Any]:
         yield from list(value)
     elif isinstance(value, list):
         yield from range(len(value))
-
-
-def _find(node: Any, parts: tuple[str, ...]) -> Iterator[Any]:
-    """The values ``parts`` reaches in ``node`` (read only)."""
-    work: list[tuple[Any, tuple[str, ...]]] = [(node, parts)]
-    while work:
-        value, rest = work.pop()
-        if not rest:
-            yield value
-            continue
-        head, tail = rest[0], rest[1:]
-        if head == _DEEP:
-            work.append((value, tail))
-            work.extend((value[k], rest) for k in _children(value))
-            continue
-        for k in _children(value):
-            if (_matches(k, head) if isinstance(value, dict)
-                    else head == _ANY or (head.isdigit() and int(head) == k)):
-                work.append((value[k], tail))
 
 
 def _texts(value: Any) -> Iterator[str]:

@@ -34,29 +34,30 @@ class ProviderEntry:
     drivers: Mapping[str, str] = field(default_factory=dict)
     #: events reach other processes (``python -m outbox.consume`` can read them)
     cross_process: bool = True
-    #: ``(address, is_default)`` of where events go, from the config; secrets redacted
-    address: Callable[[Any], tuple[str, bool]] | None = None
+    #: ``(address, unset)`` of where events go, from the config, secrets redacted; ``unset``
+    #: names the settings nobody gave when the address is the default, else ``None``
+    address: Callable[[Any], tuple[str, str | None]] | None = None
 
 
-def _memory(config: Any) -> tuple[str, bool]:
-    return "in this process only", False
+def _memory(config: Any) -> tuple[str, str | None]:
+    return "in this process only", None
 
 
-def _redis(config: Any) -> tuple[str, bool]:
+def _redis(config: Any) -> tuple[str, str | None]:
     section = config.redis
     default = section.url is None and (section.host, section.port) == ("127.0.0.1", 6379)
-    return redact(section.connection_url()), default
+    return redact(section.connection_url()), "redis.url or host" if default else None
 
 
-def _nats(config: Any) -> tuple[str, bool]:
+def _nats(config: Any) -> tuple[str, str | None]:
     from outbox.config import NATSConfig
 
-    return redact(config.nats.url), config.nats.url == NATSConfig().url
+    return redact(config.nats.url), "nats.url" if config.nats.url == NATSConfig().url else None
 
 
-def _database(config: Any) -> tuple[str, bool]:
+def _database(config: Any) -> tuple[str, str | None]:
     url = config.database.url
-    return (redact(str(url)) if url else "the relay's database"), False
+    return (redact(str(url)) if url else "the relay's database"), None
 
 
 PROVIDERS: Mapping[str, ProviderEntry] = {
@@ -88,9 +89,6 @@ def describe(config: Any) -> str:
     found = entry(config.provider)
     if found is None or found.address is None:
         return str(config.provider)
-    address, default = found.address(config)
+    address, unset = found.address(config)
     text = f"{found.name} {address}"
-    if default:
-        text += (f" (the default address: no {found.name}.url"
-                 f"{' or host' if found.name == 'redis' else ''} is configured)")
-    return text
+    return f"{text} (the default address: no {unset} is configured)" if unset else text
